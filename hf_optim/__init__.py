@@ -1,0 +1,33 @@
+"""hf-optim: adaptive optimizers with explicit weight-decay and epsilon semantics, as a Hugging Face Trainer plugin.
+
+Public API: the optimizer classes, :func:`register_optimizer`, :func:`list_optimizers` and :class:`OptimizerSpec`.
+Classes are imported lazily so that ``import hf_optim`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .registry import OptimizerSpec, get_spec, list_optimizers, register_optimizer
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Adam": "hf_optim.adam",
+    "AdamW": "hf_optim.adam",
+    "AdamAtan2": "hf_optim.adam",
+    "RAdam": "hf_optim.adam",
+    "Adafactor": "hf_optim.adafactor",
+    "SGDW": "hf_optim.sgd",
+    "AdaGrad": "hf_optim.adagrad",
+    "RMSProp": "hf_optim.rmsprop",
+}
+
+__all__ = [*_LAZY, "OptimizerSpec", "get_spec", "list_optimizers", "register_optimizer", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hf_optim' has no attribute {name!r}")

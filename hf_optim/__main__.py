@@ -1,0 +1,1 @@
+from hf_optim.cli import main; import sys; sys.exit(main())

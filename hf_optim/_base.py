@@ -1,0 +1,115 @@
+"""What every optimizer of this package shares: group validation, the peak learning rate, per-parameter overrides.
+
+Per-parameter overrides are how muP (or any other policy) reaches an optimizer without patching it: the caller hands
+``param_overrides={param: {"lr_mult": 0.25, "weight_decay_mult": 4.0, ...}}`` and the optimizer splits its groups so
+that parameters with equal overrides share a group. The resulting groups hold only plain numbers and strings, so
+``state_dict()`` stays loadable with ``torch.load(weights_only=True)`` and nothing is attached to Parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from . import _validation as v
+from .decay import check_weight_decay_mode
+
+#: Keys of ``param_overrides`` that multiply the group's value instead of replacing it.
+MULTIPLIER_KEYS: dict[str, str] = {"lr_mult": "lr", "weight_decay_mult": "weight_decay"}
+
+ParamOverrides = Mapping[torch.Tensor, Mapping[str, Any]]
+
+
+def _as_group_list(params: Any) -> list[dict[str, Any]]:
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of Tensors or of dicts (parameter groups), got a single Tensor.")
+    params = list(params)
+    if not params:
+        raise ValueError("params is empty: the optimizer got no parameters to optimize.")
+    if isinstance(params[0], dict):
+        return [dict(group) for group in params]
+    return [{"params": params}]
+
+
+def apply_param_overrides(
+    params: Any, overrides: ParamOverrides | None, defaults: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """Split parameter groups so that parameters with the same overrides share a group.
+
+    ``lr_mult`` and ``weight_decay_mult`` multiply the group's ``lr`` / ``weight_decay`` (falling back to the
+    optimizer defaults) and are kept in the group for logging; any other key replaces the group's value.
+    """
+    groups = _as_group_list(params)
+    if not overrides:
+        return groups
+    by_id = {id(p): dict(o) for p, o in overrides.items()}
+    seen: set[int] = set()
+    result: list[dict[str, Any]] = []
+    for group in groups:
+        group_params = list(group["params"]) if not isinstance(group["params"], torch.Tensor) else [group["params"]]
+        buckets: dict[tuple, list[torch.Tensor]] = {}
+        for p in group_params:
+            override = by_id.get(id(p), {})
+            if override:
+                seen.add(id(p))
+            buckets.setdefault(tuple(sorted(override.items())), []).append(p)
+        for key, bucket in buckets.items():
+            new_group = {**group, "params": bucket}
+            for name, value in key:
+                if name in MULTIPLIER_KEYS:
+                    v.check_non_negative(f"param_overrides[...][{name!r}]", value)
+                    target = MULTIPLIER_KEYS[name]
+                    new_group[target] = group.get(target, defaults[target]) * value
+                new_group[name] = value
+            result.append(new_group)
+    missing = [p for p in overrides if id(p) not in seen and overrides[p]]
+    if missing:
+        raise ValueError(
+            f"param_overrides holds {len(missing)} tensor(s) that are in none of the parameter groups "
+            "(frozen or not passed to the optimizer?). Pass overrides only for the parameters being optimized."
+        )
+    return result
+
+
+class BaseOptimizer(torch.optim.Optimizer):
+    """Base class: validates every group (at construction and in ``add_param_group``) and records ``lr_peak``.
+
+    Subclasses list their allowed ``implementation`` values and extend :meth:`_check_group`.
+    """
+
+    #: ``implementation`` values the subclass supports, besides ``"auto"``.
+    implementations: ClassVar[tuple[str, ...]] = ("for-loop", "foreach")
+
+    def __init__(
+        self, params: Iterable[Any], defaults: dict[str, Any], *, param_overrides: ParamOverrides | None = None
+    ) -> None:
+        super().__init__(apply_param_overrides(params, param_overrides, defaults), defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._check_group(group)
+        # The learning rate at creation is the peak for `independent`/`corrected` decay; schedulers only scale it.
+        group.setdefault("lr_peak", group["lr"])
+        v.check_non_negative("lr_peak", group["lr_peak"])
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        v.check_non_negative("lr", group["lr"])
+        if "weight_decay" in group:
+            v.check_non_negative("weight_decay", group["weight_decay"])
+        if "weight_decay_mode" in group:
+            check_weight_decay_mode(group["weight_decay_mode"], group.get("weight_decay", 0.0))
+        if "maximize" in group:
+            v.check_bool("maximize", group["maximize"])
+        if "implementation" in group:
+            v.check_choice("implementation", group["implementation"], ("auto", *self.implementations))
+
+    def _params_with_grad(self, group: dict[str, Any]) -> Iterator[torch.Tensor]:
+        """Parameters of ``group`` that have a gradient; sparse gradients raise a clear error."""
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            v.check_dense_grad(p.grad, type(self).__name__)
+            yield p

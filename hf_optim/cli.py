@@ -1,0 +1,51 @@
+"""``hf-optim`` command line: one entry point, each sub-command living in its own module (imported only when run)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# sub-command -> (module with `main(argv) -> int`, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("recipes.train", "train a model with a recipe (default: the bundled CPU demo)"),
+    "bench": ("hf_optim.bench", "time optimizer steps and measure state bytes against fused AdamW"),
+    "sweep": ("recipes.sweep", "width x learning-rate x weight-decay sweeps (muP / decay-mode experiments)"),
+    "coord-check": ("mup_integration.coord_check", "muP coordinate check: activation size per width, SP vs muP"),
+    "list": ("hf_optim.cli", "list the registered optimizers"),
+}
+
+
+def list_main(argv: Sequence[str] | None = None) -> int:
+    from .registry import list_optimizers
+
+    argparse.ArgumentParser(prog="hf-optim list", description="List registered optimizers.").parse_args(argv)
+    for spec in list_optimizers():
+        print(f"{spec.name:14s} {spec.description}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print("usage: hf-optim {" + ",".join(COMMANDS) + "} [args...]\n")
+        for name, (_, help_text) in COMMANDS.items():
+            print(f"  {name:12s} {help_text}")
+        print("\nRun 'hf-optim COMMAND --help' for the options of a command.")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        from ._validation import closest
+
+        print(f"hf-optim: unknown command {command!r}.{closest(command, COMMANDS)} "
+              f"Choose from {list(COMMANDS)}.", file=sys.stderr)
+        return 2
+    if command == "list":
+        return list_main(rest)
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

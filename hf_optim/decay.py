@@ -1,0 +1,70 @@
+r"""The four meanings of ``weight_decay``, in one place.
+
+Every optimizer of this package takes ``weight_decay`` (λ) and ``weight_decay_mode``. With :math:`\alpha_t` the
+group's current learning rate and :math:`\alpha` its peak learning rate (``lr_peak``, recorded when the group is
+created, like the ``initial_lr`` that torch's schedulers record), one step of decay is:
+
+===============  ====================================================  ==========================================
+mode             update                                                 where it comes from
+===============  ====================================================  ==========================================
+``l2``           :math:`g \leftarrow g + \lambda x` (before moments)    ``torch.optim.Adam(weight_decay=λ)``
+``coupled``      :math:`x \leftarrow x\,(1 - \alpha_t \lambda)`          ``torch.optim.AdamW``; LLaMA/GPT-3 "0.1"
+``independent``  :math:`x \leftarrow x\,(1 - (\alpha_t/\alpha)\,\lambda)`  Loshchilov & Hutter; Composer; big_vision
+``corrected``    :math:`x \leftarrow x\,(1 - (\alpha_t^2/\alpha)\,\lambda)` PaLM's ``lr²`` decay when λ = α
+===============  ====================================================  ==========================================
+
+The decoupled modes are all "torch AdamW with a different λ": :func:`coupled_equivalent` returns the λ' such that
+:math:`x (1 - \alpha_t \lambda')` is the mode's update, which lets fused kernels serve every mode.
+
+``independent`` expects λ of order 1e-5…1e-4 (it is not multiplied by the learning rate); a value that looks like an
+lr-coupled one (λ >= 1e-3) triggers a warning once, because it decays ~1000x faster than the user probably meant.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Final, Literal
+
+from ._validation import check_choice
+
+WeightDecayMode = Literal["l2", "coupled", "independent", "corrected"]
+WEIGHT_DECAY_MODES: Final[tuple[str, ...]] = ("l2", "coupled", "independent", "corrected")
+DECOUPLED_MODES: Final[frozenset[str]] = frozenset({"coupled", "independent", "corrected"})
+
+# Above this, an `independent` λ looks like a PyTorch-AdamW value (0.1, 0.01) rather than a schedule-only rate.
+INDEPENDENT_WD_WARN_THRESHOLD: Final[float] = 1e-3
+
+
+def check_weight_decay_mode(mode: str, weight_decay: float) -> None:
+    """Validate the mode; warn when an ``independent`` λ looks lr-coupled."""
+    check_choice("weight_decay_mode", mode, WEIGHT_DECAY_MODES)
+    if mode == "independent" and weight_decay >= INDEPENDENT_WD_WARN_THRESHOLD:
+        warnings.warn(
+            f"weight_decay={weight_decay} with weight_decay_mode='independent' removes {weight_decay:.0%} of each "
+            "weight per step at peak learning rate. Independent decay is not multiplied by the learning rate: "
+            "typical values are 1e-5..1e-4. For PyTorch-AdamW semantics (LLaMA/GPT-3 'weight_decay=0.1') use "
+            "weight_decay_mode='coupled'.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def coupled_equivalent(mode: str, weight_decay: float, lr: float, lr_peak: float) -> float:
+    """λ' such that this step's decay equals PyTorch AdamW's ``x *= 1 - lr·λ'``; 0 for ``l2``."""
+    if mode == "coupled":
+        return weight_decay
+    if mode == "independent":
+        return weight_decay / lr_peak if lr_peak > 0 else 0.0
+    if mode == "corrected":
+        return weight_decay * lr / lr_peak if lr_peak > 0 else 0.0
+    return 0.0
+
+
+def decay_rate(mode: str, weight_decay: float, lr: float, lr_peak: float) -> float:
+    """The fraction of each weight removed this step by a decoupled mode (``x *= 1 - rate``); 0 for ``l2``."""
+    return lr * coupled_equivalent(mode, weight_decay, lr, lr_peak)
+
+
+def l2_coefficient(mode: str, weight_decay: float) -> float:
+    """λ to add to the gradient (``g + λx``) before the moments; non-zero only for ``l2``."""
+    return weight_decay if mode == "l2" else 0.0

@@ -1,0 +1,1 @@
+"""muP for Hugging Face models: a name-keyed plan, model surgery, and plain per-parameter optimizer multipliers."""
