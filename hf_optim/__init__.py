@@ -31,3 +31,15 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'hf_optim' has no attribute {name!r}")
+
+
+def _install_trainer_hook() -> None:
+    # Registers the --optim names with transformers now if it is loaded, else as soon as
+    # transformers.training_args is imported (hf_optim._autoload). Never raises: the optimizer classes must stay
+    # usable (Trainer(optimizer_cls_and_kwargs=...)) even when the transformers internals changed.
+    from . import _autoload
+
+    _autoload.install()
+
+
+_install_trainer_hook()

@@ -1,0 +1,188 @@
+"""The step skeleton shared by the element-wise optimizers SGDW, AdaGrad and RMSProp.
+
+Everything these three do *around* their update rule is identical, so it lives here once:
+
+1. collect the parameters that have a gradient (sparse gradients raise, complex parameters raise);
+2. choose the path: ``"foreach"`` runs the rule once per (device, dtype) bucket on lists of tensors with
+   ``torch._foreach_*`` kernels; ``"for-loop"`` runs the *same* rule once per parameter on one-element lists, which
+   keeps temporaries to one tensor at a time. ``"auto"`` picks ``"foreach"`` when every parameter is a plain
+   floating-point ``Tensor`` on CPU or CUDA, like torch's default;
+3. bf16/fp16 parameters: the rule runs on an fp32 copy with fp32 gradients and fp32 state, and the result is written
+   back with ``Tensor.copy_`` (round to nearest even);
+4. ``maximize`` (``g ← -g``) and ``l2`` decay (``g ← g + λx``) build a *new* gradient list (``p.grad`` is never
+   modified), in that order, as torch does;
+5. the step counter (if the class keeps one) is incremented, and the decoupled decay modes multiply the parameter by
+   ``1 - rate`` *before* the rule, with ``rate`` from :func:`hf_optim.decay.decay_rate` evaluated at the step size the
+   class reports for this parameter (:meth:`ElementwiseOptimizer._step_sizes`).
+
+A subclass provides :meth:`_init_state` and :meth:`_update`; the rule must treat ``grads`` as read-only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ._base import BaseOptimizer
+from .decay import decay_rate, l2_coefficient
+
+#: Parameter dtypes whose maths and state run in float32.
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+#: Devices with ``torch._foreach_*`` kernels (CPU runs them as a loop, CUDA as multi-tensor kernels).
+FOREACH_DEVICES = ("cpu", "cuda")
+
+State = dict[str, Any]
+
+
+def choose_implementation(requested: str, params: list[torch.Tensor]) -> str:
+    """Resolve ``"auto"``: ``"foreach"`` for plain floating-point tensors on CPU/CUDA, else ``"for-loop"``."""
+    if requested != "auto":
+        return requested
+    ok = all(
+        type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type in FOREACH_DEVICES and p.is_floating_point()
+        for p in params
+    )
+    return "foreach" if ok else "for-loop"
+
+
+def apply_decoupled_decay(params: list[torch.Tensor], rates: list[float]) -> None:
+    """``x ← x·(1 - rate)`` in place, one rate per tensor; no-op where every rate is 0."""
+    if not any(rates):
+        return
+    if len(set(rates)) == 1:
+        torch._foreach_mul_(params, 1.0 - rates[0])
+    else:
+        torch._foreach_mul_(params, [1.0 - rate for rate in rates])
+
+
+def effective_grads(
+    params: list[torch.Tensor], grads: list[torch.Tensor], *, maximize: bool, l2: float
+) -> list[torch.Tensor]:
+    """``±g + λ·x`` as new tensors where anything changes (the caller's gradients are never written to)."""
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    if l2 != 0:
+        grads = torch._foreach_add(grads, params, alpha=l2)
+    return grads
+
+
+def state_tensor(
+    state: State, key: str, like: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``state[key]``, created with ``make(like)`` on first use and kept in ``like``'s dtype/device.
+
+    ``Optimizer.load_state_dict`` casts floating state to the *parameter's* dtype; for a bf16 parameter that would
+    silently turn the fp32 state into bf16, so it is cast back here (the maths always runs in ``like.dtype``).
+    """
+    value = state.get(key)
+    if value is None:
+        value = state[key] = make(like)
+    elif value.dtype != like.dtype or value.device != like.device:
+        value = state[key] = value.to(dtype=like.dtype, device=like.device)
+    return value
+
+
+def zeros_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(t, memory_format=torch.preserve_format)
+
+
+class ElementwiseOptimizer(BaseOptimizer):
+    """Base of SGDW, AdaGrad and RMSProp: the shared step (see the module docstring); subclasses add the rule."""
+
+    implementations = ("for-loop", "foreach")
+    #: Whether the class keeps ``state["step"]`` (a float32 0-d tensor, as torch). SGD does not, like torch.
+    counts_steps: bool = True
+
+    # --- what a subclass provides -------------------------------------------------------------------------------
+    def _init_state(self, group: dict[str, Any], state: State, param: torch.Tensor) -> None:
+        """Create the state of one parameter (``param`` is the fp32/fp64 working tensor)."""
+        raise NotImplementedError
+
+    def _step_sizes(self, group: dict[str, Any], steps: list[float]) -> list[float]:
+        """The learning rate that scales this step's update of each parameter (also used by decoupled decay)."""
+        return [group["lr"]] * len(steps)
+
+    def _update(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: list[State],
+        lrs: list[float],
+    ) -> None:
+        """Apply the rule in place to ``params`` (same device and dtype); ``grads`` are read-only."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``Optimizer.load_state_dict``, keeping the fp32 state of bf16/fp16 parameters in fp32.
+
+        torch casts every floating state tensor to its parameter's dtype on load, which would round the fp32 state of
+        a bf16 parameter to bf16 and break "save, load, continue == uninterrupted".
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id, {})
+            if p.dtype not in LOW_PRECISION:
+                continue
+            for key, value in saved.items():
+                if key != "step" and torch.is_tensor(value) and value.dtype != p.dtype and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
+    # --- the shared step ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = list(self._params_with_grad(group))
+            if not params:
+                continue
+            for p in params:
+                if p.is_complex() or not p.is_floating_point():
+                    raise TypeError(
+                        f"{type(self).__name__} supports real floating-point parameters only, got one of dtype "
+                        f"{p.dtype}."
+                    )
+            if choose_implementation(group["implementation"], params) == "foreach":
+                buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+                for p in params:
+                    work_dtype = torch.float32 if p.dtype in LOW_PRECISION else p.dtype
+                    buckets.setdefault((p.device, work_dtype), []).append(p)
+                batches = list(buckets.values())
+            else:
+                batches = [[p] for p in params]
+            for batch in batches:
+                self._step_batch(group, batch)
+        return loss
+
+    def _step_batch(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        low = [p.dtype in LOW_PRECISION for p in params]
+        work = [p.float() if is_low else p for p, is_low in zip(params, low)]
+        grads = [p.grad if p.grad.dtype == w.dtype else p.grad.to(w.dtype) for p, w in zip(params, work)]
+        l2 = l2_coefficient(group["weight_decay_mode"], group["weight_decay"])
+        grads = effective_grads(work, grads, maximize=group["maximize"], l2=l2)
+        states = [self.state[p] for p in params]
+        for state, w in zip(states, work):
+            if not state:
+                self._init_state(group, state, w)
+        steps: list[float] = [0.0] * len(params)
+        if self.counts_steps:
+            for s in states:
+                if "step" not in s:  # a float32 0-d CPU tensor, as torch keeps it (exact up to 2**24 steps)
+                    s["step"] = torch.tensor(0.0, dtype=torch.float32)
+            step_tensors = [s["step"] for s in states]
+            torch._foreach_add_(step_tensors, 1.0)
+            steps = [float(s) for s in step_tensors]
+        lrs = self._step_sizes(group, steps)
+        mode, wd, lr_peak = group["weight_decay_mode"], group["weight_decay"], group["lr_peak"]
+        apply_decoupled_decay(work, [decay_rate(mode, wd, lr, lr_peak) for lr in lrs])
+        self._update(group, work, grads, states, lrs)
+        written = [(p, w) for p, w, is_low in zip(params, work, low) if is_low]
+        if written:
+            torch._foreach_copy_([p for p, _ in written], [w for _, w in written])

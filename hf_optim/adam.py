@@ -1,0 +1,309 @@
+r"""The Adam family: :class:`Adam`, :class:`AdamW`, :class:`AdamAtan2` and :class:`RAdam`, one update rule with knobs.
+
+All four classes run the rule of :mod:`hf_optim._adam_kernels`:
+
+.. math::
+    \begin{aligned}
+    &\textbf{input}: \alpha_t \text{ (lr)}, \alpha \text{ (lr\_peak)}, \beta_1, \beta_2, \epsilon, \lambda
+        \text{ (weight\_decay)}, \text{mode}, \text{eps\_mode} \\
+    &\textbf{for } t = 1, 2, \ldots: \\
+    &\quad g_t \leftarrow \pm\nabla f_t(x_{t-1}) \quad (- \text{ if maximize}) \\
+    &\quad \textbf{if } \text{mode} = \texttt{l2}: \; g_t \leftarrow g_t + \lambda x_{t-1} \\
+    &\quad \textbf{else}: \; x_{t-1} \leftarrow x_{t-1}\,(1 - \alpha_t \lambda'), \quad
+        \lambda' = \lambda,\ \lambda/\alpha,\ \lambda\alpha_t/\alpha
+        \text{ for coupled, independent, corrected} \\
+    &\quad m_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
+           v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+    &\quad \hat m_t \leftarrow m_t / (1-\beta_1^t), \qquad \hat v_t \leftarrow v_t / (1-\beta_2^t) \\
+    &\quad u_t \leftarrow \begin{cases}
+        \hat m_t / (\sqrt{\hat v_t} + \epsilon) & \text{eps\_mode} = \texttt{torch} \\
+        \hat m_t / (\sqrt{\hat v_t} + \epsilon / \sqrt{1-\beta_2^t})
+            = \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\, m_t / (\sqrt{v_t} + \epsilon)
+            & \text{eps\_mode} = \texttt{tf} \text{ (Keras)} \\
+        a \operatorname{atan2}(\hat m_t, b \sqrt{\hat v_t}) & \text{AdamAtan2 (no } \epsilon) \\
+        \end{cases} \\
+    &\quad \textbf{RAdam}: \rho_\infty = \tfrac{2}{1-\beta_2} - 1,\;
+           \rho_t = \rho_\infty - \tfrac{2 t \beta_2^t}{1-\beta_2^t};\;
+           u_t \leftarrow r_t u_t \text{ if } \rho_t > 5 \text{ else } \hat m_t,\;
+           r_t = \sqrt{\tfrac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\rho_t}} \\
+    &\quad x_t \leftarrow x_{t-1} - \alpha_t u_t
+    \end{aligned}
+
+Implementations (``implementation=``): ``"for-loop"`` (reference, any dtype), ``"foreach"`` (multi-tensor ops) and,
+for :class:`Adam`/:class:`AdamW`, ``"fused"``: torch's fused AdamW/Adam kernels reparametrized, so every decay mode
+and both epsilon modes run at fused speed. ``"auto"`` picks ``fused`` for Adam/AdamW on CPU/CUDA and ``foreach``
+otherwise.
+
+Low-precision parameters (bf16/fp16): maths and state in float32; each step works on a float32 copy of the
+parameter and writes it back with round-to-nearest-even (``Tensor.copy_``). There are no float32 master weights:
+updates smaller than half a bf16 ulp of the weight are lost, as with any bf16-parameter training.
+
+References: Kingma & Ba 2014, "Adam: A Method for Stochastic Optimization"; Loshchilov & Hutter 2019, "Decoupled
+Weight Decay Regularization"; Liu et al. 2019, "On the Variance of the Adaptive Learning Rate and Beyond" (RAdam);
+Everett et al. 2024, "Scaling Exponents Across Parameterizations and Optimizers" (Adam-atan2); Keras
+``keras.optimizers.Adam`` (the ``tf`` epsilon).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from . import _validation as v
+from ._adam_kernels import KERNELS, Rule
+from ._base import BaseOptimizer, ParamOverrides
+
+__all__ = ["Adam", "AdamW", "AdamAtan2", "RAdam"]
+
+EPS_MODES = ("torch", "tf")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+_FUSED_DEVICES = ("cpu", "cuda")
+
+
+class _AdamFamily(BaseOptimizer):
+    """Shared step of the family; subclasses choose defaults and the two structural knobs below."""
+
+    _rectify: ClassVar[bool] = False
+    _atan2: ClassVar[bool] = False
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        v.check_betas("betas", group["betas"])
+        if self._atan2:
+            v.check_positive("a", group["a"])
+            v.check_non_negative("b", group["b"])
+        else:
+            v.check_non_negative("eps", group["eps"])
+            v.check_choice("eps_mode", group["eps_mode"], EPS_MODES)
+
+    def _rule(self, group: dict[str, Any]) -> Rule:
+        beta1, beta2 = group["betas"]
+        return Rule(
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group.get("eps", 0.0),
+            eps_mode=group.get("eps_mode", "torch"), weight_decay=group["weight_decay"],
+            weight_decay_mode=group["weight_decay_mode"], lr_peak=group["lr_peak"], maximize=group["maximize"],
+            rectify=self._rectify, atan2=(group["a"], group["b"]) if self._atan2 else None,
+        )
+
+    def _resolve(self, group: dict[str, Any], params: list[Tensor]) -> str:
+        impl = group["implementation"]
+        if impl != "auto":
+            return impl
+        if "fused" in self.implementations and all(p.device.type in _FUSED_DEVICES for p in params):
+            return "fused"
+        return "foreach"
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        exp_avgs: list[Tensor] = []
+        exp_avg_sqs: list[Tensor] = []
+        steps: list[Tensor] = []
+        writeback: list[tuple[Tensor, Tensor]] = []
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                v.check_dense_grad(grad, type(self).__name__)
+            state = self.state[p]
+            if not state:
+                # float32 state for low-precision parameters; step on the host like torch's non-fused paths.
+                dtype = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            m, sq = state["exp_avg"], state["exp_avg_sq"]
+            if p.dtype in _LOW_PRECISION:
+                work = p.float()
+                writeback.append((p, work))
+                p, grad = work, grad.float()
+            if p.is_complex():  # real and imaginary parts are independent coordinates, as in torch.optim.Adam
+                p, grad, m, sq = (torch.view_as_real(x) for x in (p, grad, m, sq))
+            params.append(p)
+            grads.append(grad)
+            exp_avgs.append(m)
+            exp_avg_sqs.append(sq)
+            steps.append(state["step"])
+        if not params:
+            return
+        impl = self._resolve(group, params)
+        if impl == "fused" and params[0].device.type != "cpu":
+            steps = self._steps_on_device(group, steps)
+        KERNELS[impl](params, grads, exp_avgs, exp_avg_sqs, steps, self._rule(group))
+        for p, work in writeback:
+            p.copy_(work)  # round-to-nearest-even
+
+    def _steps_on_device(self, group: dict[str, Any], steps: list[Tensor]) -> list[Tensor]:
+        """The CUDA fused kernels read ``step`` on the device: move it there once (kept there afterwards)."""
+        moved = []
+        with_grad = (p for p in group["params"] if p.grad is not None)
+        for p, s in zip(with_grad, steps):
+            if s.device != p.device:
+                s = self.state[p]["step"] = s.to(p.device)
+            moved.append(s)
+        return moved
+
+
+def _defaults(**knobs: Any) -> dict[str, Any]:
+    betas = knobs["betas"]
+    knobs["betas"] = tuple(betas) if isinstance(betas, list) else betas
+    return knobs
+
+
+class Adam(_AdamFamily):
+    r"""Adam (Kingma & Ba 2014) with explicit weight-decay and epsilon semantics.
+
+    Update rule: see :mod:`hf_optim.adam` (the algorithm box there). With the defaults this is exactly
+    ``torch.optim.Adam``: ``weight_decay_mode="l2"`` adds :math:`\lambda x` to the gradient, because that is what
+    "Adam with weight decay" means in PyTorch and in the original paper's setting.
+
+    Args:
+        params: parameters or parameter groups (every knob below may be set per group).
+        lr: learning rate :math:`\alpha_t` (schedulers change it; its value at creation is ``lr_peak``).
+        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
+        eps: :math:`\epsilon` (>= 0), placed according to ``eps_mode``.
+        weight_decay: :math:`\lambda` (>= 0).
+        weight_decay_mode: ``"l2"`` | ``"coupled"`` (torch AdamW) | ``"independent"`` (:math:`\alpha_t/\alpha`)
+            | ``"corrected"`` (:math:`\alpha_t^2/\alpha`); see :mod:`hf_optim.decay`.
+        eps_mode: ``"torch"`` (:math:`\hat m/(\sqrt{\hat v}+\epsilon)`) or ``"tf"`` (Keras:
+            :math:`\epsilon` added to the un-corrected :math:`\sqrt{v}`, i.e. an effective
+            :math:`\epsilon/\sqrt{1-\beta_2^t}` that is large early in training).
+        maximize: ascend instead of descend.
+        implementation: ``"auto"``, ``"for-loop"``, ``"foreach"`` or ``"fused"``.
+        param_overrides: per-parameter ``lr_mult`` / ``weight_decay_mult`` / replacements (muP).
+    """
+
+    implementations: ClassVar[tuple[str, ...]] = ("for-loop", "foreach", "fused")
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        weight_decay_mode: str = "l2",
+        eps_mode: str = "torch",
+        maximize: bool = False,
+        implementation: str = "auto",
+        param_overrides: ParamOverrides | None = None,
+    ) -> None:
+        defaults = _defaults(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, weight_decay_mode=weight_decay_mode,
+            eps_mode=eps_mode, maximize=maximize, implementation=implementation,
+        )
+        super().__init__(params, defaults, param_overrides=param_overrides)
+
+
+class AdamW(Adam):
+    r"""AdamW (Loshchilov & Hutter 2019): :class:`Adam` with ``weight_decay_mode="coupled"`` and ``weight_decay=1e-2``.
+
+    The defaults equal ``torch.optim.AdamW`` (:math:`x \leftarrow x(1-\alpha_t\lambda)`), so existing
+    hyperparameters (LLaMA/GPT-3 ``weight_decay=0.1``) keep their meaning. For decay that follows only the schedule,
+    as in the paper, use ``weight_decay_mode="independent"`` with :math:`\lambda \approx 10^{-5}..10^{-4}`.
+    Arguments as :class:`Adam`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        weight_decay_mode: str = "coupled",
+        eps_mode: str = "torch",
+        maximize: bool = False,
+        implementation: str = "auto",
+        param_overrides: ParamOverrides | None = None,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, weight_decay_mode=weight_decay_mode, eps_mode=eps_mode,
+            maximize=maximize, implementation=implementation, param_overrides=param_overrides,
+        )
+
+
+class AdamAtan2(_AdamFamily):
+    r"""Adam-atan2 (Everett et al. 2024): :math:`u_t = a\,\operatorname{atan2}(\hat m_t, b\sqrt{\hat v_t})`.
+
+    ``atan2`` replaces the division and removes :math:`\epsilon`: the update is bounded by :math:`a\pi/2`, defined
+    when :math:`\hat v_t = 0`, and invariant to rescaling the gradient. The paper's constants are the defaults:
+    :math:`a = 1.27 \approx 4/\pi`, so that :math:`|\hat m| = b\sqrt{\hat v}` gives an update of 1 as in Adam, and
+    :math:`b = 1`. Decay defaults to ``"coupled"`` with :math:`\lambda = 10^{-2}` like :class:`AdamW`, since the method is
+    an AdamW replacement. Implementations: ``"for-loop"``, ``"foreach"`` (no fused kernel exists for atan2).
+
+    Args: ``params, lr, betas, a, b, weight_decay, weight_decay_mode, maximize, implementation, param_overrides``
+    as :class:`Adam` (``a > 0``, ``b >= 0``).
+    """
+
+    _atan2 = True
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 1e-2,
+        *,
+        a: float = 1.27,
+        b: float = 1.0,
+        weight_decay_mode: str = "coupled",
+        maximize: bool = False,
+        implementation: str = "auto",
+        param_overrides: ParamOverrides | None = None,
+    ) -> None:
+        defaults = _defaults(
+            lr=lr, betas=betas, a=a, b=b, weight_decay=weight_decay, weight_decay_mode=weight_decay_mode,
+            maximize=maximize, implementation=implementation,
+        )
+        super().__init__(params, defaults, param_overrides=param_overrides)
+
+
+class RAdam(_AdamFamily):
+    r"""RAdam (Liu et al. 2019): Adam with the variance rectification :math:`r_t`; momentum steps while
+    :math:`\rho_t \le 5`.
+
+    Defaults equal ``torch.optim.RAdam``: ``weight_decay_mode="l2"`` (torch's ``decoupled_weight_decay=True`` is
+    ``"coupled"``) and ``eps_mode="tf"``, because torch and the authors' code add :math:`\epsilon` to the
+    un-corrected :math:`\sqrt{v_t}` (``eps_mode="torch"`` gives :math:`r_t \hat m_t/(\sqrt{\hat v_t}+\epsilon)`).
+    Implementations: ``"for-loop"``, ``"foreach"``. Arguments as :class:`Adam`.
+    """
+
+    _rectify = True
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        weight_decay_mode: str = "l2",
+        eps_mode: str = "tf",
+        maximize: bool = False,
+        implementation: str = "auto",
+        param_overrides: ParamOverrides | None = None,
+    ) -> None:
+        defaults = _defaults(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, weight_decay_mode=weight_decay_mode,
+            eps_mode=eps_mode, maximize=maximize, implementation=implementation,
+        )
+        super().__init__(params, defaults, param_overrides=param_overrides)

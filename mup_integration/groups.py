@@ -1,0 +1,149 @@
+r"""The optimizer side of muP: the plan becomes plain per-parameter multipliers (``param_overrides``).
+
+Every ``hf_optim`` optimizer takes ``param_overrides={param: {...}}`` (see ``docs/design.md``): ``lr_mult`` and
+``weight_decay_mult`` multiply the group's value, any other key replaces it. With :math:`\alpha` the lr, :math:`\lambda`
+the weight decay, :math:`m` the parameter's ``width_mult`` and :math:`r` = fan_in_mult / fan_out_mult:
+
+==================  ===========================  ============================================================
+rule                parameter kind               override
+==================  ===========================  ============================================================
+``family="adam"``   hidden                       ``lr_mult`` :math:`= 1/m`      (Adam, AdamW, Adafactor, AdaGrad,
+                    embedding, readout, vector   none                           RMSProp: entry-wise normalised)
+``family="sgd"``    hidden                       ``lr_mult`` :math:`= 1/r`      (= ``mup.MuSGD``)
+                    embedding, readout, vector   ``lr_mult`` :math:`= m`
+``wd="independent"`` decayed                     ``weight_decay_mode="independent"``: per-step decay
+                                                 :math:`\eta_t\lambda` at every width and lr; in PyTorch (lr-coupled)
+                                                 form, group ``weight_decay`` :math:`=\lambda m/\alpha` for a hidden
+                                                 matrix whose lr is :math:`\alpha/m`
+``wd="mup"``        hidden                       ``weight_decay_mult`` :math:`= m` (adam) / :math:`r` (sgd)
+                    embedding, readout, vector   sgd only: ``weight_decay_mult`` :math:`= 1/m`  (= mup 1.0.0)
+``wd="none"``       all                          ``weight_decay=0``
+(any rule)          vector (biases, norms)       ``weight_decay=0`` unless ``decay_vectors=True``
+==================  ===========================  ============================================================
+
+References: Yang et al., "Tensor Programs V" (2022), Table 3 and 8; microsoft/mup ``mup/optim.py`` (1.0.0).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from hf_optim import _validation as v
+from hf_optim.decay import coupled_equivalent
+
+from .plan import MuPPlan, ParamInfo, get_plan, unwrap
+
+FAMILIES = ("adam", "sgd")
+WD_RULES = ("independent", "mup", "none")
+
+
+def override_for(info: ParamInfo, family: str, wd_rule: str, decay_vectors: bool) -> dict[str, Any]:
+    """The override dict of one parameter (empty when nothing changes)."""
+    out: dict[str, Any] = {}
+    hidden = info.kind == "hidden"
+    if family == "adam":
+        lr_mult = 1.0 / info.width_mult if hidden else 1.0
+    else:
+        lr_mult = 1.0 / info.fan_ratio if hidden else info.width_mult
+    if lr_mult != 1.0:
+        out["lr_mult"] = lr_mult
+    decayed = info.kind != "vector" or decay_vectors
+    if wd_rule == "none" or not decayed:
+        out["weight_decay"] = 0.0
+    elif wd_rule == "independent":
+        out["weight_decay_mode"] = "independent"
+    else:  # "mup": the inverse of the lr multiplier, as mup 1.0.0's MuAdam / MuSGD
+        if family == "adam":
+            wd_mult = info.width_mult if hidden else 1.0
+        else:
+            wd_mult = info.fan_ratio if hidden else 1.0 / info.width_mult
+        if wd_mult != 1.0:
+            out["weight_decay_mult"] = wd_mult
+    return out
+
+
+def _check(family: str, wd_rule: str, decay_vectors: bool) -> None:
+    v.check_choice("family", family, FAMILIES)
+    v.check_choice("wd_rule", wd_rule, WD_RULES)
+    v.check_bool("decay_vectors", decay_vectors)
+
+
+def _named(model: nn.Module, plan: MuPPlan | None) -> list[tuple[str, torch.Tensor, ParamInfo]]:
+    if plan is None:
+        plan = get_plan(model)
+        from .surgery import is_mup_applied
+
+        if not is_mup_applied(model):
+            warnings.warn(
+                "The model carries a muP plan but its forward changes (readout multiplier, attention scale) are not "
+                "in place: was it loaded with a plain from_pretrained? Use mup_integration.from_pretrained(cls, path)"
+                " or apply_mup(model, init=False) before training.",
+                UserWarning,
+                stacklevel=3,
+            )
+    return plan.match(model.named_parameters())
+
+
+def param_overrides(
+    model: nn.Module,
+    family: str = "adam",
+    wd_rule: str = "independent",
+    decay_vectors: bool = False,
+    *,
+    plan: MuPPlan | None = None,
+) -> dict[torch.Tensor, dict[str, Any]]:
+    """``{Parameter: override}`` for every trainable parameter of ``model`` (wrapped or not), for ``param_overrides=``.
+
+    ``plan`` defaults to ``model.config.mup``; a plan that does not match the model's parameters raises ValueError.
+    """
+    _check(family, wd_rule, decay_vectors)
+    return {p: override_for(info, family, wd_rule, decay_vectors)
+            for _, p, info in _named(model, plan) if p.requires_grad}
+
+
+def mup_param_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    family: str = "adam",
+    wd_rule: str = "independent",
+    decay_vectors: bool = False,
+    *,
+    plan: MuPPlan | None = None,
+) -> list[dict[str, Any]]:
+    """Parameter groups for a plain ``torch.optim`` optimizer (lr-coupled decay, like ``torch.optim.AdamW``).
+
+    Each group holds ``params``, ``lr`` and ``weight_decay`` already multiplied out; the ``independent`` rule becomes
+    ``weight_decay = λ / lr_group`` (= :math:`\\lambda m/\\alpha` for a hidden matrix under the Adam rule), so the decay
+    per step is ``lr_t · λ / lr_group = η_t λ`` as long as schedulers only scale ``lr``. Use with decoupled-decay
+    optimizers (AdamW, SGD with ``weight_decay`` is L2 and does not follow this rule).
+    """
+    _check(family, wd_rule, decay_vectors)
+    v.check_positive("lr", lr)
+    v.check_non_negative("weight_decay", weight_decay)
+    buckets: dict[tuple[float, float], list[torch.Tensor]] = {}
+    for _, p, info in _named(model, plan):
+        if not p.requires_grad:
+            continue
+        o = override_for(info, family, wd_rule, decay_vectors)
+        group_lr = lr * o.get("lr_mult", 1.0)
+        wd = o.get("weight_decay", weight_decay * o.get("weight_decay_mult", 1.0))
+        if o.get("weight_decay_mode") == "independent":
+            wd = coupled_equivalent("independent", wd, group_lr, group_lr)
+        buckets.setdefault((group_lr, wd), []).append(p)
+    return [{"params": ps, "lr": group_lr, "weight_decay": wd} for (group_lr, wd), ps in buckets.items()]
+
+
+def describe(model: nn.Module, family: str = "adam", wd_rule: str = "independent", decay_vectors: bool = False) -> str:
+    """A table of the overrides per parameter name (for logs)."""
+    _check(family, wd_rule, decay_vectors)
+    plan = get_plan(unwrap(model))
+    lines = [f"{'parameter':60s} {'kind':9s} {'width_mult':>10s}  override"]
+    for name, _, info in plan.match(model.named_parameters()):
+        lines.append(f"{name:60s} {info.kind:9s} {info.width_mult:10.4g}  "
+                     f"{override_for(info, family, wd_rule, decay_vectors)}")
+    return "\n".join(lines)

@@ -1,0 +1,230 @@
+r"""Model surgery: turn a Hugging Face causal LM into its muP version, in place, keeping every parameter name.
+
+Three changes, with :math:`m` = hidden size / base hidden size, :math:`d` the head dim, :math:`d_0` the base head dim
+and :math:`\sigma` = ``config.initializer_range``:
+
+1. **Readout multiplier** (forward, every load): the output layer sees :math:`x \cdot \text{output\_mult} / m`
+   (a forward pre-hook on ``get_output_embeddings()``, so tied and untied heads keep their names and tying). Unlike
+   ``mup.MuSharedReadout`` no :math:`\sqrt{m}` rescale of the tied weight is applied: the embedding keeps its init.
+2. **Attention scale** (forward, every load): :math:`\text{scaling} = s_{SP}\cdot \text{attn\_mult}\cdot
+   \sqrt{d_0/d}`, i.e. :math:`\text{attn\_mult}\cdot\sqrt{d_0}/d` for LLaMA (:math:`s_{SP} = d^{-1/2}`): the
+   :math:`1/d` scaling of muP, anchored so that the base model keeps its standard :math:`1/\sqrt{d_0}`. GPT-2's
+   ``scale_attn_weights=False`` (:math:`s_{SP}=1`) and ``scale_attn_by_inverse_layer_idx`` (:math:`s_{SP}` divided
+   by layer+1) are kept as factors.
+3. **muP initialisation** (construction only, never on load): hidden matrices :math:`\mathcal N(0,
+   \sigma_\ell^2/\text{fan\_in\_mult})` where :math:`\sigma_\ell` is the SP std of that layer (:math:`\sigma`, or
+   GPT-2's :math:`\sigma/\sqrt{2L}` for ``c_proj``); embeddings and readout :math:`\mathcal N(0, \sigma^2)` (readout
+   optionally zero); norm weights 1, biases 0; the query projection optionally zero. At :math:`m = 1` this is the
+   model's standard initialisation.
+
+Supported: ``LlamaForCausalLM`` and models with the same module layout (Mistral, Qwen2, Qwen3, OLMo, OLMo-2) and
+``GPT2LMHeadModel``. References: Yang et al., "Tensor Programs V" (2022), Table 3 and Appendix J (attention).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .plan import MuPPlan, ParamInfo, get_plan, has_plan, make_plan, unwrap
+
+#: ``config.model_type`` -> layout. "llama": q_proj/k_proj/v_proj/o_proj + MLP + lm_head; "gpt2": c_attn/c_proj.
+SUPPORTED_MODEL_TYPES: dict[str, str] = {
+    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "olmo": "llama", "olmo2": "llama",
+    "gpt2": "gpt2",
+}
+
+
+def check_supported_config(config: Any) -> str:
+    """The layout name for ``config``; a ValueError naming the supported model types otherwise."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"muP surgery does not know model_type={model_type!r} ({type(config).__name__}). Supported: "
+            f"{sorted(SUPPORTED_MODEL_TYPES)}. Other architectures need their own readout/attention surgery."
+        )
+    return SUPPORTED_MODEL_TYPES[model_type]
+
+
+class ReadoutMultiplier:
+    """Forward pre-hook multiplying the readout's input by a constant (a plain picklable, deep-copyable object)."""
+
+    def __init__(self, multiplier: float) -> None:
+        self.multiplier = float(multiplier)
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0] * self.multiplier, *args[1:])
+
+    def __repr__(self) -> str:
+        return f"ReadoutMultiplier({self.multiplier})"
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules()
+            if type(m).__name__.endswith("Attention") and hasattr(m, "scaling") and hasattr(m, "head_dim")]
+
+
+def _sp_scaling(attn: nn.Module) -> float:
+    """The attention scale the module was constructed with (recomputed, so re-applying is idempotent)."""
+    scaling = attn.head_dim ** -0.5 if getattr(attn, "scale_attn_weights", True) else 1.0
+    if getattr(attn, "scale_attn_by_inverse_layer_idx", False):
+        scaling /= float(attn.layer_idx + 1)
+    return scaling
+
+
+def attention_scale(attn: nn.Module, plan: MuPPlan) -> float:
+    r""":math:`s_{SP}\cdot\text{attn\_mult}\cdot\sqrt{d_0/d}`."""
+    return _sp_scaling(attn) * plan.attn_mult * math.sqrt(plan.base_head_dim / attn.head_dim)
+
+
+def _readout(model: nn.Module) -> nn.Module:
+    readout = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(readout, nn.Linear):
+        raise ValueError(f"{type(model).__name__} has no nn.Linear output embedding (lm_head); muP surgery needs one.")
+    return readout
+
+
+def is_tied(model: nn.Module) -> bool:
+    model = unwrap(model)
+    return _readout(model).weight is model.get_input_embeddings().weight
+
+
+def apply_mup(model: nn.Module, plan: MuPPlan | None = None, *, init: bool = True) -> nn.Module:
+    """Apply ``plan`` (default: the one in ``model.config.mup``) to ``model`` in place and record it in the config.
+
+    ``init=True`` re-initialises every parameter the muP way: use it only on a freshly constructed model (or after
+    ``to_empty``). ``init=False`` only sets the forward changes (attention scale, readout multiplier): use it after
+    loading weights. Idempotent: applying twice gives the same model.
+    """
+    inner = unwrap(model)
+    layout = check_supported_config(inner.config)
+    plan = plan if plan is not None else get_plan(inner)
+    matched = plan.match(inner.named_parameters())  # raises if the plan was made for another model
+    attns = _attention_modules(inner)
+    if not attns:
+        raise ValueError(f"{type(inner).__name__}: no attention module with `scaling` and `head_dim` attributes "
+                         f"found; it does not have the {layout!r} layout muP surgery expects.")
+    for attn in attns:
+        if attn.head_dim != plan.head_dim:
+            raise ValueError(f"The plan is for head_dim={plan.head_dim} but the model's attention has head_dim="
+                             f"{attn.head_dim}; rebuild the plan for this config.")
+        attn.scaling = attention_scale(attn, plan)
+    readout = _readout(inner)
+    for key, hook in list(readout._forward_pre_hooks.items()):
+        if isinstance(hook, ReadoutMultiplier):
+            del readout._forward_pre_hooks[key]
+    readout.register_forward_pre_hook(ReadoutMultiplier(plan.output_mult / plan.width_mult))
+    inner.config.mup = plan.to_dict()
+    if init:
+        init_weights(inner, plan, _matched=matched)
+    return model
+
+
+def is_mup_applied(model: nn.Module) -> bool:
+    """Whether the forward changes of the model's plan are in place (e.g. False after a plain ``from_pretrained``)."""
+    inner = unwrap(model)
+    if not has_plan(inner):
+        return False
+    plan = get_plan(inner)
+    hooks = [h for h in _readout(inner)._forward_pre_hooks.values() if isinstance(h, ReadoutMultiplier)]
+    expected = plan.output_mult / plan.width_mult
+    return (len(hooks) == 1 and math.isclose(hooks[0].multiplier, expected, rel_tol=1e-12)
+            and all(math.isclose(a.scaling, attention_scale(a, plan), rel_tol=1e-12)
+                    for a in _attention_modules(inner)))
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, plan: MuPPlan | None = None, *, _matched: list | None = None) -> None:
+    """muP initialisation of every parameter (see the module docstring); uses the global torch RNG."""
+    inner = unwrap(model)
+    layout = check_supported_config(inner.config)
+    plan = plan if plan is not None else get_plan(inner)
+    matched = _matched if _matched is not None else plan.match(inner.named_parameters())
+    config = inner.config
+    sigma = float(config.initializer_range)
+    if plan.zero_readout and is_tied(inner):
+        raise ValueError("zero_readout=True needs untied embeddings (tie_word_embeddings=False): zeroing a tied "
+                         "readout would zero the input embedding too.")
+    for name, p, info in matched:
+        _init_param(name, p, info, sigma, layout, config, plan)
+    if plan.zero_query:
+        _zero_query(inner, layout)
+
+
+def _init_param(name: str, p: torch.Tensor, info: ParamInfo, sigma: float, layout: str, config: Any,
+                plan: MuPPlan) -> None:
+    if info.kind == "hidden":
+        std = sigma
+        if layout == "gpt2" and name.endswith("c_proj.weight"):  # GPT-2's residual-branch scaling, as in HF
+            std = sigma / math.sqrt(2 * config.n_layer)
+        p.normal_(0.0, std / math.sqrt(info.fan_in_mult))
+    elif info.kind == "embedding":
+        p.normal_(0.0, sigma)
+    elif info.kind == "readout":
+        p.zero_() if plan.zero_readout else p.normal_(0.0, sigma)
+    elif name.endswith("bias"):
+        p.zero_()
+    else:  # norm weights
+        p.fill_(1.0)
+
+
+def _zero_query(model: nn.Module, layout: str) -> None:
+    for module in model.modules():
+        if layout == "llama" and isinstance(getattr(module, "q_proj", None), nn.Linear):
+            module.q_proj.weight.zero_()
+            if module.q_proj.bias is not None:
+                module.q_proj.bias.zero_()
+        elif layout == "gpt2" and hasattr(module, "c_attn") and hasattr(module, "embed_dim"):
+            # Conv1D weight is (in, 3*embed): the first `embed_dim` output columns are the query.
+            module.c_attn.weight[:, : module.embed_dim].zero_()
+            module.c_attn.bias[: module.embed_dim].zero_()
+
+
+def make_mup_model(
+    config: Any,
+    base_config: Any | None = None,
+    *,
+    base_width: int | None = None,
+    model_cls: Any | None = None,
+    device: str | torch.device | None = None,
+    **plan_kwargs: Any,
+) -> nn.Module:
+    """Build a muP model from ``config``: plan (on meta), construct, apply surgery and muP init.
+
+    ``device="meta"`` builds without memory and skips the init: call ``model.to_empty(device=...)`` then
+    :func:`init_weights(model) <init_weights>`. ``plan_kwargs`` go to :func:`~mup_integration.plan.make_plan`
+    (``base_head_dim``, ``base_intermediate_size``, ``output_mult``, ``attn_mult``, ``zero_readout``,
+    ``zero_query``).
+    """
+    plan = make_plan(config, base_config, base_width=base_width, model_cls=model_cls, **plan_kwargs)
+    config = copy.deepcopy(config)
+    config.mup = plan.to_dict()
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        if model_cls is None:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_config(config)
+        else:
+            model = model_cls(config)
+    return apply_mup(model, plan, init=str(device) != "meta")
+
+
+def from_pretrained(model_cls: Any, path: str, **kwargs: Any) -> nn.Module:
+    """``model_cls.from_pretrained(path, **kwargs)`` then re-apply the stored plan's forward changes (no re-init)."""
+    model = model_cls.from_pretrained(path, **kwargs)
+    if not has_plan(model):
+        raise ValueError(f"The model at {path!r} has no muP plan in its config (config.mup); load it with "
+                         f"{getattr(model_cls, '__name__', model_cls)}.from_pretrained instead.")
+    return apply_mup(model, init=False)
+
+
+def load_mup_model(path: str, **kwargs: Any) -> nn.Module:
+    """:func:`from_pretrained` with ``AutoModelForCausalLM``."""
+    from transformers import AutoModelForCausalLM
+
+    return from_pretrained(AutoModelForCausalLM, path, **kwargs)

@@ -1,0 +1,209 @@
+"""Turn a loaded recipe into the objects the Trainer needs: optimizer class + kwargs, decay groups, schedule.
+
+Unstated fields (``null`` in the recipe, listed under ``unknown``) are *not* filled here: the optimizer class'
+own default applies, and :func:`optimizer_cls_and_kwargs` logs which fields that concerns, so a run's log says
+what came from the paper and what did not.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from hf_optim.registry import get_spec
+
+from .schedules import make_multiplier, make_scheduler
+from .schema import ADAM_FAMILY
+
+log = logging.getLogger(__name__)
+
+#: Parameter-name patterns of each ``no_decay`` category (HF LLaMA / GPT-2 / OLMo names).
+_NO_DECAY_PATTERNS = {
+    "bias": (r"(?:^|\.)bias$",),
+    "norm": (r"norm", r"(?:^|\.)ln_\w+\.", r"(?:^|\.)ln_f\."),
+    "embedding": (r"embed_tokens", r"(?:^|\.)wte\.", r"(?:^|\.)wpe\.", r"embeddings?\."),
+}
+#: What transformers' Trainer excludes when a recipe does not say (biases and norm weights).
+TRAINER_DEFAULT_NO_DECAY = ("bias", "norm")
+
+
+def size_settings(recipe: Mapping[str, Any], size: str | None = None) -> dict[str, Any]:
+    """The recipe's settings for one model size (``sizes.<size>`` over ``training``/``schedule``/``optimizer``)."""
+    sizes = recipe.get("sizes") or {}
+    if size is None:
+        size = (recipe.get("run") or {}).get("size")
+    if size is None and sizes:
+        size = next(iter(sizes))  # the smallest size is listed first in every bundled recipe
+    if size is not None and size not in sizes:
+        from hf_optim._validation import closest
+
+        raise ValueError(f"size {size!r} is not in this recipe's sizes {list(sizes)}.{closest(str(size), sizes)}")
+    entry = dict(sizes.get(size, {})) if size is not None else {}
+    training = recipe.get("training") or {}
+    schedule = recipe.get("schedule") or {}
+    return {
+        "size": size,
+        "lr": entry.get("lr", (recipe.get("optimizer") or {}).get("lr")),
+        "batch_tokens": entry.get("batch_tokens", training.get("batch_tokens")),
+        "total_tokens": entry.get("total_tokens", training.get("total_tokens")),
+        "seq_len": entry.get("seq_len", training.get("seq_len")),
+        "warmup_steps": entry.get("warmup_steps", schedule.get("warmup_steps")),
+        "decay_steps": entry.get("decay_steps", schedule.get("decay_steps")),
+        "floor": entry.get("floor", schedule.get("floor")),
+    }
+
+
+def _tokens_to_steps(tokens: float, batch_tokens: float | None, what: str) -> int:
+    if not batch_tokens:
+        raise ValueError(f"schedule.{what} is given in tokens but the recipe has no batch_tokens to convert it to steps.")
+    return int(round(tokens / batch_tokens))
+
+
+def published_num_steps(recipe: Mapping[str, Any], size: str | None = None) -> int | None:
+    """Training steps of the published run: ``training.total_steps`` or total tokens / batch tokens."""
+    s = size_settings(recipe, size)
+    total_steps = (recipe.get("training") or {}).get("total_steps")
+    if total_steps:
+        return int(total_steps)
+    if s["total_tokens"] and s["batch_tokens"]:
+        return int(round(s["total_tokens"] / s["batch_tokens"]))
+    return None
+
+
+def schedule_kwargs(recipe: Mapping[str, Any], num_training_steps: int | None = None,
+                    size: str | None = None) -> tuple[str, dict[str, Any]]:
+    """``(name, kwargs)`` for :func:`recipes.schedules.make_multiplier`, token counts converted to steps."""
+    sched = dict(recipe.get("schedule") or {})
+    s = size_settings(recipe, size)
+    total = num_training_steps if num_training_steps is not None else published_num_steps(recipe, size)
+    if total is None:
+        raise ValueError("num_training_steps is needed: the recipe states neither training.total_steps nor "
+                         "total_tokens and batch_tokens.")
+    name = sched.get("name")
+    if name is None:
+        raise ValueError("schedule.name is not set; choose one of the schedules in recipes.schedules.SCHEDULES.")
+    if s["warmup_steps"] is not None:
+        warmup = int(s["warmup_steps"])
+    elif sched.get("warmup_tokens") is not None:
+        warmup = _tokens_to_steps(sched["warmup_tokens"], s["batch_tokens"], "warmup_tokens")
+    elif sched.get("warmup_fraction") is not None:
+        warmup = int(round(sched["warmup_fraction"] * total))
+    else:
+        warmup = 0
+    kwargs: dict[str, Any] = {"num_training_steps": int(total), "num_warmup_steps": warmup}
+    if name in ("cosine_to_floor", "linear_to_floor"):
+        if s["decay_steps"] is not None:
+            kwargs["decay_steps"] = int(s["decay_steps"])
+        elif sched.get("decay_tokens") is not None:
+            kwargs["decay_steps"] = _tokens_to_steps(sched["decay_tokens"], s["batch_tokens"], "decay_tokens")
+        if s["floor"] is not None:
+            kwargs["floor"] = s["floor"]
+    for key in ("plateau_steps", "milestones", "factors", "phases"):
+        if sched.get(key) is not None:
+            kwargs[key] = sched[key]
+    return name, kwargs
+
+
+def multiplier(recipe: Mapping[str, Any], num_training_steps: int | None = None, size: str | None = None):
+    name, kwargs = schedule_kwargs(recipe, num_training_steps, size)
+    return make_multiplier(name, **kwargs)
+
+
+def decay_parameter_names(model: nn.Module, no_decay: list[str] | None) -> list[str]:
+    """Names of the parameters that get weight decay; ``no_decay=None`` means the Trainer's default."""
+    categories = TRAINER_DEFAULT_NO_DECAY if no_decay is None else tuple(no_decay)
+    patterns = [re.compile(p) for c in categories for p in _NO_DECAY_PATTERNS[c]]
+    return [n for n, _ in model.named_parameters() if not any(p.search(n) for p in patterns)]
+
+
+def optimizer_cls_and_kwargs(recipe: Mapping[str, Any], model: nn.Module | None = None, *,
+                             size: str | None = None) -> tuple[type, dict[str, Any]]:
+    """The optimizer class (from the registry) and its keyword arguments, muP overrides included."""
+    opt = dict(recipe.get("optimizer") or {})
+    if opt.get("name") is None:
+        raise ValueError("optimizer.name is not set; choose a registered optimizer (hf-optim list).")
+    spec = get_spec(opt["name"])
+    kwargs: dict[str, Any] = dict(spec.defaults)
+    kwargs.update(opt.get("args") or {})
+    lr = size_settings(recipe, size)["lr"]
+    not_stated = []
+    for key, value in (("lr", lr), ("betas", opt.get("betas")), ("eps", opt.get("eps")),
+                       ("weight_decay", opt.get("weight_decay")),
+                       ("weight_decay_mode", opt.get("weight_decay_mode"))):
+        if value is None:
+            not_stated.append(key)
+        else:
+            kwargs[key] = tuple(value) if key == "betas" else value
+    if opt["name"] not in ADAM_FAMILY:  # Adafactor/SGD state their moments in optimizer.args
+        not_stated = [k for k in not_stated if k not in ("betas", "eps")]
+    if not_stated:
+        log.warning("Recipe %s does not state %s: %s's defaults apply.", recipe.get("name"), ", ".join(not_stated),
+                    spec.target)
+    if model is not None:
+        overrides = mup_overrides(recipe, model, spec.mup_family)
+        if overrides:
+            kwargs["param_overrides"] = overrides
+    return spec.resolve(), kwargs
+
+
+def mup_overrides(recipe: Mapping[str, Any], model: nn.Module, family: str) -> dict | None:
+    """Per-parameter muP multipliers when the model carries a plan (``model.config.mup``), else ``None``."""
+    from mup_integration.plan import has_plan
+
+    if not has_plan(model):
+        return None
+    from mup_integration.groups import param_overrides
+
+    wd_rule = ((recipe.get("model") or {}).get("mup") or {}).get("wd_rule") or "independent"
+    return param_overrides(model, family=family, wd_rule=wd_rule)
+
+
+def build_optimizer(recipe: Mapping[str, Any], model: nn.Module, *, size: str | None = None) -> torch.optim.Optimizer:
+    """The optimizer as the Trainer builds it: a decay group and a no-decay group (weight_decay 0)."""
+    cls, kwargs = optimizer_cls_and_kwargs(recipe, model, size=size)
+    decay = set(decay_parameter_names(model, (recipe.get("optimizer") or {}).get("no_decay")))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    wd = kwargs.get("weight_decay", 0.0)
+    groups = [{"params": [p for n, p in named if n in decay], "weight_decay": wd},
+              {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+    return cls([g for g in groups if g["params"]], **kwargs)
+
+
+def build_scheduler(recipe: Mapping[str, Any], optimizer: torch.optim.Optimizer,
+                    num_training_steps: int | None = None, *, size: str | None = None):
+    name, kwargs = schedule_kwargs(recipe, num_training_steps, size)
+    return make_scheduler(optimizer, name, **kwargs)
+
+
+def is_factored_adafactor(cls: type, kwargs: Mapping[str, Any]) -> bool:
+    if cls.__name__ != "Adafactor" or not cls.__module__.startswith("hf_optim"):
+        return False
+    from hf_optim._adafactor_presets import PRESETS
+
+    preset = PRESETS.get(kwargs.get("preset", "adafactor_v2"), {})
+    return bool(kwargs.get("factored", preset.get("factored", True)))
+
+
+def check_deepspeed(cls: type, kwargs: dict[str, Any], *, deepspeed: bool, fallback: bool) -> dict[str, Any]:
+    """Factored Adafactor cannot run under DeepSpeed ZeRO: the optimizer only sees flat 1-D partitions.
+
+    Raise a clear error, or (``fallback=True``, i.e. ``run.unfactored_fallback: true``) switch to the unfactored
+    second moment (exact Adam-like statistics, O(n·m) memory) with a warning.
+    """
+    if not deepspeed or not is_factored_adafactor(cls, kwargs):
+        return kwargs
+    if not fallback:
+        raise ValueError(
+            "Factored Adafactor cannot run under DeepSpeed ZeRO: ZeRO hands the optimizer flat 1-D partitions, so "
+            "the row/column statistics of each matrix do not exist. Use FSDP2 (recipes/accelerate/fsdp2.yaml), "
+            "pass optimizer.args.factored=false (unfactored, like PaLM), or run.unfactored_fallback=true to switch "
+            "to it automatically with a warning.")
+    warnings.warn("DeepSpeed ZeRO: Adafactor falls back to an unfactored second moment (factored=False); its "
+                  "state now has one value per parameter, as Adam's exp_avg_sq.", UserWarning, stacklevel=2)
+    return {**kwargs, "factored": False}

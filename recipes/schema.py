@@ -1,0 +1,292 @@
+"""Load and validate recipe YAML files.
+
+A recipe is a nested mapping whose allowed keys are :data:`SCHEMA`; anything else is an error that names the key
+and the closest valid one. YAML is read with ``yaml.safe_load`` only. Two kinds:
+
+- ``published``: the optimizer settings of a paper. It must cite ``sources`` and every field of
+  :data:`PUBLISHED_FIELDS` must either have a value or be listed in ``unknown`` (fields the source does not state).
+  A field listed in ``unknown`` may still carry a value only if ``assumptions`` says why (e.g. GPT-3's "weight
+  decay 0.1" read as PyTorch-AdamW's lr-coupled form): nothing is filled in silently.
+- ``demo``: a runnable recipe; ``base: llm/llama2`` inherits a published recipe (deep merge, the demo wins), then
+  ``model``/``data``/``run`` say what to train.
+
+Recipes are referred to by path or by bundled name (``demo``, ``llm/palm``, ``palm``); see :func:`resolve_path`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hf_optim._validation import closest
+
+RECIPES_DIR = Path(__file__).resolve().parent
+ALIASES = {"demo": "demo/shakespeare_mup_llama_adafactor"}
+
+_SIZE_KEYS = {"lr": float, "batch_tokens": float, "total_tokens": float, "seq_len": int, "warmup_steps": int,
+              "decay_steps": int, "floor": float}
+
+#: Allowed keys per section; a type, a tuple of allowed strings, or a nested mapping. ``"any"`` = free mapping
+#: (validated by its consumer, e.g. the optimizer class for ``optimizer.args``).
+SCHEMA: dict[str, Any] = {
+    "name": str,
+    "title": str,
+    "kind": ("published", "demo"),
+    "base": str,
+    "sources": list,
+    "unknown": list,
+    "assumptions": dict,
+    "notes": list,
+    "optimizer": {
+        "name": str, "lr": float, "betas": list, "eps": float, "weight_decay": float,
+        "weight_decay_mode": ("l2", "coupled", "independent", "corrected"),
+        "no_decay": list, "args": "any",
+    },
+    "schedule": {
+        "name": str, "warmup_steps": int, "warmup_tokens": float, "warmup_fraction": float,
+        "floor": float, "decay_steps": int, "decay_tokens": float, "plateau_steps": int,
+        "milestones": list, "factors": list, "phases": list,
+    },
+    "training": {"max_grad_norm": float, "batch_tokens": float, "seq_len": int, "total_tokens": float,
+                 "total_steps": int},
+    "sizes": "sizes",
+    "model": {
+        "arch": ("llama", "gpt2"), "hidden_size": int, "num_layers": int, "num_heads": int,
+        "intermediate_size": int, "tie_word_embeddings": bool,
+        "mup": {"base_width": int, "wd_rule": ("independent", "mup", "none"), "zero_readout": bool,
+                "zero_query": bool, "output_mult": float},
+    },
+    "data": {"corpus": str, "tokenizer": ("char", "byte"), "block_size": int, "val_fraction": float,
+             "max_tokens": int},
+    "run": {"max_steps": int, "batch_size": int, "grad_accum": int, "output_dir": str, "logging_steps": int,
+            "save_steps": int, "eval_steps": int, "eval_batches": int, "seed": int, "size": str, "bf16": bool,
+            "save_total_limit": int, "unfactored_fallback": bool},
+}
+
+#: Every published recipe states these or lists them in ``unknown``.
+PUBLISHED_FIELDS = ("optimizer.name", "optimizer.lr", "optimizer.weight_decay", "optimizer.weight_decay_mode",
+                    "optimizer.no_decay", "schedule.name", "schedule.warmup_steps", "training.max_grad_norm",
+                    "training.batch_tokens")
+#: ... and, for the Adam family, these (Adafactor states its moments in ``optimizer.args``).
+ADAM_FIELDS = ("optimizer.betas", "optimizer.eps")
+ADAM_FAMILY = ("adamw_v2", "adam_v2", "radam_v2", "adam_atan2")
+NO_DECAY_CATEGORIES = ("bias", "norm", "embedding")
+
+
+class RecipeError(ValueError):
+    """A recipe that does not match the schema (unknown key, wrong type, missing source or unknown-field entry)."""
+
+
+def field_paths() -> list[str]:
+    """All ``section.key`` paths (for ``unknown``/``assumptions`` entries and command-line overrides)."""
+    paths: list[str] = []
+
+    def walk(prefix: str, node: Any) -> None:
+        for key, sub in node.items():
+            path = f"{prefix}{key}"
+            paths.append(path)
+            if isinstance(sub, dict):
+                walk(path + ".", sub)
+
+    walk("", SCHEMA)
+    return paths
+
+
+def _type_ok(value: Any, expected: Any) -> bool:
+    if value is None:
+        return True  # null = not stated; the published-field rule below decides whether that is allowed
+    if isinstance(expected, tuple):
+        return value in expected
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _describe(expected: Any) -> str:
+    return f"one of {list(expected)}" if isinstance(expected, tuple) else f"a {getattr(expected, '__name__', expected)}"
+
+
+def _check_keys(where: str, data: Any, schema: Mapping[str, Any], origin: str) -> None:
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{origin}: {where or 'the recipe'} must be a mapping, got {type(data).__name__}.")
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if not where and key == "_path":
+            continue  # bookkeeping added by load() (e.g. _path)
+        if key not in schema:
+            raise RecipeError(f"{origin}: unknown key {path!r}.{closest(str(key), schema)} "
+                              f"Valid keys{' of ' + repr(where) if where else ''}: {sorted(schema)}.")
+        expected = schema[key]
+        if expected == "any":
+            if value is not None and not isinstance(value, Mapping):
+                raise RecipeError(f"{origin}: {path} must be a mapping, got {value!r}.")
+        elif expected == "sizes":
+            if not isinstance(value, Mapping):
+                raise RecipeError(f"{origin}: sizes must map a size label (e.g. '7B') to its settings, got {value!r}.")
+            for label, entry in value.items():
+                _check_keys(f"sizes.{label}", entry, _SIZE_KEYS, origin)
+        elif isinstance(expected, dict):
+            _check_keys(path, value, expected, origin)
+        elif not _type_ok(value, expected):
+            raise RecipeError(f"{origin}: {path} must be {_describe(expected)}, got {value!r}.")
+
+
+def _get(recipe: Mapping[str, Any], path: str) -> Any:
+    node: Any = recipe
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _stated(recipe: Mapping[str, Any], path: str) -> bool:
+    sizes = recipe.get("sizes") or {}
+    if path == "schedule.warmup_steps":
+        sched = recipe.get("schedule") or {}
+        if any(sched.get(k) is not None for k in ("warmup_steps", "warmup_tokens", "warmup_fraction")):
+            return True
+        return bool(sizes) and all(s.get("warmup_steps") is not None for s in sizes.values())
+    if path in ("optimizer.lr", "training.batch_tokens") and _get(recipe, path) is None:
+        key = path.split(".")[1]
+        return bool(sizes) and all(s.get(key) is not None for s in sizes.values())
+    return _get(recipe, path) is not None
+
+
+def validate(recipe: Mapping[str, Any], origin: str = "recipe") -> None:
+    """Raise :class:`RecipeError` unless ``recipe`` (already merged with its base) follows the schema."""
+    _check_keys("", recipe, SCHEMA, origin)
+    valid_paths = field_paths()
+    for listed in ("unknown", "assumptions"):
+        for path in recipe.get(listed) or []:
+            if path not in valid_paths and not path.startswith("optimizer.args."):
+                raise RecipeError(f"{origin}: {listed} entry {path!r} is not a recipe field.{closest(path, valid_paths)}")
+    no_decay = _get(recipe, "optimizer.no_decay") or []
+    for item in no_decay:
+        if item not in NO_DECAY_CATEGORIES:
+            raise RecipeError(f"{origin}: optimizer.no_decay entries must be among {list(NO_DECAY_CATEGORIES)}, "
+                              f"got {item!r}.{closest(str(item), NO_DECAY_CATEGORIES)}")
+    betas = _get(recipe, "optimizer.betas")
+    if betas is not None and (len(betas) != 2 or not all(_type_ok(b, float) for b in betas)):
+        raise RecipeError(f"{origin}: optimizer.betas must be a pair of numbers, got {betas!r}.")
+    kind = recipe.get("kind")
+    if kind is None:
+        raise RecipeError(f"{origin}: 'kind' is required (one of ['published', 'demo']).")
+    if recipe.get("name") is None:
+        raise RecipeError(f"{origin}: 'name' is required.")
+    if kind != "published":
+        return
+    if not recipe.get("sources"):
+        raise RecipeError(f"{origin}: a published recipe needs 'sources' (paper section/table or config path).")
+    if "unknown" not in recipe:
+        raise RecipeError(f"{origin}: a published recipe needs an explicit 'unknown' list (may be empty: []).")
+    unknown = set(recipe.get("unknown") or [])
+    assumptions = recipe.get("assumptions") or {}
+    fields = PUBLISHED_FIELDS + (ADAM_FIELDS if _get(recipe, "optimizer.name") in ADAM_FAMILY else ())
+    for path in fields:
+        if not _stated(recipe, path) and path not in unknown:
+            raise RecipeError(f"{origin}: {path} has no value; state it or list it under 'unknown' if the source "
+                              "does not give it.")
+    for path in unknown:
+        if _get(recipe, path) is not None and path not in assumptions:
+            raise RecipeError(f"{origin}: {path} is listed as unknown but has a value; add assumptions.{path} "
+                              "saying why this value was chosen, or remove the value.")
+
+
+def resolve_path(ref: str | Path) -> Path:
+    """A file path, or a bundled name: ``demo``, ``llm/llama2``, ``llama2`` (searched in llm/ then demo/)."""
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return path
+    name = ALIASES.get(str(ref), str(ref)).removesuffix(".yaml")
+    candidates = [RECIPES_DIR / f"{name}.yaml", RECIPES_DIR / "llm" / f"{name}.yaml",
+                  RECIPES_DIR / "demo" / f"{name}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    known = bundled_names()
+    raise RecipeError(f"recipe {str(ref)!r} is neither a file nor a bundled recipe.{closest(str(ref), known)} "
+                      f"Bundled: {known}.")
+
+
+def bundled_names() -> list[str]:
+    names = [f"{p.parent.name}/{p.stem}" for sub in ("llm", "demo") for p in sorted((RECIPES_DIR / sub).glob("*.yaml"))]
+    return [*ALIASES, *names]
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping) and key not in ("assumptions",):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optimizer.lr=3e-3"`` → (["optimizer", "lr"], 0.003); values are parsed as YAML (safely)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"override {text!r} must look like section.key=value (e.g. run.max_steps=50).")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    # YAML 1.1 reads "3e-3" as a string (it wants "3.0e-3"); accept the form people type.
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def apply_overrides(recipe: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
+    result = copy.deepcopy(dict(recipe))
+    valid = field_paths()
+    for text in overrides:
+        parts, value = parse_override(text)
+        dotted = ".".join(parts)
+        if dotted not in valid and not (parts[0] in ("sizes", "assumptions") or dotted.startswith("optimizer.args.")):
+            raise RecipeError(f"override {text!r}: unknown key {dotted!r}.{closest(dotted, valid)}")
+        node = result
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return result
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    with path.open(encoding="utf-8") as handle:
+        data = yaml.safe_load(handle)
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}.")
+    return data
+
+
+def load(ref: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read a recipe (path or bundled name), merge its ``base`` chain, apply overrides, validate, return it."""
+    path = resolve_path(ref)
+    raw = _read_yaml(path)
+    _check_keys("", raw, SCHEMA, str(path))  # report unknown keys against the file that has them
+    seen = {path}
+    recipe = raw
+    while recipe.get("base"):
+        base_path = resolve_path(recipe["base"])
+        if base_path in seen:
+            raise RecipeError(f"{path}: circular 'base' chain through {base_path}.")
+        seen.add(base_path)
+        base = _read_yaml(base_path)
+        _check_keys("", base, SCHEMA, str(base_path))
+        child = {k: v for k, v in recipe.items() if k != "base"}
+        recipe = deep_merge(base, child)
+        recipe["base"] = base.get("base")
+    recipe.pop("base", None)
+    recipe = apply_overrides(recipe, overrides or [])
+    validate(recipe, str(path))
+    recipe["_path"] = str(path)
+    return recipe

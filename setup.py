@@ -1,0 +1,56 @@
+"""Build hook: install ``hf_optim_autoload.pth`` at the top of site-packages (metadata lives in pyproject.toml).
+
+Python runs ``*.pth`` files found directly in a site directory at start-up; the one line in ours puts a lazy import
+hook on ``sys.meta_path`` (see ``hf_optim/_autoload.py``), so unmodified Trainer scripts accept ``--optim adafactor_v2``.
+A wheel places files at its root into site-packages, so:
+
+* regular wheels (``pip install .``, ``python -m build``): ``build_py`` copies the file to the root of ``build_lib``;
+* editable wheels (``pip install -e .``): setuptools' ``editable_wheel`` does not ship ``build_lib``, so the file is
+  added to the root of the unpacked editable wheel instead.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+PTH = Path(__file__).parent / "hf_optim" / "hf_optim_autoload.pth"
+
+
+class build_py_with_pth(build_py):
+    def run(self) -> None:
+        super().run()
+        if not getattr(self, "editable_mode", False):
+            self.copy_file(str(PTH), str(Path(self.build_lib, PTH.name)), preserve_mode=False)
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        outputs = list(super().get_outputs(include_bytecode))
+        if not getattr(self, "editable_mode", False):
+            outputs.append(str(Path(self.build_lib, PTH.name)))
+        return outputs
+
+
+cmdclass: dict[str, type] = {"build_py": build_py_with_pth}
+
+try:
+    from setuptools.command.editable_wheel import editable_wheel
+except ImportError:  # setuptools < 64: no PEP 660 editable wheels
+    editable_wheel = None
+
+if editable_wheel is not None:
+
+    class editable_wheel_with_pth(editable_wheel):
+        # `_run_build_commands(dist_name, unpacked_wheel, build_lib, tmp_dir)` fills the directory that becomes
+        # the wheel's root; files put there land in site-packages. A private hook: if a future setuptools drops
+        # it, the editable install simply has no .pth (``import hf_optim`` still registers the names).
+        def _run_build_commands(self, dist_name, unpacked_wheel, build_lib, tmp_dir):  # type: ignore[no-untyped-def]
+            result = super()._run_build_commands(dist_name, unpacked_wheel, build_lib, tmp_dir)
+            shutil.copyfile(PTH, Path(unpacked_wheel, PTH.name))
+            return result
+
+    cmdclass["editable_wheel"] = editable_wheel_with_pth
+
+setup(cmdclass=cmdclass)

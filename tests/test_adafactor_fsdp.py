@@ -1,0 +1,27 @@
+"""Adafactor under FSDP2 and DDP: two CPU processes (gloo) equal a single process within 1e-6 after 20 steps."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+SCRIPT = Path(__file__).parent / "dist" / "adafactor_fsdp.py"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed + gloo")
+def test_fsdp2_and_ddp_equal_single_process():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("OK", "FAIL"))]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # One line per configuration: factored with/without (bf16) momentum, parameter scaling, last-two dims.
+    assert len(lines) == 4 and all(line.startswith("OK") for line in lines), lines

@@ -1,0 +1,234 @@
+"""Recipes: schema, sources/unknown bookkeeping, optimizer + scheduler construction, lr == the paper's formula."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from recipes import build, schema
+from recipes.data import load_corpus
+from recipes.schedules import make_multiplier
+from tests.conftest import tiny_llama_config
+
+RECIPE_FILES = sorted(p for sub in ("llm", "demo") for p in (schema.RECIPES_DIR / sub).glob("*.yaml"))
+PUBLISHED = ["llama1", "llama2", "llama3", "gpt3", "palm", "t5", "opt", "pythia", "olmo2", "bloom", "deepseek_v3",
+             "deepseek_v2_lite"]
+
+
+def _tiny():
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config())
+
+
+def lr_at(recipe, k, size=None):
+    return build.size_settings(recipe, size)["lr"] * build.multiplier(recipe, size=size)(k)
+
+
+def test_every_published_recipe_is_bundled():
+    names = {p.stem for p in RECIPE_FILES}
+    assert set(PUBLISHED) <= names
+
+
+@pytest.mark.parametrize("path", RECIPE_FILES, ids=[p.stem for p in RECIPE_FILES])
+def test_recipe_validates_and_builds(path):
+    recipe = schema.load(path)
+    if recipe["kind"] == "published":
+        assert recipe["sources"] and isinstance(recipe["unknown"], list)
+    model = _tiny()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = build.build_optimizer(recipe, model)
+        # Recipes that state no run length (LLaMA-3, OLMo-2) get an arbitrary one: the schedule shape is what is tested.
+        steps = build.published_num_steps(recipe) or (recipe.get("run") or {}).get("max_steps") or 100_000
+        sched = build.build_scheduler(recipe, opt, steps)
+    expected0 = build.size_settings(recipe)["lr"] * build.multiplier(recipe, steps)(0)
+    # muP / per-group multipliers scale each group's lr; group 0 here is a plain decay group of a non-muP model.
+    assert opt.param_groups[0]["lr"] == pytest.approx(expected0)
+    for _ in range(2):
+        loss = model(input_ids=torch.randint(0, 64, (2, 8)), labels=torch.randint(0, 64, (2, 8))).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(build.size_settings(recipe)["lr"] * build.multiplier(recipe, steps)(2))
+
+
+def test_llama2_cosine_to_ten_percent_after_2000_warmup():
+    r = schema.load("llama2")
+    peak, total = 3.0e-4, round(2.0e12 / 4.0e6)  # 7B; 2T tokens at 4M tokens per step
+
+    def paper(k):
+        if k < 2000:
+            return peak * k / 2000
+        return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (k - 2000) / (total - 2000)))))
+
+    for k in (0, 1, 1000, 1999, 2000, 100_000, 250_000, total - 1, total, total + 10):
+        assert lr_at(r, k, "7B") == pytest.approx(paper(k), rel=1e-12, abs=1e-18)
+    assert lr_at(r, total, "70B") == pytest.approx(1.5e-5)
+    opt = build.build_optimizer(r, _tiny(), size="7B")
+    group = opt.param_groups[0]
+    assert (group["betas"], group["eps"], group["weight_decay"], group["weight_decay_mode"]) == (
+        (0.9, 0.95), 1e-5, 0.1, "coupled")
+
+
+def test_palm_constant_then_inverse_sqrt_with_lr_squared_decay():
+    r = schema.load("palm")
+    for k in (0, 1, 5000, 10_000):
+        assert lr_at(r, k) == pytest.approx(1e-2)
+    for k in (10_001, 40_000, 250_000):
+        assert lr_at(r, k) == pytest.approx(1e-2 * math.sqrt(1e4 / k), rel=1e-12)
+    # Dynamic weight decay lr_t^2: with a zero gradient the step only decays, x <- x (1 - lr_t^2).
+    model = _tiny()
+    opt = build.build_optimizer(r, model)
+    group = opt.param_groups[0]
+    assert (group["weight_decay_mode"], group["weight_decay"], group["factored"], group["beta1"]) == (
+        "corrected", 1e-2, False, 0.9)
+    for k in (40_000, 160_000):
+        lr_t = 1e-2 * math.sqrt(1e4 / k)
+        for g in opt.param_groups:
+            g["lr"] = lr_t  # what the scheduler sets at step k
+        p = group["params"][0]
+        before = p.detach().clone().double()
+        for q in model.parameters():
+            q.grad = torch.zeros_like(q)
+        opt.step()
+        torch.testing.assert_close(p.detach().double(), before * (1 - lr_t**2), rtol=1e-6, atol=1e-9)
+
+
+def test_t5_inverse_sqrt_max():
+    r = schema.load("t5")
+    for k in (0, 1, 9999, 10_000, 10_001, 100_000, 524_288):
+        assert lr_at(r, k) == pytest.approx(1 / math.sqrt(max(k, 1e4)), rel=1e-12)
+
+
+def test_gpt3_token_based_warmup_and_floor():
+    r = schema.load("gpt3")
+    warm, decay = round(375e6 / 5e5), round(260e9 / 5e5)  # 125M: 0.5M-token batches
+    assert lr_at(r, warm // 2, "125M") == pytest.approx(6e-4 * (warm // 2) / warm)
+    mid = (warm + decay) // 2
+    assert lr_at(r, mid, "125M") == pytest.approx(6e-4 * (0.1 + 0.45 * (1 + math.cos(math.pi * (mid - warm) / (decay - warm)))))
+    assert lr_at(r, decay + 50_000, "125M") == pytest.approx(6e-5)
+
+
+def test_deepseek_schedules_at_token_counts():
+    v3 = schema.load("deepseek_v3")
+    steps = build.published_num_steps(v3)
+    at = lambda tokens: lr_at(v3, int(tokens / 14.8e12 * steps))  # noqa: E731
+    assert lr_at(v3, 1000) == pytest.approx(2.2e-4 * 1000 / 2000)
+    assert at(5e12) == pytest.approx(2.2e-4)
+    assert at(12.15e12) == pytest.approx(2.2e-5 + (2.2e-4 - 2.2e-5) * 0.5, rel=1e-3)  # cosine midpoint
+    assert at(14.45e12) == pytest.approx(2.2e-5)
+    assert at(14.75e12) == pytest.approx(7.3e-6, rel=1e-4)
+    lite = schema.load("deepseek_v2_lite")
+    n = build.published_num_steps(lite)
+    assert lr_at(lite, int(0.5 * n)) == pytest.approx(4.2e-4)
+    assert lr_at(lite, int(0.85 * n)) == pytest.approx(4.2e-4 * 0.316)
+    assert lr_at(lite, int(0.95 * n)) == pytest.approx(4.2e-4 * 0.316**2)
+
+
+def test_pythia_warmup_is_one_percent_and_floor_ten_percent():
+    r = schema.load("pythia")
+    assert lr_at(r, 715, "160M") == pytest.approx(6e-4 * 715 / 1430)
+    assert lr_at(r, 143_000, "160M") == pytest.approx(6e-5)
+
+
+def test_olmo2_excludes_only_embeddings_from_decay():
+    r = schema.load("olmo2")
+    names = build.decay_parameter_names(_tiny(), r["optimizer"]["no_decay"])
+    assert "model.embed_tokens.weight" not in names
+    assert "model.norm.weight" in names and "model.layers.0.self_attn.q_proj.weight" in names
+    default = build.decay_parameter_names(_tiny(), None)
+    assert "model.embed_tokens.weight" in default and "model.norm.weight" not in default
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, key, hint", [
+    ("name: x\nkind: demo\noptimizer: {name: adamw_v2, weigth_decay: 0.1}\n", "optimizer.weigth_decay", "weight_decay"),
+    ("name: x\nkind: demo\nschedul: {name: cosine_to_floor}\n", "schedul", "schedule"),
+    ("name: x\nkind: demo\nrun: {max_step: 3}\n", "run.max_step", "max_steps"),
+])
+def test_unknown_key_names_key_and_closest(tmp_path, text, key, hint):
+    with pytest.raises(schema.RecipeError, match=rf"unknown key '{key}'\. Did you mean '{hint}'\?"):
+        schema.load(_write(tmp_path, text))
+
+
+def test_override_typo_and_value_parsing():
+    r = schema.load("llama2", ["optimizer.lr=3e-3", "optimizer.betas=[0.9, 0.99]"])
+    assert r["optimizer"]["lr"] == 3e-3 and r["optimizer"]["betas"] == [0.9, 0.99]
+    with pytest.raises(schema.RecipeError, match="Did you mean 'run.max_steps'"):
+        schema.load("demo", ["run.max_stepz=3"])
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = _write(tmp_path, "name: !!python/object/apply:os.system ['echo pwned > /dev/null']\nkind: demo\n")
+    with pytest.raises(yaml.YAMLError):
+        schema.load(path)
+
+
+def test_published_recipe_must_list_unstated_fields(tmp_path):
+    base = yaml.safe_load((schema.RECIPES_DIR / "llm" / "llama2.yaml").read_text())
+    base["optimizer"]["eps"] = None
+    path = _write(tmp_path, yaml.safe_dump(base))
+    with pytest.raises(schema.RecipeError, match="optimizer.eps has no value"):
+        schema.load(path)
+    base["unknown"].append("optimizer.eps")
+    base["optimizer"]["eps"] = 1e-8
+    path = _write(tmp_path, yaml.safe_dump(base))
+    with pytest.raises(schema.RecipeError, match="assumptions.optimizer.eps"):
+        schema.load(path)
+    del base["sources"]
+    with pytest.raises(schema.RecipeError, match="sources"):
+        schema.load(_write(tmp_path, yaml.safe_dump(base)))
+
+
+def test_schedule_parameter_errors():
+    with pytest.raises(ValueError, match="Did you mean 'floor'"):
+        make_multiplier("cosine_to_floor", num_training_steps=10, flor=0.1)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        make_multiplier("cosine", num_training_steps=10)
+    with pytest.raises(ValueError, match="floor"):
+        make_multiplier("linear_to_floor", num_training_steps=10, floor=2.0)
+
+
+def test_linear_to_floor_matches_opt():
+    r = schema.load("opt")
+    warm, decay = round(375e6 / 5e5), round(300e9 / 5e5)
+    k = warm + (decay - warm) // 4
+    assert lr_at(r, k, "125M") == pytest.approx(6e-4 * (1 - 0.9 * (k - warm) / (decay - warm)))
+    assert build.schedule_kwargs(r, size="175B")[1]["num_warmup_steps"] == 2000
+
+
+def test_factored_adafactor_refused_under_deepspeed():
+    from hf_optim.adafactor import Adafactor
+
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO"):
+        build.check_deepspeed(Adafactor, {"preset": "adafactor_v2"}, deepspeed=True, fallback=False)
+    with pytest.warns(UserWarning, match="unfactored"):
+        kwargs = build.check_deepspeed(Adafactor, {"preset": "adafactor_v2"}, deepspeed=True, fallback=True)
+    assert kwargs["factored"] is False
+    palm = {"preset": "palm"}
+    assert build.check_deepspeed(Adafactor, palm, deepspeed=True, fallback=False) is palm
+    assert build.check_deepspeed(torch.optim.AdamW, {}, deepspeed=True, fallback=False) == {}
+
+
+def test_corpus_char_and_byte():
+    corpus = load_corpus(block_size=32, max_tokens=10_000)
+    assert corpus.vocab_size == 65 and len(corpus.train) == 9000 // 32 and len(corpus.val) == 1000 // 32
+    row = corpus.train[0]["input_ids"]
+    assert corpus.decode(row) == Path(schema.RECIPES_DIR.parent / "hf_optim/data/tinyshakespeare.txt").read_text()[:32]
+    byte = load_corpus(tokenizer="byte", block_size=16, max_tokens=1000)
+    assert byte.vocab_size == 256 and byte.decode(byte.train[0]["input_ids"]) == "First Citizen:\nB"
+    with pytest.raises(ValueError, match="data.tokenizer"):
+        load_corpus(tokenizer="bpe")

@@ -1,0 +1,166 @@
+"""`hf-optim sweep`: config expansion, resumable CSV/JSON/PNG outputs, the optimum analysis, the data windows."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from recipes import sweep
+from recipes._sweep_config import load_config
+from recipes._sweep_data import CharData, _encoded
+from recipes._sweep_results import summarize
+
+TINY = """
+name: tiny
+model: {layers: 1, head_dim: 16, ffn_mult: 2, seq_len: 16, batch_size: 4, base_width: 32}
+train: {steps: 6, warmup_steps: 2, eval_batches: 1}
+grids:
+  - name: wt
+    width: [32, 64]
+    log2_lr: [-8, 3]
+    parametrization: [sp, mup]
+  - name: lrwd
+    width: [32]
+    log2_lr: [-8, -6]
+    train: {train_chars: 5000}
+    optimizer:
+      - {weight_decay_mode: coupled, weight_decay: [0.0, 1.0]}
+      - {weight_decay_mode: independent, weight_decay: [0.0, 0.01]}
+"""
+N_CELLS = 2 * 2 * 2 + 2 * 4
+
+
+def _write(tmp_path: Path, text: str = TINY) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_sweep_end_to_end_outputs_and_resume(tmp_path, capsys):
+    config, out = _write(tmp_path), tmp_path / "out"
+    assert sweep.main([str(config), "--out", str(out), "--device", "cpu"]) == 0
+    log = capsys.readouterr().out
+    assert f"[{N_CELLS}/{N_CELLS}]" in log and "ETA" in log
+
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == N_CELLS and len({r["key"] for r in rows}) == N_CELLS
+    for r in rows:
+        diverged = r["diverged"] == "True"
+        assert math.isfinite(float(r["val_loss"])) != diverged
+        assert float(r["log2_lr"]) == pytest.approx(math.log2(float(r["lr"])))
+    # lr = 8 blows up every width: recorded as diverged, not dropped.
+    assert all(r["diverged"] == "True" for r in rows if float(r["lr"]) == 8.0)
+    # Sane lr: the loss after 6 steps is below the uniform-prediction loss ln(V) plus slack, and finite.
+    vocab = _encoded()[1]
+    assert all(float(r["train_loss"]) < math.log(vocab) + 0.5 for r in rows if float(r["lr"]) < 1)
+
+    table = json.loads((out / "results.json").read_text())
+    assert len(table) == N_CELLS
+    assert all(row["val_loss"] is None for row in table if row["diverged"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert {e["parametrization"] for e in summary["width_transfer"]} == {"sp", "mup"}
+    assert {e["weight_decay_mode"] for e in summary["lr_wd"]} == {"coupled", "independent"}
+
+    import matplotlib.image
+
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["lrwd_sp_w32_lr_wd.png", "wt_coupled_wd0.png"]
+    for name in pngs:
+        assert matplotlib.image.imread(out / name).ndim == 3
+
+    # Resume: nothing left to do; after forgetting one cell exactly that one runs again.
+    assert sweep.main([str(config), "--out", str(out), "--device", "cpu", "--no-plots"]) == 0
+    assert f"{N_CELLS} already done, 0 to run" in capsys.readouterr().out
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    forgotten = json.loads(lines[-1])["key"]
+    assert sweep.main([str(config), "--out", str(out), "--device", "cpu", "--no-plots"]) == 0
+    assert f"{N_CELLS - 1} already done, 1 to run" in capsys.readouterr().out
+    again = (out / "results.jsonl").read_text().splitlines()
+    assert len(again) == N_CELLS and json.loads(again[-1])["key"] == forgotten
+
+
+def test_mup_cells_get_width_scaled_hidden_lr(tmp_path):
+    from recipes._sweep_cell import build_model, build_optimizer
+
+    cells = [c for c in load_config(_write(tmp_path)).cells
+             if c.parametrization == "mup" and c.width == 64 and c.lr == 2.0**-8]
+    model, overrides = build_model(cells[0])
+    optimizer = build_optimizer(model, cells[0], overrides)
+    q_proj = model.model.layers[0].self_attn.q_proj.weight
+    embed = model.model.embed_tokens.weight
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    # muP for Adam: hidden matrices get lr / width_mult (64 / 32 = 2); the input embedding keeps lr.
+    assert lr_of[id(q_proj)] == pytest.approx(2.0**-8 / 2)
+    assert lr_of[id(embed)] == pytest.approx(2.0**-8)
+
+
+def test_cell_keys_are_stable_and_sensitive(tmp_path):
+    first = [c.key for c in load_config(_write(tmp_path)).cells]
+    assert first == [c.key for c in load_config(_write(tmp_path)).cells]
+    changed = load_config(_write(tmp_path, TINY.replace("steps: 6", "steps: 7"))).cells
+    assert not set(first) & {c.key for c in changed}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("log2_lr: [-8, 3]", "log2_lr: [-8, 3]\n    lr: [0.1]"), "exactly one of 'lr' or 'log2_lr'"),
+    (("width: [32, 64]", "width: [32, 40]"), "not a multiple of head_dim=16"),
+    (("weight_decay_mode: coupled", "weight_decay_mode: coupeld"), "Did you mean 'coupled'"),
+    (("parametrization: [sp, mup]", "parametrisation: [sp, mup]"), "unknown key 'parametrisation'"),
+    (("steps: 6", "stepz: 6"), "unknown key 'stepz'"),
+    (("train: {train_chars: 5000}", "train: {train_char: 5000}"), r"grids\[1\] \(lrwd\).train: unknown key"),
+])
+def test_bad_config_names_the_problem(tmp_path, edit, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(_write(tmp_path, TINY.replace(*edit)))
+
+
+def test_bad_jobs_and_missing_config(tmp_path):
+    with pytest.raises(ValueError, match="jobs must be an integer >= 1"):
+        sweep.run_sweep(str(_write(tmp_path)), tmp_path / "o", jobs=0)
+    assert sweep.main([str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")]) == 2
+
+
+def _row(param, width, lr, loss, wd=0.0, mode="coupled", seed=0, grid="wt"):
+    return {"grid": grid, "parametrization": param, "width": width, "lr": lr, "weight_decay": wd,
+            "weight_decay_mode": mode, "seed": seed, "val_loss": loss}
+
+
+def test_summary_shift_and_best_wd_by_hand():
+    lrs = [2.0**k for k in range(-6, -1)]
+    rows = []
+    # SP: width 64 best at 2^-3 (index 3), width 512 best at 2^-6 (index 0): shift -3 steps.
+    for i, lr in enumerate(lrs):
+        rows.append(_row("sp", 64, lr, abs(i - 3) + 1.0))
+        rows.append(_row("sp", 512, lr, abs(i - 0) + 1.0))
+        # seed 1 at width 512 diverges at the largest lr: its mean becomes inf, never the best.
+        rows.append(_row("sp", 512, lr, math.nan if i == 4 else abs(i - 0) + 1.0, seed=1))
+    # LR x WD: best λ index = 4 - lr index (a diagonal).
+    wds = [0.0, 0.1, 1.0, 10.0, 100.0]
+    for i, lr in enumerate(lrs):
+        for j, wd in enumerate(wds):
+            rows.append(_row("sp", 128, lr, abs(j - (4 - i)) + abs(i - 2) + 1.0, wd=wd, grid="lrwd"))
+    summary = summarize(rows)
+    (entry,) = summary["width_transfer"]
+    assert entry["best_log2_lr"] == {"64": -3.0, "512": -6.0} and entry["shift_grid_steps"] == -3
+    (heat,) = summary["lr_wd"]
+    assert heat["best_weight_decay_per_log2_lr"] == {"-6": 100.0, "-5": 10.0, "-4": 1.0, "-3": 0.1, "-2": 0.0}
+    assert heat["best_log2_lr"] == -4.0 and heat["near_optimum_log2_lrs"] == [-5.0, -4.0, -3.0]
+    assert heat["best_wd_range_grid_steps_near_optimum"] == 2
+    assert heat["best_wd_range_grid_steps_all_lrs"] == 4
+
+
+def test_char_windows_are_shifted_text():
+    data = CharData(seq_len=8, batch_size=3)
+    x, y = next(data.train_batches(seed=0))
+    assert x.shape == y.shape == (3, 8)
+    assert (x[:, 1:] == y[:, :-1]).all()
+    x2, _ = next(data.train_batches(seed=0))
+    assert (x == x2).all()  # same seed, same batches: lr/width comparisons share the data order
+    val = data.val_batches(2)
+    assert len(val) == 2 and all(v[0].max() < _encoded()[1] for v in val)
