@@ -106,6 +106,23 @@ class BaseOptimizer(torch.optim.Optimizer):
         if "implementation" in group:
             v.check_choice("implementation", group["implementation"], ("auto", *self.implementations))
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``Optimizer.load_state_dict``, keeping every state tensor in the dtype it was saved in.
+
+        torch casts floating state to its parameter's dtype on load. Our optimizers keep fp32 state for bf16
+        parameters (and bf16 momentum for fp32 ones, in Adafactor), so that cast would round the state and break
+        "save, load, continue == uninterrupted". The step counter is left as torch loads it.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if key == "step" or not torch.is_tensor(value) or not value.is_floating_point():
+                    continue
+                if self.state[p][key].dtype != value.dtype:
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
     def _params_with_grad(self, group: dict[str, Any]) -> Iterator[torch.Tensor]:
         """Parameters of ``group`` that have a gradient; sparse gradients raise a clear error."""
         for p in group["params"]:

@@ -115,23 +115,6 @@ class ElementwiseOptimizer(BaseOptimizer):
         """Apply the rule in place to ``params`` (same device and dtype); ``grads`` are read-only."""
         raise NotImplementedError
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """``Optimizer.load_state_dict``, keeping the fp32 state of bf16/fp16 parameters in fp32.
-
-        torch casts every floating state tensor to its parameter's dtype on load, which would round the fp32 state of
-        a bf16 parameter to bf16 and break "save, load, continue == uninterrupted".
-        """
-        super().load_state_dict(state_dict)
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for saved_id, p in zip(saved_ids, params):
-            saved = state_dict["state"].get(saved_id, {})
-            if p.dtype not in LOW_PRECISION:
-                continue
-            for key, value in saved.items():
-                if key != "step" and torch.is_tensor(value) and value.dtype != p.dtype and value.is_floating_point():
-                    self.state[p][key] = value.to(device=p.device, copy=True)
-
     # --- the shared step ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

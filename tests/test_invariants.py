@@ -61,14 +61,16 @@ def test_params_without_grad_are_untouched_and_get_no_state(case: Case):
     assert not torch.equal(params[0].detach(), make_params()[0].detach())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_state_dict_round_trip_continues_bitwise(case: Case):
-    reference = make_params()
+def test_state_dict_round_trip_continues_bitwise(case: Case, dtype: torch.dtype):
+    """Save mid-run, load into a fresh optimizer, continue == uninterrupted; bf16 parameters keep their fp32 state."""
+    reference = make_params(dtype)
     opt = case.build(reference)
     lrs = base_lrs(opt)
     train(opt, reference, range(8), lrs)
 
-    resumed = make_params()
+    resumed = make_params(dtype)
     opt = case.build(resumed)
     train(opt, resumed, range(4), lrs)
     buffer = io.BytesIO()
@@ -78,6 +80,11 @@ def test_state_dict_round_trip_continues_bitwise(case: Case):
     fresh = [p.clone().requires_grad_(True) for p in checkpoint["params"]]
     opt = case.build(fresh)
     opt.load_state_dict(checkpoint["optimizer"])
+    saved_state = checkpoint["optimizer"]["state"]
+    for index, p in enumerate(fresh):
+        for key, value in saved_state.get(index, {}).items():
+            if torch.is_tensor(value) and key != "step":
+                assert opt.state[p][key].dtype == value.dtype, (key, opt.state[p][key].dtype, value.dtype)
     train(opt, fresh, range(4, 8), lrs)
     for a, b in zip(fresh, reference):
         assert torch.equal(a.detach(), b.detach())
