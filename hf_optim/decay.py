@@ -40,7 +40,7 @@ def check_weight_decay_mode(mode: str, weight_decay: float) -> None:
     check_choice("weight_decay_mode", mode, WEIGHT_DECAY_MODES)
     if mode == "independent" and weight_decay >= INDEPENDENT_WD_WARN_THRESHOLD:
         warnings.warn(
-            f"weight_decay={weight_decay} with weight_decay_mode='independent' removes {weight_decay:.0%} of each "
+            f"weight_decay={weight_decay} with weight_decay_mode='independent' removes {weight_decay * 100:.3g}% of each "
             "weight per step at peak learning rate. Independent decay is not multiplied by the learning rate: "
             "typical values are 1e-5..1e-4. For PyTorch-AdamW semantics (LLaMA/GPT-3 'weight_decay=0.1') use "
             "weight_decay_mode='coupled'.",

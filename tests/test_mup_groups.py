@@ -176,3 +176,42 @@ def test_bad_arguments(kwargs, error, match):
     model = mi.make_mup_model(tiny_llama_config(hidden_size=64), base_width=32)
     with pytest.raises(error, match=match):
         mi.param_overrides(model, **kwargs)
+
+
+@pytest.mark.parametrize("spec", [s for s in hf_optim.list_optimizers() if s.target.startswith("hf_optim.")],
+                         ids=lambda s: s.name)
+def test_every_registered_optimizer_takes_the_plan(spec):
+    """Each built-in optimizer accepts the overrides of its muP family and steps with the multiplied lr."""
+    torch.manual_seed(0)
+    model = mi.make_mup_model(tiny_llama_config(hidden_size=128), base_width=32)  # m = 4, fan ratio 1
+    cls = spec.resolve()
+    opt = cls(model.parameters(), **{**spec.defaults, "lr": 1e-2, "weight_decay": 1e-4},
+              param_overrides=mi.param_overrides(model, family=spec.mup_family, wd_rule="independent"))
+    groups = by_name(model, opt)
+    q, norm = "model.layers.0.self_attn.q_proj.weight", "model.norm.weight"
+    if spec.mup_family == "adam":  # hidden lr / m, everything else unchanged
+        assert groups[q][0] == pytest.approx(1e-2 / 4) and groups[norm][0] == pytest.approx(1e-2)
+    else:  # mup.MuSGD: hidden lr / (fan_in_mult / fan_out_mult) = lr, vectors and embeddings lr * m
+        assert groups[q][0] == pytest.approx(1e-2) and groups[norm][0] == pytest.approx(4e-2)
+    assert groups[norm][1] == 0.0
+    ids = torch.randint(0, 64, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(before[q], model.get_parameter(q))
+
+
+def test_adam_first_step_size_follows_the_plan():
+    """Adam's first update is lr * g / (|g| + eps) ~ lr per entry: hidden entries move by at most lr / m."""
+    torch.manual_seed(0)
+    model = mi.make_mup_model(tiny_llama_config(hidden_size=128), base_width=32)
+    opt = hf_optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0, eps=1e-12,
+                         param_overrides=mi.param_overrides(model, wd_rule="none"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 64, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    step = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
+    assert step["model.layers.1.mlp.down_proj.weight"] == pytest.approx(1e-2 / 4, rel=1e-3)
+    assert step["lm_head.weight"] == pytest.approx(1e-2, rel=1e-3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import warnings
@@ -268,3 +269,51 @@ def test_save_and_from_pretrained(tmp_path, mup_llama):
         warnings.simplefilter("always")
         mi.param_overrides(plain)
     assert any("not in place" in str(w.message) for w in caught)
+
+
+# ---- the forward really uses the surgery (eager and sdpa attention, LLaMA and GPT-2) ----------------------------
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_surgery_with_sp_constants_equals_the_sp_forward(arch, attn_impl):
+    """output_mult = m and attn_mult = sqrt(d/d0) undo both forward changes, so the muP model must compute exactly
+    what the unmodified HF model computes with the same weights; attn_mult = 1 must not."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = llama_cfg(128) if arch == "llama" else tiny_gpt2_config(n_embd=128, attn_pdrop=0.0, resid_pdrop=0.0,
+                                                                  embd_pdrop=0.0)  # m = 4, d = 32, d0 = 8
+    cfg._attn_implementation = attn_impl
+    torch.manual_seed(0)
+    undo = mi.make_mup_model(cfg, base_width=32, output_mult=4.0, attn_mult=2.0).eval()
+    sp = AutoModelForCausalLM.from_config(cfg).eval()
+    sp.load_state_dict(undo.state_dict())
+    ids = torch.arange(14).view(2, 7) % 64
+    with torch.no_grad():
+        torch.testing.assert_close(undo(ids).logits, sp(ids).logits, rtol=1e-5, atol=1e-6)
+        mup_model = copy.deepcopy(undo)
+        mi.apply_mup(mup_model, dataclasses.replace(mi.get_plan(undo), output_mult=4.0, attn_mult=1.0), init=False)
+        assert not torch.allclose(mup_model(ids).logits, sp(ids).logits, rtol=1e-3, atol=1e-4)
+
+
+def test_gpt2_tied_readout_multiplier():
+    torch.manual_seed(0)
+    model = mi.make_mup_model(tiny_gpt2_config(n_embd=128), base_width=32, output_mult=2.0).eval()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    ids = torch.arange(10).view(2, 5)
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    expected = (out.hidden_states[-1].double() * 2.0 / 4.0) @ model.transformer.wte.weight.double().T
+    torch.testing.assert_close(out.logits.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_apply_mup_rejects_an_unknown_model_type(mup_llama):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    other = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                                             num_hidden_layers=1, vocab_size=64))
+    with pytest.raises(ValueError, match="model_type='gpt_neox'.*Supported"):
+        mi.apply_mup(other, mi.get_plan(mup_llama))
+
+
+def test_compiled_forward_keeps_the_surgery(mup_llama):
+    compiled = torch.compile(copy.deepcopy(mup_llama), backend="eager")  # dynamo traces the readout pre-hook
+    _same_forward(compiled, mup_llama)
