@@ -10,6 +10,10 @@ every group ``i`` of an hf-optim optimizer this adds, on each training log:
   (:func:`hf_optim.decay.decay_rate`: :math:`\\alpha_t\\lambda`, :math:`(\\alpha_t/\\alpha)\\lambda` or
   :math:`(\\alpha_t^2/\\alpha)\\lambda`); for ``l2`` decay (a gradient term) it is not logged.
 
+The values are those of the step being logged, like the Trainer's own ``learning_rate`` (read after
+``optimizer.step()`` and before ``lr_scheduler.step()``): the callback takes a snapshot in ``on_optimizer_step``
+and writes it out in ``on_log``, so ``lr/group_0`` equals ``learning_rate`` for an un-multiplied group 0.
+
 Registration adds the callback to ``transformers.trainer.DEFAULT_CALLBACKS`` so unmodified scripts get it; it does
 nothing for optimizers that are not hf-optim's. Add it by hand with ``Trainer(callbacks=[GroupLoggingCallback()])``
 when registration is not used.
@@ -54,11 +58,22 @@ def group_log_values(optimizer: Any) -> dict[str, float]:
 class GroupLoggingCallback(TrainerCallback):
     """Adds per-group learning rate / weight decay to training logs (and to ``state.log_history``)."""
 
+    def __init__(self) -> None:
+        self._last_step: dict[str, float] = {}
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._last_step = {}
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Called after optimizer.step() and before lr_scheduler.step(): the values this step actually used.
+        self._last_step = group_log_values(kwargs.get("optimizer"))
+
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         # Only training logs carry `learning_rate`; evaluation and end-of-training summaries are left alone.
         if logs is None or "learning_rate" not in logs:
             return
-        values = group_log_values(kwargs.get("optimizer"))
+        # Fallback (no optimizer step seen, e.g. a Trainer without on_optimizer_step): the current values.
+        values = self._last_step or group_log_values(kwargs.get("optimizer"))
         if not values:
             return
         logs.update(values)

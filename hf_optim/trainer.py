@@ -136,6 +136,16 @@ def _add_handler(handlers: dict[Any, Any], member: enum.Enum, spec: OptimizerSpe
     handlers[member] = _make_handler(spec.name)
 
 
+def _module_exists(name: str) -> bool:
+    """Whether ``name`` can be imported (without importing it; its parent package is already loaded)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _loaded(name: str, just_loaded: ModuleType | None = None) -> ModuleType | None:
     """The module if it has finished executing (or is the one whose execution just finished)."""
     if just_loaded is not None and just_loaded.__name__ == name:
@@ -151,6 +161,9 @@ def _register(specs: list[OptimizerSpec], just_loaded: ModuleType | None = None)
     if training_args is None:
         return  # nothing to do before the enum exists; the hook calls again
     names = check_training_args(training_args)
+    if not _module_exists("transformers.trainer_optimizer"):
+        # transformers < 5.2: names added to the enum would pass `--optim` parsing, then fail in create_optimizer
+        raise _incompatible("transformers.trainer_optimizer (the optimizer handler table) does not exist")
     members = {spec.name: _add_member(names, spec.name) for spec in specs}
     trainer_optimizer = _loaded("transformers.trainer_optimizer", just_loaded)
     if trainer_optimizer is not None:

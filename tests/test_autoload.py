@@ -122,3 +122,31 @@ def test_bad_optim_args_in_a_script_give_our_error(tmp_path):
                             env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "Unknown optim_args key 'eps_mod'" in result.stderr and "Did you mean 'eps_mode'?" in result.stderr
+
+
+@pytest.mark.slow
+def test_wheel_puts_the_pth_at_the_root_of_site_packages(tmp_path):
+    # What CI's `pip install ".[test]"` (not editable) installs: files at the wheel's root land in site-packages.
+    import shutil
+    import zipfile
+
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 68:
+        pytest.skip("building offline (--no-build-isolation) needs setuptools >= 68, as pyproject.toml requires")
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for name in ("hf_optim", "mup_integration", "recipes"):
+        shutil.copytree(ROOT / name, src / name, ignore=ignore)
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                             "--no-index", "-w", str(tmp_path / "dist"), str(src)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("hf_optim-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        assert zf.read(PTH.name).decode() == PTH.read_text()
+        record = next(n for n in names if n.endswith(".dist-info/RECORD"))
+        assert any(line.startswith(f"{PTH.name},sha256=") for line in zf.read(record).decode().splitlines())
+    assert [n for n in names if "/" not in n] == [PTH.name]  # nothing else at the top level of site-packages

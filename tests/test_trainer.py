@@ -13,7 +13,7 @@ import torch
 import hf_optim
 from hf_optim import registry
 from hf_optim import trainer as plugin
-from hf_optim._optim_args import parse_optim_args, parse_value
+from hf_optim._group_logging import group_log_values
 
 from conftest import tiny_llama_config
 
@@ -63,85 +63,99 @@ def test_registration_is_idempotent():
     assert sum(f is _autoload.FINDER for f in sys.meta_path) == 1
 
 
-def test_third_party_register_optimizer_becomes_an_optim_name(tmp_path):
-    spec = hf_optim.OptimizerSpec("adamw_v2_thirdparty_test", "hf_optim.adam:AdamW", "test-only alias")
+_THIRD_PARTY = """
+import torch
+
+
+class SignDescent(torch.optim.Optimizer):
+    \"\"\"x <- x - lr * sign(g): a third-party optimizer that knows nothing about hf-optim.\"\"\"
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.0, flip=False):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, flip=flip))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=group["lr"] if group["flip"] else -group["lr"])
+"""
+
+
+def test_third_party_register_optimizer_works_end_to_end(tmp_path, monkeypatch, capsys):
+    from transformers import HfArgumentParser
+
+    (tmp_path / "third_party_opt.py").write_text(_THIRD_PARTY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = hf_optim.OptimizerSpec("sign_descent_test", "third_party_opt:SignDescent", "test-only", adam_args=False)
     try:
         hf_optim.register_optimizer(spec)
-        args = _args(tmp_path, optim="adamw_v2_thirdparty_test")
-        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
-        assert cls is hf_optim.AdamW and kwargs["lr"] == args.learning_rate
+        assert hf_optim.register_optimizer(spec) is spec  # idempotent
+        # a parser built now offers the name; TrainingArguments keep it through to_dict
+        (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--optim", "sign_descent_test", "--learning_rate", "0.01",
+             "--max_steps", "1", "--per_device_train_batch_size", "4", "--report_to", "none", "--use_cpu",
+             "--save_strategy", "no", "--lr_scheduler_type", "constant", "--disable_tqdm", "true"])
+        assert args.optim is OptimizerNames("sign_descent_test") and args.to_dict()["optim"] == "sign_descent_test"
+        # optim_args are typed against the third-party signature, with our error for an unknown key
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(_args(tmp_path, optim="sign_descent_test",
+                                                                 optim_args="flip=false"))
+        assert cls.__module__ == "third_party_opt" and kwargs == {"lr": 5e-5, "weight_decay": 0.0, "flip": False}
+        with pytest.raises(ValueError, match=r"Valid keys: \['flip'"):
+            Trainer.get_optimizer_cls_and_kwargs(_args(tmp_path, optim="sign_descent_test", optim_args="flp=1"))
+        # one Trainer step: every parameter with a non-zero gradient moves by exactly lr
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(tiny_llama_config())
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        trainer = Trainer(model=model, args=args, train_dataset=RuleDataset(4, 16, 64))
+        trainer.train()
+        assert type(trainer.optimizer.optimizer).__name__ == "SignDescent"
+        assert len(trainer.optimizer.optimizer.param_groups) == 2  # the Trainer's decay / no-decay groups
+        moved = 0
+        for name, p in model.named_parameters():
+            step = (p.detach() - before[name]).abs().double()
+            changed = step > 0
+            moved += int(changed.sum())
+            torch.testing.assert_close(step[changed], torch.full_like(step[changed], 0.01), rtol=0, atol=1e-6)
+        assert moved > 0.9 * sum(p.numel() for p in model.parameters())
     finally:
         registry._REGISTRY.pop(spec.name, None)
+        sys.modules.pop("third_party_opt", None)
 
 
 def test_training_arguments_round_trip(tmp_path):
     args = _args(tmp_path, optim="adafactor_v2", optim_args="beta1=0.95,momentum_dtype=float32")
     assert args.optim is OptimizerNames("adafactor_v2")
+    as_dict = args.to_dict()
+    assert as_dict["optim"] == "adafactor_v2" and type(as_dict["optim"]) is str
     data = json.loads(args.to_json_string())
     assert data["optim"] == "adafactor_v2" and data["optim_args"] == "beta1=0.95,momentum_dtype=float32"
-    again = TrainingArguments(**{k: v for k, v in data.items() if k in {"output_dir", "optim", "optim_args"}})
-    assert again.optim is args.optim
+    # every init field back through the constructor (what `TrainingArguments(**json.load(f))` does)
+    again = TrainingArguments(**data)
+    assert again.optim is args.optim and again.optim_args == args.optim_args
+    assert json.loads(again.to_json_string()) == data
+    # training_args.bin is a pickle of the whole object: the enum member must come back as the same member
+    import pickle
+
+    assert pickle.loads(pickle.dumps(args)).optim is args.optim
 
 
-def test_unknown_optim_name_lists_ours(tmp_path):
+def test_unknown_optim_name_lists_ours(tmp_path, capsys):
     with pytest.raises(ValueError) as info:
         _args(tmp_path, optim="adafactor_v3")
     for name in NAMES:
         assert f"'{name}'" in str(info.value)
+    # the command line: argparse's "invalid choice" from HfArgumentParser, whose choices now include ours
+    from transformers import HfArgumentParser
 
-
-# --- optim_args -----------------------------------------------------------------------------------------------------
-
-
-def test_parse_value_spellings():
-    assert parse_value("true") is True and parse_value("False") is False
-    assert parse_value("none") is None and parse_value("null") is None
-    assert parse_value("3") == 3 and isinstance(parse_value("3"), int)
-    assert parse_value("1e-7") == 1e-7 and parse_value("-0.5") == -0.5 and parse_value(".5") == 0.5
-    assert parse_value("0.9:0.95") == (0.9, 0.95)
-    assert parse_value("independent") == "independent" and parse_value("for-loop") == "for-loop"
-
-
-def test_optim_args_are_typed_against_the_class():
-    kwargs, options = parse_optim_args(
-        {"betas": "0:0.95", "eps": "1", "eps_mode": "tf", "maximize": "yes", "weight_decay_mode": "independent"},
-        hf_optim.AdamW, optim_name="adamw_v2",
-    )
-    assert kwargs == {"betas": (0.0, 0.95), "eps": 1.0, "eps_mode": "tf", "maximize": True,
-                      "weight_decay_mode": "independent"}
-    assert isinstance(kwargs["eps"], float) and all(isinstance(b, float) for b in kwargs["betas"])
-    assert options == {"mup": None, "mup_wd_rule": "independent"}
-
-
-def test_adafactor_knobs_come_from_presets():
-    kwargs, _ = parse_optim_args("beta1=none,min_dim_size_to_factor=2,clip_threshold=2,preset=palm",
-                                 hf_optim.Adafactor, optim_name="adafactor_v2", preset="adafactor_v2")
-    assert kwargs == {"beta1": None, "min_dim_size_to_factor": 2, "clip_threshold": 2.0, "preset": "palm"}
-    assert isinstance(kwargs["clip_threshold"], float) and isinstance(kwargs["min_dim_size_to_factor"], int)
-
-
-@pytest.mark.parametrize(
-    "optim_args, match",
-    [
-        ("weight_decay_moed=independent", r"Unknown optim_args key 'weight_decay_moed'.*Valid keys: \[.*"
-                                          r"'weight_decay_mode'.*Did you mean 'weight_decay_mode'\?"),
-        ("lr=0.1", r"set lr with --learning_rate"),
-        ("weight_decay=0.1", r"set weight_decay with --weight_decay"),
-        ("maximize=maybe", r"maximize is a flag"),
-        ("betas=0.9", r"betas takes 2 values; separate them with ':'"),
-        ("mup_wd_rule=sometimes", r"mup_wd_rule must be one of"),
-        ("eps", r"must look like key=value"),
-    ],
-)
-def test_bad_optim_args_raise_our_error(optim_args, match):
-    with pytest.raises(ValueError, match=match):
-        parse_optim_args(optim_args, hf_optim.AdamW, optim_name="adamw_v2")
-
-
-def test_bad_optim_args_through_the_trainer(tmp_path):
-    args = _args(tmp_path, optim="sgdw_v2", optim_args="momentun=0.9")
-    with pytest.raises(ValueError, match=r"Unknown optim_args key 'momentun'.*Did you mean 'momentum'\?"):
-        Trainer.get_optimizer_cls_and_kwargs(args)
+    parser = HfArgumentParser(TrainingArguments)
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--optim", "adafactor_v3"])
+    err = capsys.readouterr().err
+    assert "argument --optim: invalid choice: 'adafactor_v3'" in err
+    assert "'adamw_torch'" in err and all(f"'{name}'" in err for name in NAMES)
+    (parsed,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--optim", "adam_atan2"])
+    assert parsed.optim is OptimizerNames("adam_atan2")
 
 
 # --- handler: TrainingArguments mapping and the Trainer's groups ---------------------------------------------------
@@ -213,6 +227,62 @@ def test_mup_plan_adds_param_overrides(tmp_path, monkeypatch):
         Trainer.get_optimizer_cls_and_kwargs(_args(tmp_path, optim="adamw_v2", optim_args="mup=true"), model)
 
 
+def _mup_model(width=64, base_width=32):
+    import mup_integration as mi
+
+    torch.manual_seed(0)
+    return mi.make_mup_model(tiny_llama_config(hidden_size=width), base_width=base_width)
+
+
+def _lr_wd_by_param(optimizer, model):
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return {by_id[id(p)]: (g["lr"], g["weight_decay"], g["weight_decay_mode"])
+            for g in optimizer.param_groups for p in g["params"]}
+
+
+def test_real_mup_model_gets_its_multipliers_and_mup_false_opts_out(tmp_path):
+    # width 64 over base 32: width_mult m = 2. By hand (Tensor Programs V, Table 8, Adam rule): hidden matrices get
+    # lr/m, embedding / readout / vectors keep lr; decayed tensors switch to width-independent decay; the Trainer's
+    # no-decay group (norms, biases) keeps weight decay 0.
+    model = _mup_model()
+    assert model.config.mup["width_mult"] == 2.0
+    lr, wd = 1e-2, 1e-4
+    args = _args(tmp_path, optim="adamw_v2", learning_rate=lr, weight_decay=wd, max_steps=2, logging_steps=1,
+                 per_device_train_batch_size=4, lr_scheduler_type="constant")
+    trainer = Trainer(model=model, args=args, train_dataset=RuleDataset(8, 16, 64))
+    groups = _lr_wd_by_param(trainer.create_optimizer(), model)
+    hidden = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for name, (group_lr, group_wd, mode) in groups.items():
+        if name.endswith("norm.weight"):
+            assert (group_lr, group_wd) == (lr, 0.0), name
+        elif any(f"{h}.weight" in name for h in hidden):
+            assert (group_lr, group_wd, mode) == (lr / 2, wd, "independent"), name
+        else:
+            assert name in ("model.embed_tokens.weight", "lm_head.weight"), name
+            assert (group_lr, group_wd, mode) == (lr, wd, "independent"), name
+    # the logs show each group's lr and its per-step decay fraction: lr_t/lr_peak·λ = λ at every width (constant lr)
+    trainer.train()
+    log = [h for h in trainer.state.log_history if "loss" in h][-1]
+    optimizer = trainer.optimizer.optimizer
+    for i, group in enumerate(optimizer.param_groups):
+        assert log[f"lr/group_{i}"] == group["lr"] and log[f"wd/group_{i}"] == group["weight_decay"]
+        assert log[f"decay/group_{i}"] == pytest.approx(group["weight_decay"], rel=1e-12)
+    assert sorted({log[f"lr/group_{i}"] for i in range(len(optimizer.param_groups))}) == [lr / 2, lr]
+
+    # SGD rule (mup.MuSGD): hidden lr / (fan_in_mult/fan_out_mult) = lr, embedding and readout lr·m
+    groups = _lr_wd_by_param(Trainer(model=model, args=_args(tmp_path, optim="sgdw_v2", learning_rate=lr))
+                             .create_optimizer(), model)
+    assert groups["model.layers.0.mlp.up_proj.weight"][0] == lr
+    assert groups["model.embed_tokens.weight"][0] == groups["lm_head.weight"][0] == 2 * lr
+
+    # opt out: the Trainer's two plain groups, one lr
+    optimizer = Trainer(model=model, args=_args(tmp_path, optim="adamw_v2", learning_rate=lr, weight_decay=wd,
+                                                optim_args="mup=false")).create_optimizer()
+    assert len(optimizer.param_groups) == 2
+    assert {g["lr"] for g in optimizer.param_groups} == {lr}
+    assert {g["weight_decay_mode"] for g in optimizer.param_groups} == {"coupled"}
+
+
 # --- training with every name, and the logs -------------------------------------------------------------------------
 
 _LR = {"sgdw_v2": 0.3, "adagrad_v2": 3e-2, "rmsprop_v2": 3e-3, "radam_v2": 5e-2}
@@ -230,12 +300,14 @@ def test_tiny_llama_trains_30_steps(tmp_path, name):
     assert type(trainer.optimizer.optimizer) is registry.get_spec(name).resolve()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 3 and logs[-1]["loss"] < 0.9 * logs[0]["loss"], logs  # RAdam rectifies slowly (beta2=0.999)
-    # Per-group lr / weight decay are in the logs, and equal the optimizer's groups at the last log.
-    groups = trainer.optimizer.optimizer.param_groups
-    for i, group in enumerate(groups):
-        assert logs[-1][f"lr/group_{i}"] == group["lr"]
-        assert logs[-1][f"wd/group_{i}"] == group["weight_decay"]
-    assert logs[0]["wd/group_0"] == 1e-4 and logs[0]["wd/group_1"] == 0.0
+    # Per-group lr / weight decay are in the logs: the lr of the logged step (the Trainer's own `learning_rate`,
+    # read before the scheduler moves on) and the decay / no-decay groups' weight decay.
+    assert len(trainer.optimizer.optimizer.param_groups) == 2
+    for log in logs:
+        assert log["lr/group_0"] == log["lr/group_1"] == log["learning_rate"]
+        assert log["wd/group_0"] == 1e-4 and log["wd/group_1"] == 0.0
+    # linear schedule, no warm-up: the lr used at step s (1-based) is lr·(1 - (s-1)/30)
+    assert [log["lr/group_0"] for log in logs] == pytest.approx([_LR.get(name, 1e-2) * (1 - s / 30) for s in (9, 19, 29)])
 
 
 def test_logged_decay_is_the_per_step_fraction(tmp_path):
@@ -246,11 +318,15 @@ def test_logged_decay_is_the_per_step_fraction(tmp_path):
                  lr_scheduler_type="linear")
     trainer = Trainer(model=model, args=args, train_dataset=RuleDataset(16, 16, 64))
     trainer.train()
-    log = [h for h in trainer.state.log_history if "loss" in h][0]
-    # after 2 of 4 linear-decay steps the group lr is 1e-2 * 2/4; independent decay removes (lr_t/lr_peak)·λ
-    assert log["lr/group_0"] == pytest.approx(5e-3)
-    assert log["decay/group_0"] == pytest.approx(0.5 * 1e-4, rel=1e-12)
-    assert log["decay/group_1"] == 0.0
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    # linear decay over 4 steps: step 2 uses lr 1e-2·3/4, step 4 uses 1e-2·1/4; independent decay removes
+    # (lr_t/lr_peak)·λ of each weight per step, whatever the peak lr
+    assert [log["lr/group_0"] for log in logs] == pytest.approx([7.5e-3, 2.5e-3], rel=1e-12)
+    assert [log["decay/group_0"] for log in logs] == pytest.approx([0.75e-4, 0.25e-4], rel=1e-12)
+    assert all(log["decay/group_1"] == 0.0 and log["wd/group_1"] == 0.0 for log in logs)
+    # l2 decay is a gradient term, not a per-step fraction: no decay/ key then
+    assert group_log_values(hf_optim.Adam([torch.nn.Parameter(torch.ones(2))], weight_decay=0.1)) == {
+        "lr/group_0": 1e-3, "wd/group_0": 0.1}
 
 
 # --- version guard and fallback -------------------------------------------------------------------------------------
@@ -268,6 +344,24 @@ def test_guard_names_versions_and_fallback(monkeypatch):
     # the hook path warns instead of breaking `import transformers`
     with pytest.warns(RuntimeWarning, match="not registered"):
         plugin.on_module_loaded(trainer_optimizer)
+
+
+def test_guard_rejects_transformers_without_a_handler_table(monkeypatch):
+    # transformers < 5.2 has OptimizerNames but no trainer_optimizer module: registering the names there would
+    # accept `--optim adafactor_v2` and fail later in create_optimizer, so registration refuses up front.
+    import enum
+    import types
+
+    fake = types.ModuleType("transformers.training_args")
+    fake.OptimizerNames = enum.Enum("OptimizerNames", {"ADAMW_TORCH": "adamw_torch"}, type=str)
+    monkeypatch.setattr(plugin, "_module_exists", lambda name: name != "transformers.trainer_optimizer")
+    with pytest.raises(plugin.TransformersIncompatibleError, match=r"trainer_optimizer.*Supported: transformers >= 5\.2"):
+        plugin._register(registry.list_optimizers(), just_loaded=fake)
+    assert list(fake.OptimizerNames._value2member_map_) == ["adamw_torch"]
+    with pytest.warns(RuntimeWarning, match="not registered"):
+        plugin.on_module_loaded(fake)
+    monkeypatch.undo()
+    assert plugin._module_exists("transformers.trainer_optimizer") and not plugin._module_exists("transformers.nope")
 
 
 def test_guard_rejects_a_changed_enum(monkeypatch):
