@@ -1,4 +1,4 @@
-r"""The one Adam-family update rule and its three implementations (for-loop, foreach, torch's fused kernels).
+r"""The one Adam-family update rule and its implementations (for-loop, foreach, torch's fused kernels, compiled).
 
 Every member of the family (Adam, AdamW, the ``tf`` epsilon, RAdam's rectification, Adam-atan2) is the same step
 
@@ -170,4 +170,33 @@ def fused(params, grads, exp_avgs, exp_avg_sqs, steps, rule: Rule) -> None:
         )
 
 
-KERNELS: dict[str, Callable[..., None]] = {"for-loop": for_loop, "foreach": foreach, "fused": fused}
+def compiled(params, grads, exp_avgs, exp_avg_sqs, steps, rule: Rule) -> None:
+    """:func:`for_loop`'s maths as one ``torch.compile`` graph per bucket (:mod:`hf_optim._compiled`): the per-step
+    scalars ``(α_t, σ_t, ε_t)`` and the decay rate enter as 0-d tensors, so a graph is compiled once per bucket."""
+    from . import _compiled
+
+    counts = [s.item() + 1.0 for s in steps]  # `step` lives on the CPU: no device sync
+    decay = rule.lr * rule.coupled_wd
+    k = dict(maximize=rule.maximize, l2=rule.l2, beta1=rule.beta1, beta2=rule.beta2, atan2=rule.atan2 is not None)
+    for idx in _compiled.buckets(params, counts):
+        pick = lambda seq: [seq[i] for i in idx]  # noqa: E731
+        p0 = params[idx[0]]
+        cd, dev = _compiled.compute_dtype(p0.dtype), p0.device
+        alpha, sigma, eps = (torch.tensor(c, dtype=cd, device=dev) for c in rule.coefficients(counts[idx[0]]))
+        args = (pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), alpha, sigma, eps,
+                torch.tensor(decay, dtype=cd, device=dev), k)
+        key = (tuple((tuple(params[i].shape), params[i].dtype, grads[i].dtype) for i in idx), str(dev),
+               tuple(sorted(k.items())))
+        # The eager fallback counts the step itself; the compiled path counts it after the graph ran.
+        _compiled.run_or_fallback(
+            _compiled.adam_step, key, dev.type, args,
+            lambda pick=pick: for_loop(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), rule),
+        )
+    for s, c in zip(steps, counts):
+        if s.item() < c:
+            s += 1
+
+
+KERNELS: dict[str, Callable[..., None]] = {
+    "for-loop": for_loop, "foreach": foreach, "fused": fused, "compiled": compiled,
+}

@@ -7,29 +7,25 @@ Inductor fuses each parameter's elementwise chain into a few loops (reductions +
 
 Design (measured on CPU, see ``docs/benchmarks.md``):
 
-* **One compiled function per (shape, dtype, flags) "shape class"**, applied to a *list* of same-shape tensors.
-  Parameters are grouped by shape with :func:`group_by_shape`; a LLaMA has ~5 shape classes whatever its depth, so
-  compile time does not grow with the number of layers past the first model of a given width... but Dynamo unrolls
-  the Python loop over the list, so the code size grows with the *count* of each class; ``chunk`` bounds it.
+* **One compiled graph per bucket**: tensors of one (shape, dtype, device) are stepped by one call over the list;
+  tensors under :data:`SMALL_NUMEL` elements (norm vectors, biases) share one mixed-shape bucket, so a model costs
+  about one compilation per distinct large shape (a LLaMA: ~5) plus one. Dynamo unrolls the Python loop over the
+  list, so a bucket is split into chunks of :data:`CHUNK` tensors to bound the graph size.
+* **Every bucket gets its own copy of the rule's code object** (:func:`compiled_for`): Dynamo keeps its cache and
+  its recompile limit (8) per code object, so without copies a process that steps a few models would silently fall
+  back to eager after 8 graphs.
 * **Hyperparameters that change between steps are 0-d tensors** (lr, beta2_t, the decay rate, bias corrections):
-  a Python float would be baked into the graph as a constant and recompile every step.
-* ``dynamic=False``: shapes are static per class, so Inductor can fully specialise and vectorise the loops.
-* The functions are pure tensor code with in-place updates (``copy_`` / ``mul_``/``add_``); called uncompiled they
-  are the reference ("for-loop") implementation of the same maths, which is how tests compare the two paths.
-
-API (what ``adafactor.py`` and ``adam.py`` call)::
-
-    adafactor_step(params, grads, rows, cols, vs, momenta, *, lr, beta2, decay, beta1, eps1, clip, param_scale_eps2)
-    adam_atan2_step(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, bc1, bc2, decay, a, b)
-    radam_step(params, grads, exp_avgs, exp_avg_sqs, *, lr_sgd, lr_adapt, beta1, beta2, bc2, decay, l2)
-
-Each argument list holds tensors of one shape class; scalar hyperparameters marked *tensor* must be 0-d float32
-tensors on the parameters' device.
+  a Python float would be baked into the graph as a constant and recompile every step. Knobs fixed for a run (β1,
+  ε, clipping threshold, flags) are Python constants, so the graph specialises on them.
+* ``dynamic=False``: shapes are static per bucket, so Inductor can fully specialise and vectorise the loops.
+* The functions are pure tensor code with in-place updates; tests compare them with the optimizers' eager
+  ``for-loop`` paths, an independent implementation of the same maths.
 """
 
 from __future__ import annotations
 
-import functools
+import types
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,175 +33,278 @@ import torch
 
 Tensor = torch.Tensor
 
+#: Tensors with fewer elements than this share one mixed-shape bucket (compiling them one shape at a time costs
+#: seconds each and saves nothing measurable).
+SMALL_NUMEL = 1 << 16
+#: Most tensors in one compiled call (Dynamo unrolls the loop over the list: compile time grows with it).
+CHUNK = 16
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 maths for fp32/bf16/fp16 parameters, fp64 for fp64 (so float64 reference checks stay exact)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Adafactor
 # --------------------------------------------------------------------------------------------------------------------
 def _adafactor_one(
-    p: Tensor,
-    g: Tensor,
-    row: Tensor | None,
-    col: Tensor | None,
-    v: Tensor | None,
-    m: Tensor | None,
-    lr: Tensor,
-    beta2: Tensor,
-    decay: Tensor,
-    beta1: float | None,
-    eps1: float,
-    clip: float | None,
-    param_scale_eps2: float | None,
+    p: Tensor, g: Tensor, row: Tensor | None, col: Tensor | None, v: Tensor | None, m: Tensor | None,
+    lr: Tensor, beta2: Tensor, decay: Tensor, dims: tuple[int, int] | None, k: dict[str, Any],
 ) -> None:
-    r"""One parameter's Adafactor update, in fp32, written back in the parameter's dtype.
+    r"""One parameter's Adafactor update (the algorithm box of :mod:`hf_optim.adafactor`), written back in place.
 
     .. math::
-        G_2 = g^2 + \epsilon_1,\quad
-        R \leftarrow \beta_{2,t} R + (1-\beta_{2,t})\,\mathrm{mean}_{-1} G_2,\quad
-        C \leftarrow \beta_{2,t} C + (1-\beta_{2,t})\,\mathrm{mean}_{-2} G_2
+        G_2 = g^2 + \epsilon_1,\quad R \leftarrow \mathrm{lerp}(R, \mathrm{mean}_{c} G_2, 1-\beta_{2,t}),\quad
+        C \leftarrow \mathrm{lerp}(C, \mathrm{mean}_{r} G_2, 1-\beta_{2,t})
 
-        u = g \,/\, \sqrt{R\,C / \mathrm{mean}(R)}\ \ (\text{or } g/\sqrt{V} \text{ unfactored}),\quad
-        u \leftarrow u / \max(1, \mathrm{RMS}(u)/d)
+        U = g \,/\, \sqrt{R\,C / \mathrm{mean}_r(R)}\ (\text{or } g/\sqrt{V}),\quad
+        U \leftarrow U / \max(1, \mathrm{RMS}(U)/d)
 
-        m \leftarrow \beta_1 m + (1-\beta_1) u,\ u \leftarrow m \ (\text{if } \beta_1),\quad
-        x \leftarrow x\,(1 - \text{decay}) - \alpha_t\,\max(\epsilon_2, \mathrm{RMS}(x))\,u
+        \alpha_t = \rho_t\,[\max(\epsilon_2, \mathrm{RMS}(x))],\quad
+        \Delta = \alpha_t\,\mathrm{lerp}(m, U, 1-\beta_1)\ \text{or}\ \mathrm{lerp}(m, \alpha_t U, 1-\beta_1)
+
+        x \leftarrow x - r\,x - \Delta,\quad r = \text{decay}\cdot\alpha_t^{\,k}
+
+    ``k`` holds the run-constant knobs (see :func:`adafactor_constants`); with ``eps1_mode="clamp"`` (torch)
+    ``V = R C / \max(\mathrm{mean}_r R, \epsilon_1)`` and ``U = g / \max(\sqrt V, \epsilon_1)``.
     """
-    gf = g.float()
-    pf = p.float()
-    g2 = gf * gf + eps1
+    cd = lr.dtype
+    pf = p.to(cd)
+    gf = g.to(cd)
+    if k["maximize"]:
+        gf = -gf
+    if k["l2"] != 0.0:
+        gf = gf + k["l2"] * pf
+    eps1, clamp = k["eps1"], k["clamp"]
+    g2 = gf * gf if clamp else gf * gf + eps1
     one_minus_beta2 = 1.0 - beta2
-    if row is not None and col is not None:
-        row.lerp_(g2.mean(dim=-1), one_minus_beta2)
-        col.lerp_(g2.mean(dim=-2), one_minus_beta2)
-        # 1/v̂ = (mean(R)/R) ⊗ (1/C): two small vectors instead of an n×m temporary.
-        inv_row = (row.mean(dim=-1, keepdim=True) / row).unsqueeze(-1)
-        inv_col = col.reciprocal().unsqueeze(-2)
-        scale_row, scale_col = inv_row.sqrt(), inv_col.sqrt()
-        if clip is not None:
-            # RMS(u)² = mean(g²/v̂) as a pure reduction, so the n×m update is never stored and re-read.
-            ms_u = (gf * gf * inv_row * inv_col).mean()
-            scale_row = scale_row / torch.clamp(ms_u.sqrt() / clip, min=1.0)
-        update = gf * scale_row * scale_col
+    if dims is not None:
+        assert row is not None and col is not None
+        rd, cdim = dims
+        row.lerp_(g2.mean(dim=cdim), one_minus_beta2)
+        col.lerp_(g2.mean(dim=rd), one_minus_beta2)
+        rows_k, cols_k = row.unsqueeze(cdim), col.unsqueeze(rd)
+        row_mean = rows_k.mean(dim=rd, keepdim=True)
+        if clamp:
+            inv_v = torch.clamp(rows_k / torch.clamp(row_mean, min=eps1) * cols_k, min=eps1 * eps1).reciprocal()
+        else:  # 1/V = (mean R / R) ⊗ (1/C): two small factors instead of an n×m temporary
+            inv_v = (row_mean / rows_k) * cols_k.reciprocal()
+        update = gf * inv_v.sqrt()
+        if k["clip"] is not None:
+            # RMS(U)² = mean(g²/V) as a pure reduction, so U is never stored and re-read.
+            update = update / torch.clamp((gf * gf * inv_v).mean().sqrt() / k["clip"], min=1.0)
     else:
         assert v is not None
         v.lerp_(g2, one_minus_beta2)
-        update = gf * v.rsqrt()
-        if clip is not None:
-            update = update / torch.clamp(update.square().mean().sqrt() / clip, min=1.0)
-    if beta1 is not None:
-        assert m is not None
-        new_m = m.float().lerp(update, 1.0 - beta1)
-        m.copy_(new_m)
-        update = new_m
+        update = gf * (torch.clamp(v, min=eps1 * eps1) if clamp else v).rsqrt()
+        if k["clip"] is not None:
+            update = update / torch.clamp(update.square().mean().sqrt() / k["clip"], min=1.0)
     step_size = lr
-    if param_scale_eps2 is not None:
-        step_size = lr * torch.clamp(pf.square().mean().sqrt(), min=param_scale_eps2)
-    p.copy_(pf * (1.0 - decay) - step_size * update)
+    if k["param_scale_eps2"] is not None:  # α_t from x_{t-1}, before decay
+        step_size = lr * torch.clamp(pf.square().mean().sqrt(), min=k["param_scale_eps2"])
+    if k["beta1"] is None:
+        delta = step_size * update
+    elif k["momentum_before_lr"]:
+        assert m is not None
+        new_m = m.to(cd).lerp(update, 1.0 - k["beta1"])
+        m.copy_(new_m)  # stored rounded (bf16) when asked; the step uses the fp32 value
+        delta = step_size * new_m
+    else:
+        assert m is not None
+        new_m = m.to(cd).lerp(step_size * update, 1.0 - k["beta1"])
+        m.copy_(new_m)
+        delta = new_m
+    rate = decay if k["decay_power"] == 0 else decay * step_size ** k["decay_power"]
+    decayed = pf * (1.0 - rate) if k["decay_as_factor"] else pf - rate * pf
+    p.copy_(decayed - delta)
 
 
 def adafactor_step(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    rows: Sequence[Tensor | None],
-    cols: Sequence[Tensor | None],
-    vs: Sequence[Tensor | None],
-    momenta: Sequence[Tensor | None],
-    *,
-    lr: Tensor,
-    beta2: Tensor,
-    decay: Tensor,
-    beta1: float | None,
-    eps1: float,
-    clip: float | None,
-    param_scale_eps2: float | None = None,
+    params: Sequence[Tensor], grads: Sequence[Tensor], rows: Sequence[Tensor | None], cols: Sequence[Tensor | None],
+    vs: Sequence[Tensor | None], momenta: Sequence[Tensor | None], lr: Tensor, beta2: Tensor, decay: Tensor,
+    dims: tuple[tuple[int, int] | None, ...], k: dict[str, Any],
 ) -> None:
     """Adafactor update of a list of parameters (see :func:`_adafactor_one`); ``lr``, ``beta2``, ``decay`` 0-d."""
     for i in range(len(params)):
-        _adafactor_one(params[i], grads[i], rows[i], cols[i], vs[i], momenta[i], lr, beta2, decay,
-                       beta1, eps1, clip, param_scale_eps2)
+        _adafactor_one(params[i], grads[i], rows[i], cols[i], vs[i], momenta[i], lr, beta2, decay, dims[i], k)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Adam-atan2 and RAdam
+# Adam-atan2 and RAdam: the Adam family's rule x <- x(1 - decay) - α F(m, σ sqrt(v) + ε)  (see _adam_kernels)
 # --------------------------------------------------------------------------------------------------------------------
-def adam_atan2_step(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    *,
-    lr: Tensor,
-    beta1: float,
-    beta2: float,
-    bc1: Tensor,
-    bc2_sqrt: Tensor,
-    decay: Tensor,
-    a: float,
-    b: float,
+def adam_step(
+    params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
+    alpha: Tensor, sigma: Tensor, eps: Tensor, decay: Tensor, k: dict[str, Any],
 ) -> None:
-    r"""Adam-atan2 (Everett et al. 2024): :math:`x \leftarrow x(1-\text{decay}) - \alpha_t\,a\,
-    \mathrm{atan2}(\hat m, b\sqrt{\hat v})` with :math:`\hat m = m/bc_1`, :math:`\sqrt{\hat v} = \sqrt v / \sqrt{bc_2}`.
+    r""":math:`g \leftarrow \pm g + \lambda_{l2} x`, :math:`m \leftarrow \mathrm{lerp}(m, g, 1-\beta_1)`,
+    :math:`v \leftarrow \beta_2 v + (1-\beta_2) g^2`,
+    :math:`x \leftarrow x(1-\text{decay}) - \alpha\,F(m, \sigma\sqrt v + \epsilon)` with :math:`F` = ``atan2``
+    (Adam-atan2) or division; :math:`\sigma = 0` is RAdam's un-rectified step :math:`x \leftarrow x - \alpha m`
+    (selected in the graph, so one compiled graph serves every step).
     """
     for i in range(len(params)):
         p, g, m, v = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]
-        gf = g.float()
-        m.lerp_(gf, 1.0 - beta1)
-        v.mul_(beta2).addcmul_(gf, gf, value=1.0 - beta2)
-        update = torch.atan2(m / bc1, b * (v.sqrt() / bc2_sqrt))
-        p.copy_(p.float() * (1.0 - decay) - (lr * a) * update)
+        cd = alpha.dtype
+        pf, gf = p.to(cd), g.to(cd)
+        if k["maximize"]:
+            gf = -gf
+        if k["l2"] != 0.0:
+            gf = gf + k["l2"] * pf
+        m.lerp_(gf, 1.0 - k["beta1"])
+        v.mul_(k["beta2"]).addcmul_(gf, gf, value=1.0 - k["beta2"])
+        denom = sigma * v.sqrt() + eps
+        if k["atan2"]:
+            update = _atan2_nonneg_x(m, denom)
+        else:
+            update = torch.where(sigma > 0, m / denom, m)
+        p.copy_(pf * (1.0 - decay) - alpha * update)
 
 
-def radam_step(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    *,
-    lr_sgd: Tensor,
-    lr_adapt: Tensor,
-    beta1: float,
-    beta2: float,
-    bc2_sqrt: Tensor,
-    eps: float,
-    decay: Tensor,
-    l2: float,
-) -> None:
-    r"""RAdam (Liu et al. 2019) with the rectification folded into two step sizes computed on the host:
+#: atan(t) ≈ t·P(t²) on [0, 1]: least squares on Chebyshev nodes, max error 6e-9 in float64 (fp32 rounding, ~1e-7,
+#: dominates). Fitted for this module; the exact ``torch.atan2`` is the for-loop reference it is tested against.
+_ATAN_COEFFS = (0.9999999055434058, -0.33332657838614776, 0.19986537259375378, -0.14164331734192898,
+                0.10507313691410361, -0.0724793798593319, 0.03989941137285233, -0.014458605262067228,
+                0.002468223426405486)
 
-    :math:`x \leftarrow x(1-\text{decay}) - \alpha_{sgd} m - \alpha_{adapt}\, m / (\sqrt{v}/\sqrt{bc_2} + \epsilon)`
-    where exactly one of :math:`\alpha_{sgd} = \alpha_t/bc_1` (while :math:`\rho_t \le 5`) and
-    :math:`\alpha_{adapt} = \alpha_t r_t / bc_1` is non-zero, so one compiled graph serves every step.
-    ``l2`` adds :math:`\lambda x` to the gradient first (torch ``RAdam(weight_decay)``).
-    """
-    for i in range(len(params)):
-        p, g, m, v = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]
-        pf = p.float()
-        gf = g.float()
-        if l2 != 0.0:
-            gf = gf + l2 * pf
-        m.lerp_(gf, 1.0 - beta1)
-        v.mul_(beta2).addcmul_(gf, gf, value=1.0 - beta2)
-        adapt = m / (v.sqrt() / bc2_sqrt + eps)
-        p.copy_(pf * (1.0 - decay) - lr_sgd * m - lr_adapt * adapt)
+
+def _atan2_nonneg_x(y: Tensor, x: Tensor) -> Tensor:
+    r"""``atan2(y, x)`` for ``x >= 0`` (Adam-atan2's denominator) as a polynomial: Inductor's CPU ``atan2`` is the
+    accurate SLEEF routine, ~5x the cost of the rest of the step; this is a few FMAs and one division.
+    :math:`t = \min(|y|, x)/\max(|y|, x)`, :math:`a = \operatorname{atan}(t)`, :math:`\pi/2 - a` when
+    :math:`|y| > x`, sign of :math:`y`; ``atan2(0, 0) = 0``."""
+    ay = y.abs()
+    hi, lo = torch.maximum(ay, x), torch.minimum(ay, x)
+    t = torch.where(hi > 0, lo / hi, torch.zeros_like(hi))
+    s = t * t
+    poly = torch.full_like(s, _ATAN_COEFFS[-1])
+    for c in reversed(_ATAN_COEFFS[:-1]):
+        poly = poly * s + c
+    a = t * poly
+    a = torch.where(ay > x, (torch.pi / 2) - a, a)
+    return torch.copysign(a, y)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Compilation helpers
+# Buckets, compilation, fallback
 # --------------------------------------------------------------------------------------------------------------------
-def group_by_shape(tensors: Sequence[Tensor], chunk: int = 0) -> list[list[int]]:
-    """Indices of ``tensors`` grouped by (shape, dtype, device), in first-seen order; groups split into ``chunk``."""
+def buckets(tensors: Sequence[Tensor], extra_keys: Sequence[Any] | None = None) -> list[list[int]]:
+    """Indices of ``tensors`` grouped into compiled calls: one per (shape, dtype, device, extra key), small tensors
+    of one (dtype, device, extra key) together; each group split into chunks of :data:`CHUNK`."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, t in enumerate(tensors):
-        groups.setdefault((tuple(t.shape), t.dtype, t.device), []).append(i)
-    out: list[list[int]] = []
-    for idx in groups.values():
-        if chunk > 0:
-            out += [idx[j:j + chunk] for j in range(0, len(idx), chunk)]
+        extra = extra_keys[i] if extra_keys is not None else None
+        shape = "small" if t.numel() < SMALL_NUMEL else tuple(t.shape)
+        groups.setdefault((shape, t.dtype, t.device, extra), []).append(i)
+    return [idx[j:j + CHUNK] for idx in groups.values() for j in range(0, len(idx), CHUNK)]
+
+
+_COMPILED: dict[tuple[str, Any], Callable[..., None]] = {}
+_BROKEN: dict[str, str] = {}  # device type -> why compilation failed there (one warning per process)
+
+
+def compiled_for(fn: Callable[..., None], key: Any) -> Callable[..., None]:
+    """``torch.compile(fn)`` for one bucket signature ``key``, on a private copy of ``fn``'s code object."""
+    cache_key = (fn.__name__, key)
+    if cache_key not in _COMPILED:
+        copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        _COMPILED[cache_key] = torch.compile(copy, dynamic=False, fullgraph=True)
+    return _COMPILED[cache_key]
+
+
+def compile_broken(device_type: str) -> bool:
+    """True once compilation has failed on this device type in this process (then ``auto`` stays eager)."""
+    return device_type in _BROKEN
+
+
+def run_or_fallback(fn: Callable[..., None], key: Any, device_type: str, args: tuple[Any, ...],
+                    eager: Callable[[], None]) -> None:
+    """Run the compiled ``fn(*args)``; if compilation fails (no C++ compiler, no Triton, an unsupported op), warn
+    once, remember it, and run ``eager()`` instead. Compilation errors are raised before the graph runs, so no state
+    has been touched when ``eager()`` starts."""
+    if device_type in _BROKEN:
+        eager()
+        return
+    try:
+        compiled_for(fn, key)(*args)
+    except Exception as exc:  # noqa: BLE001 - any backend failure: the eager path is always correct
+        if not _is_compile_error(exc):
+            raise
+        _BROKEN[device_type] = f"{type(exc).__name__}: {exc}"[:500]
+        warnings.warn(
+            f"hf_optim: torch.compile failed on {device_type!r} ({_BROKEN[device_type][:200]}); using the eager "
+            "path from now on. Install a C++ compiler (CPU) or Triton (GPU), or pass implementation='foreach'.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        eager()
+
+
+def _is_compile_error(exc: Exception) -> bool:
+    """Errors from Dynamo/Inductor or the toolchain, as opposed to errors of the maths (shape mismatch, ...)."""
+    module = type(exc).__module__ or ""
+    return (module.startswith(("torch._dynamo", "torch._inductor")) or isinstance(exc, (OSError, ImportError))
+            or "CppCompileError" in type(exc).__name__ or "InductorError" in type(exc).__name__)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Glue: one optimizer group through the compiled rules
+# --------------------------------------------------------------------------------------------------------------------
+#: ``implementation="auto"`` compiles a group only from this many elements: a compilation costs seconds per bucket
+#: (``docs/benchmarks.md``), which a small model never earns back (and unit tests stay eager).
+AUTO_MIN_NUMEL = 1 << 20
+
+AdafactorItem = tuple[Tensor, Tensor, dict[str, Any], "tuple[int, int] | None", tuple[float, float]]
+
+
+def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def adafactor_group(items: Sequence[AdafactorItem], group: dict[str, Any],
+                    eager: Callable[[list[AdafactorItem]], None]) -> None:
+    """Step ``items`` = ``(x, g, state, factor_dims, (beta2_t, rho_t))`` of one Adafactor group (state ``step``
+    already incremented); ``eager(sub_items)`` is the fallback when compilation fails."""
+    from .decay import decay_rate, l2_coefficient
+
+    mode, wd, lr_peak = group["weight_decay_mode"], group["weight_decay"], group["lr_peak"]
+    decoupled = bool(wd) and mode != "l2"
+    # With parameter scaling and decay at the effective step, r = c·α_t^power needs α_t, known only in the graph.
+    power = 0
+    if decoupled and group["weight_decay_lr"] == "step" and group["scale_parameter"]:
+        power = 2 if mode == "corrected" else 1
+    beta1 = group["beta1"]
+    base = dict(
+        maximize=group["maximize"], l2=l2_coefficient(mode, wd), clamp=group["eps1_mode"] == "clamp",
+        clip=group["clip_threshold"], param_scale_eps2=group["eps2"] if group["scale_parameter"] else None,
+        beta1=beta1, momentum_before_lr=group["momentum_before_lr"], decay_power=power,
+        decay_as_factor=group["decay_as_factor"],
+    )
+    xs = [it[0] for it in items]
+    moms = [it[2].get("exp_avg") if beta1 is not None else None for it in items]
+    extra = [(it[3], it[4], None if m is None else m.dtype) for it, m in zip(items, moms)]
+    for idx in buckets(xs, extra):
+        x0, _, _, _, (beta2, rho) = items[idx[0]]
+        cd, dev = compute_dtype(x0.dtype), x0.device
+        if not decoupled:
+            c = 0.0
+        elif power == 0:
+            c = decay_rate(mode, wd, rho if group["weight_decay_lr"] == "step" else group["lr"], lr_peak)
         else:
-            out.append(idx)
-    return out
-
-
-@functools.cache
-def compiled(fn: Callable[..., None]) -> Callable[..., None]:
-    """``torch.compile(fn)`` with static shapes; cached so every optimizer shares one compiled function per rule."""
-    return torch.compile(fn, dynamic=False, fullgraph=True)
+            c = wd if mode == "coupled" else (wd / lr_peak if lr_peak > 0 else 0.0)
+        k = {**base, "eps1": group["eps1"] if group["eps1"] is not None else torch.finfo(x0.dtype).eps}
+        states = [items[i][2] for i in idx]
+        dims = tuple(items[i][3] for i in idx)
+        args = (
+            [xs[i] for i in idx], [items[i][1] for i in idx],
+            [s.get("exp_avg_sq_row") if d is not None else None for s, d in zip(states, dims)],
+            [s.get("exp_avg_sq_col") if d is not None else None for s, d in zip(states, dims)],
+            [s.get("exp_avg_sq") if d is None else None for s, d in zip(states, dims)],
+            [moms[i] for i in idx],
+            _scalar(rho, cd, dev), _scalar(beta2, cd, dev), _scalar(c, cd, dev), dims, k,
+        )
+        # Not the step scalars (they are tensor arguments): one graph serves every step.
+        key = (tuple((tuple(xs[i].shape), xs[i].dtype, items[i][1].dtype, extra[i][0], extra[i][2]) for i in idx),
+               str(dev),
+               tuple(sorted(k.items())))
+        run_or_fallback(adafactor_step, key, dev.type, args, lambda idx=idx: eager([items[i] for i in idx]))

@@ -28,8 +28,12 @@ uses the fp32 value before rounding, as optax's ``ema(accumulator_dtype=...)``).
 References: Shazeer & Stern 2018 (arXiv:1804.04235); Zhai et al. 2022, *Scaling Vision Transformers*; PaLM
 (Chowdhery et al. 2022); T5 (Raffel et al. 2020). Presets and their sources: :mod:`hf_optim._adafactor_presets`.
 
-The step is a sequence of functions over lists of local tensors and per-tensor scalars (no ``.item()`` on data):
-the later compiled path can trace it unchanged. Per-step scalars depending only on ``t`` are Python floats.
+Implementations (``implementation=``): ``"for-loop"`` (one tensor at a time, one reused scratch buffer),
+``"foreach"`` (multi-tensor ops) and ``"compiled"`` (:mod:`hf_optim._compiled`: the whole update of a tensor fused by
+``torch.compile`` into a few streaming loops; the first step pays the compilation, seconds per distinct shape, see
+``docs/benchmarks.md``). FSDP2 shards, empty tensors and bf16 parameters with stochastic rounding always take the
+eager path. ``"auto"``: compiled for groups of at least 2^20 elements where compilation works (a failure, e.g. no
+C++ compiler, warns once and stays eager), else foreach off the CPU and the for-loop on the CPU.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from . import _compiled
 from . import _validation as v
 from ._adafactor_presets import KNOBS, PRESETS, WEIGHT_DECAY_IS_LR
 from ._base import BaseOptimizer, ParamOverrides
@@ -84,10 +89,11 @@ class Adafactor(BaseOptimizer):
             ``warmup_init``, ``scale_parameter``, ``weight_decay``, ``weight_decay_mode``, ``weight_decay_lr``
             (``"group"``: decay uses the group lr; ``"step"``: the effective step ``α_t``, transformers),
             ``decay_as_factor`` (``x *= 1 - r`` with ``1 - r`` rounded to fp32, as torch; default ``x -= r·x``),
-            ``maximize``, ``stochastic_rounding`` (bf16 parameters), ``implementation``.
+            ``maximize``, ``stochastic_rounding`` (bf16 parameters), ``implementation`` (``"auto"``,
+            ``"for-loop"``, ``"foreach"``, ``"compiled"``).
     """
 
-    implementations: ClassVar[tuple[str, ...]] = ("for-loop", "foreach")
+    implementations: ClassVar[tuple[str, ...]] = ("for-loop", "foreach", "compiled")
 
     def __init__(
         self,
@@ -221,10 +227,7 @@ class Adafactor(BaseOptimizer):
             params = list(self._params_with_grad(group))
             if not params:
                 continue
-            impl = group["implementation"]
-            if impl == "auto":
-                impl = "foreach" if all(local(p).device.type != "cpu" for p in params) else "for-loop"
-            _adafactor_group(self, params, group, foreach=impl == "foreach")
+            _adafactor_group(self, params, group, _resolve(group["implementation"], params))
         return loss
 
 
@@ -301,14 +304,45 @@ def _stochastic_round_(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(((bits + noise) & -65536).view(torch.float32))  # exact: the low 16 bits are zero
 
 
-def _adafactor_group(opt: Adafactor, params: list[torch.Tensor], group: dict[str, Any], *, foreach: bool) -> None:
+def _resolve(impl: str, params: list[torch.Tensor]) -> str:
+    """``auto``: compiled for groups of at least ``AUTO_MIN_NUMEL`` elements where compilation works (its cost, seconds
+    per shape, is earned back only by large models); otherwise foreach off the CPU and the for-loop on the CPU (which
+    reuses one scratch buffer: fresh large CPU allocations page-fault)."""
+    if impl != "auto":
+        return impl
+    device = local(params[0]).device.type
+    if sum(p.numel() for p in params) >= _compiled.AUTO_MIN_NUMEL and not _compiled.compile_broken(device):
+        return "compiled"
+    return "foreach" if all(local(p).device.type != "cpu" for p in params) else "for-loop"
+
+
+def _adafactor_group(opt: Adafactor, params: list[torch.Tensor], group: dict[str, Any], impl: str) -> None:
     """One step for the parameters of ``group`` that have gradients."""
-    xs, x32s, gs, specs, states, dims_list, scalars = [], [], [], [], [], [], []
-    l2 = l2_coefficient(group["weight_decay_mode"], group["weight_decay"])
+    items = []
     for p in params:
         x, g = local(p), local(p.grad)
         state = opt._init_state(p, g, group)
         state["step"] += 1
+        # `step` lives on the CPU: no device sync
+        items.append((x, g, state, factor_dims(p.shape, group), _step_scalars(state["step"].item(), group), p))
+    if impl == "compiled":
+        # FSDP2 shards need cross-rank reductions, empty tensors have nothing to fuse, and stochastic rounding draws
+        # eager random bits: those stay on the eager path.
+        fast = [it for it in items if shard_spec(it[5]) is None and it[0].numel() > 0
+                and not (group["stochastic_rounding"] and it[0].dtype == torch.bfloat16)]
+        if fast:
+            _compiled.adafactor_group([it[:5] for it in fast], group, lambda sub: _eager_group(opt, sub, group, False))
+            fast_ids = {id(it) for it in fast}
+            items = [it for it in items if id(it) not in fast_ids]
+    if items:
+        _eager_group(opt, items, group, impl == "foreach")
+
+
+def _eager_group(opt: Adafactor, items: list[tuple[Any, ...]], group: dict[str, Any], foreach: bool) -> None:
+    """The eager paths over ``(x, g, state, dims, scalars[, param])`` items whose ``step`` is already counted."""
+    xs, x32s, gs, specs, states, dims_list, scalars = [], [], [], [], [], [], []
+    l2 = l2_coefficient(group["weight_decay_mode"], group["weight_decay"])
+    for x, g, state, dims, scalar, *param in items:
         xs.append(x)
         x32s.append(x.float() if x.dtype in _LOW_PRECISION else x)
         g32 = g.float() if g.dtype in _LOW_PRECISION else g
@@ -317,10 +351,10 @@ def _adafactor_group(opt: Adafactor, params: list[torch.Tensor], group: dict[str
         if l2:
             g32 = g32.add(x32s[-1], alpha=l2)
         gs.append(g32)
-        specs.append(shard_spec(p))
+        specs.append(shard_spec(param[0]) if param else None)
         states.append(state)
-        dims_list.append(factor_dims(p.shape, group))
-        scalars.append(_step_scalars(state["step"].item(), group))  # `step` lives on the CPU: no device sync
+        dims_list.append(dims)
+        scalars.append(scalar)
 
     # for-loop: one tensor at a time through every stage (peak extra memory: one scratch tensor, reused across
     # steps on CPU where fresh large allocations page-fault); foreach: the whole group at once.

@@ -31,8 +31,10 @@ All four classes run the rule of :mod:`hf_optim._adam_kernels`:
 
 Implementations (``implementation=``): ``"for-loop"`` (reference, any dtype), ``"foreach"`` (multi-tensor ops) and,
 for :class:`Adam`/:class:`AdamW`, ``"fused"``: torch's fused AdamW/Adam kernels reparametrized, so every decay mode
-and both epsilon modes run at fused speed. ``"auto"`` picks ``fused`` for Adam/AdamW on CPU/CUDA and ``foreach``
-otherwise.
+and both epsilon modes run at fused speed; for :class:`AdamAtan2`/:class:`RAdam`, ``"compiled"``: the same maths as
+one ``torch.compile`` graph per shape (:mod:`hf_optim._compiled`; the first step pays the compilation, seconds per
+shape). ``"auto"`` picks ``fused`` for Adam/AdamW on CPU/CUDA, ``compiled`` for AdamAtan2/RAdam groups of at least
+2^20 elements (falling back to eager, with one warning, where compilation fails) and ``foreach`` otherwise.
 
 Low-precision parameters (bf16/fp16): maths and state in float32; each step works on a float32 copy of the
 parameter and writes it back with round-to-nearest-even (``Tensor.copy_``). There are no float32 master weights:
@@ -52,6 +54,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from . import _compiled
 from . import _validation as v
 from ._adam_kernels import KERNELS, Rule
 from ._base import BaseOptimizer, ParamOverrides
@@ -94,6 +97,9 @@ class _AdamFamily(BaseOptimizer):
             return impl
         if "fused" in self.implementations and all(p.device.type in _FUSED_DEVICES for p in params):
             return "fused"
+        if ("compiled" in self.implementations and sum(p.numel() for p in params) >= _compiled.AUTO_MIN_NUMEL
+                and not _compiled.compile_broken(params[0].device.type)):
+            return "compiled"
         return "foreach"
 
     @torch.no_grad()
@@ -247,13 +253,15 @@ class AdamAtan2(_AdamFamily):
     when :math:`\hat v_t = 0`, and invariant to rescaling the gradient. The paper's constants are the defaults:
     :math:`a = 1.27 \approx 4/\pi`, so that :math:`|\hat m| = b\sqrt{\hat v}` gives an update of 1 as in Adam, and
     :math:`b = 1`. Decay defaults to ``"coupled"`` with :math:`\lambda = 10^{-2}` like :class:`AdamW`, since the method is
-    an AdamW replacement. Implementations: ``"for-loop"``, ``"foreach"`` (no fused kernel exists for atan2).
+    an AdamW replacement. Implementations: ``"for-loop"``, ``"foreach"``, ``"compiled"`` (torch has no fused kernel
+    for atan2).
 
     Args: ``params, lr, betas, a, b, weight_decay, weight_decay_mode, maximize, implementation, param_overrides``
     as :class:`Adam` (``a > 0``, ``b >= 0``).
     """
 
     _atan2 = True
+    implementations: ClassVar[tuple[str, ...]] = ("for-loop", "foreach", "compiled")
 
     def __init__(
         self,
@@ -283,10 +291,11 @@ class RAdam(_AdamFamily):
     Defaults equal ``torch.optim.RAdam``: ``weight_decay_mode="l2"`` (torch's ``decoupled_weight_decay=True`` is
     ``"coupled"``) and ``eps_mode="tf"``, because torch and the authors' code add :math:`\epsilon` to the
     un-corrected :math:`\sqrt{v_t}` (``eps_mode="torch"`` gives :math:`r_t \hat m_t/(\sqrt{\hat v_t}+\epsilon)`).
-    Implementations: ``"for-loop"``, ``"foreach"``. Arguments as :class:`Adam`.
+    Implementations: ``"for-loop"``, ``"foreach"``, ``"compiled"``. Arguments as :class:`Adam`.
     """
 
     _rectify = True
+    implementations: ClassVar[tuple[str, ...]] = ("for-loop", "foreach", "compiled")
 
     def __init__(
         self,

@@ -14,6 +14,7 @@ and every group's lr is its own peak (muP-scaled where applicable) times :math:`
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 import warnings
@@ -50,8 +51,11 @@ def build_model(cell: Cell) -> tuple[torch.nn.Module, dict[torch.Tensor, dict[st
     from mup_integration.groups import param_overrides
     from mup_integration.surgery import make_mup_model
 
+    from hf_optim.registry import get_spec
+
     model = make_mup_model(config, llama_config(cell, cell.model.base_width))
-    return model, dict(param_overrides(model, family="adam", wd_rule=cell.wd_rule))
+    family = get_spec(cell.optimizer).mup_family  # Adam-like: hidden lr / width_mult; SGD: as mup.MuSGD
+    return model, dict(param_overrides(model, family=family, wd_rule=cell.wd_rule))
 
 
 def lr_multiplier(step: int, cell: Cell) -> float:
@@ -62,21 +66,29 @@ def lr_multiplier(step: int, cell: Cell) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, cell: Cell, overrides) -> torch.optim.Optimizer:
-    """hf_optim's AdamW; weight decay on matrices only (norm gains excluded, as the HF Trainer does)."""
-    from hf_optim.adam import AdamW
+    """The cell's registered optimizer (default hf_optim's AdamW); weight decay on matrices only (norm gains
+    excluded, as the HF Trainer does); Adam-like optimizers get the settings' betas and eps."""
+    from hf_optim.registry import get_spec
 
+    spec = get_spec(cell.optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2]},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+    cls = spec.resolve()
+    kwargs: dict[str, Any] = dict(spec.defaults)
+    accepted = inspect.signature(cls).parameters
+    # Adam-like constructors take (betas, eps); others (SGD, Adafactor's knobs) would reject them.
+    if "betas" in accepted and "eps" in accepted:
+        kwargs.update(betas=(cell.train.beta1, cell.train.beta2), eps=cell.train.eps)
+    kwargs.update(dict(cell.optimizer_args))
     with warnings.catch_warnings():
         # LR x WD grids deliberately include large `independent` λ; the once-per-process hint is noise here.
         warnings.simplefilter("ignore", UserWarning)
-        return AdamW(
-            [g for g in groups if g["params"]], lr=cell.lr, betas=(cell.train.beta1, cell.train.beta2),
-            eps=cell.train.eps, weight_decay=cell.weight_decay, weight_decay_mode=cell.weight_decay_mode,
-            param_overrides=overrides,
+        return cls(
+            [g for g in groups if g["params"]], lr=cell.lr, weight_decay=cell.weight_decay,
+            weight_decay_mode=cell.weight_decay_mode, param_overrides=overrides, **kwargs,
         )
 
 

@@ -10,11 +10,15 @@ A configuration file looks like::
         width: [64, 128]
         log2_lr: [-10, -9, -8]            # learning rates 2^-10 ... (or `lr: [...]`)
         parametrization: [sp, mup]
-        optimizer: [{weight_decay_mode: coupled, weight_decay: [0.0]}]
+        optimizer:
+          - {weight_decay_mode: coupled, weight_decay: [0.0]}          # name defaults to adamw_v2
+          - {name: sgdw_v2, args: {momentum: 0.9}, weight_decay: [0.0]}
         seed: [0, 1]
 
-Every grid is the Cartesian product of its lists; an ``optimizer`` entry may carry its own ``weight_decay`` list
-(the meaningful λ range of ``coupled`` and ``independent`` decay differ by a factor ~lr). A grid may override any
+Every grid is the Cartesian product of its lists. An ``optimizer`` entry names a registered optimizer (``name``,
+default ``adamw_v2``; ``hf-optim list``), fixed constructor ``args``, a ``weight_decay_mode`` and its own
+``weight_decay`` list (the meaningful λ range of ``coupled`` and ``independent`` decay differ by a factor ~lr).
+Under muP the optimizer's registered muP family (Adam-like or SGD) picks the learning-rate rule. A grid may override any
 ``model``/``train`` key (e.g. ``train: {train_chars: 20000}``). A cell's key is a hash of everything that affects its
 result, which is what makes sweeps resumable.
 """
@@ -33,6 +37,11 @@ import yaml
 
 from hf_optim import _validation as v
 from hf_optim.decay import WEIGHT_DECAY_MODES
+from hf_optim.registry import get_spec
+
+DEFAULT_OPTIMIZER = "adamw_v2"
+# Set by the sweep itself (or by the grid's lr / weight_decay axes), so not allowed in an entry's ``args``.
+_RESERVED_ARGS = {"params", "lr", "weight_decay", "weight_decay_mode", "param_overrides"}
 
 
 @dataclass(frozen=True)
@@ -78,15 +87,25 @@ class Cell:
     seed: int
     model: ModelSettings = field(default_factory=ModelSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    optimizer: str = DEFAULT_OPTIMIZER
+    optimizer_args: tuple[tuple[str, Any], ...] = ()  # sorted (name, value) pairs: hashable and order-free
 
     @property
     def key(self) -> str:
-        payload = json.dumps(asdict(self), sort_keys=True, default=float)
-        return hashlib.sha1(payload.encode()).hexdigest()[:16]
+        payload = asdict(self)
+        # The optimizer fields joined the key later: left out at their defaults, so the keys of results recorded
+        # before them (the committed AdamW sweeps) stay valid and resuming does not re-run them.
+        if payload["optimizer"] == DEFAULT_OPTIMIZER:
+            del payload["optimizer"]
+        if not payload["optimizer_args"]:
+            del payload["optimizer_args"]
+        return hashlib.sha1(json.dumps(payload, sort_keys=True, default=float).encode()).hexdigest()[:16]
 
     def describe(self) -> str:
+        args = "".join(f" {k}={value:g}" if isinstance(value, float) else f" {k}={value}"
+                       for k, value in self.optimizer_args)
         return (f"{self.grid} {self.parametrization} w={self.width} lr=2^{math.log2(self.lr):.1f} "
-                f"{self.weight_decay_mode} wd={self.weight_decay:g} seed={self.seed}")
+                f"{self.optimizer}{args} {self.weight_decay_mode} wd={self.weight_decay:g} seed={self.seed}")
 
 
 @dataclass(frozen=True)
@@ -148,12 +167,20 @@ def _expand_grid(grid: dict[str, Any], model: ModelSettings, train: TrainSetting
     for p in params:
         v.check_choice(f"{where}: parametrization", p, ("sp", "mup"))
     optimizers = _list(grid, "optimizer", where, [{"weight_decay_mode": "coupled", "weight_decay": [0.0]}])
-    opt_variants: list[tuple[str, float, str]] = []
+    opt_variants: list[tuple[str, tuple[tuple[str, Any], ...], str, float, str]] = []
     for opt in optimizers:
-        extra = set(opt) - {"weight_decay_mode", "weight_decay", "wd_rule"}
+        if not isinstance(opt, dict):
+            raise ValueError(f"{where}: each optimizer entry must be a mapping, got {opt!r}.")
+        extra = set(opt) - {"name", "args", "weight_decay_mode", "weight_decay", "wd_rule"}
         if extra:
             raise ValueError(f"{where}: optimizer entry has unknown keys {sorted(extra)}; "
-                             "allowed: weight_decay_mode, weight_decay (list), wd_rule.")
+                             "allowed: name, args (mapping), weight_decay_mode, weight_decay (list), wd_rule.")
+        opt_name = opt.get("name", DEFAULT_OPTIMIZER)
+        get_spec(opt_name)  # unknown names: ValueError listing the registered ones
+        args = opt.get("args", {})
+        if not isinstance(args, dict) or set(args) & _RESERVED_ARGS:
+            raise ValueError(f"{where}: optimizer {opt_name!r}: 'args' must be a mapping of constructor arguments "
+                             f"other than {sorted(_RESERVED_ARGS)}, got {args!r}.")
         mode = opt.get("weight_decay_mode", "coupled")
         v.check_choice(f"{where}: weight_decay_mode", mode, WEIGHT_DECAY_MODES)
         wds = opt.get("weight_decay", [0.0])
@@ -162,12 +189,12 @@ def _expand_grid(grid: dict[str, Any], model: ModelSettings, train: TrainSetting
         wd_rule = opt.get("wd_rule", "independent")
         for wd in wds:
             v.check_non_negative(f"{where}: weight_decay", wd)
-            opt_variants.append((mode, float(wd), wd_rule))
+            opt_variants.append((opt_name, tuple(sorted(args.items())), mode, float(wd), wd_rule))
     seeds = [int(s) for s in _list(grid, "seed", where, [0])]
     lrs = _learning_rates(grid, where)
     return [
-        Cell(name, w, lr, p, mode, wd, rule, s, model, train)
-        for p, w, (mode, wd, rule), s, lr in itertools.product(params, widths, opt_variants, seeds, lrs)
+        Cell(name, w, lr, p, mode, wd, rule, s, model, train, optimizer=opt, optimizer_args=args)
+        for p, w, (opt, args, mode, wd, rule), s, lr in itertools.product(params, widths, opt_variants, seeds, lrs)
     ]
 
 

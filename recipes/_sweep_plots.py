@@ -22,30 +22,35 @@ def _plt():
     return plt
 
 
+def _slug(label: str) -> str:
+    """A file-name-safe optimizer label: ``sgdw_v2(momentum=0.9)`` -> ``sgdw_v2-momentum0.9``."""
+    return "".join(ch if ch.isalnum() or ch in "._" else "-" for ch in label.replace("=", "")).strip("-")
+
+
 def _label(value: float) -> str:
     return "0" if value == 0 else f"{value:.3g}"
 
 
 def plot_width_transfer(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """One PNG per (grid, decay mode, weight decay) with >= 2 widths: rows = train/val loss, columns = SP, muP."""
+    """One PNG per (grid, optimizer, decay mode, λ) with >= 2 widths: rows = train/val loss, columns = SP, muP."""
     plt = _plt()
     by_metric = {m: curves(rows, m) for m in ("train_loss", "val_loss")}
     families: dict[tuple, list[str]] = {}
-    for grid, param, mode, wd in by_metric["val_loss"]:
-        if len(by_metric["val_loss"][(grid, param, mode, wd)]) >= 2:
-            families.setdefault((grid, mode, wd), []).append(param)
+    for grid, opt, param, mode, wd in by_metric["val_loss"]:
+        if len(by_metric["val_loss"][(grid, opt, param, mode, wd)]) >= 2:
+            families.setdefault((grid, opt, mode, wd), []).append(param)
     written = []
-    for (grid, mode, wd), params in sorted(families.items()):
+    for (grid, opt, mode, wd), params in sorted(families.items()):
         params = sorted(params, key=lambda p: ("sp", "mup").index(p))
         fig, axes = plt.subplots(2, len(params), figsize=(5.2 * len(params), 7.5), squeeze=False)
         for row_index, metric in enumerate(("train_loss", "val_loss")):
-            finite = [v for p in params for per in by_metric[metric][(grid, p, mode, wd)].values()
+            finite = [v for p in params for per in by_metric[metric][(grid, opt, p, mode, wd)].values()
                       for v in per.values() if math.isfinite(v)]
             low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
             ceiling = high + 0.08 * (high - low + 1e-9)
             for col, param in enumerate(params):
                 ax = axes[row_index][col]
-                by_width = by_metric[metric][(grid, param, mode, wd)]
+                by_width = by_metric[metric][(grid, opt, param, mode, wd)]
                 cmap = plt.get_cmap("viridis")
                 for i, width in enumerate(sorted(by_width)):
                     color = cmap(i / max(1, len(by_width) - 1))
@@ -66,9 +71,9 @@ def plot_width_transfer(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]
                 ax.set_ylabel("loss (x = diverged, clipped)")
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=8)
-        fig.suptitle(f"{grid}: AdamW ({mode}, wd={_label(wd)}); star = best lr per width")
+        fig.suptitle(f"{grid}: {opt} ({mode}, wd={_label(wd)}); star = best lr per width")
         fig.tight_layout()
-        path = out_dir / f"{grid}_{mode}_wd{_label(wd)}.png"
+        path = out_dir / f"{grid}_{_slug(opt)}_{mode}_wd{_label(wd)}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
         written.append(path)
@@ -76,17 +81,18 @@ def plot_width_transfer(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]
 
 
 def plot_lr_wd(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """One PNG per (grid, parametrization, width): a val-loss heat-map per decay mode, best WD per LR marked."""
+    """One PNG per (grid, optimizer, parametrization, width): a val-loss heat-map per decay mode, best λ per lr
+    marked."""
     plt = _plt()
     maps = heatmaps(rows, "val_loss")
     families: dict[tuple, list[str]] = {}
-    for grid, param, width, mode in maps:
-        families.setdefault((grid, param, width), []).append(mode)
+    for grid, opt, param, width, mode in maps:
+        families.setdefault((grid, opt, param, width), []).append(mode)
     written = []
-    for (grid, param, width), modes in sorted(families.items()):
+    for (grid, opt, param, width), modes in sorted(families.items()):
         fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.8), squeeze=False)
         for ax, mode in zip(axes[0], sorted(modes)):
-            by_wd = maps[(grid, param, width, mode)]
+            by_wd = maps[(grid, opt, param, width, mode)]
             wds = sorted(by_wd)
             lrs = sorted({lr for per in by_wd.values() for lr in per})
             grid_values = [[by_wd[wd].get(lr, math.inf) for lr in lrs] for wd in wds]
@@ -109,9 +115,9 @@ def plot_lr_wd(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             ax.set_xlabel("log2(learning rate)")
             ax.set_ylabel("weight decay λ")
             ax.set_title(f"{mode} decay (red circle = best λ per lr)")
-        fig.suptitle(f"{grid}: {param.upper()} width {width}, LR × WD")
+        fig.suptitle(f"{grid}: {opt}, {param.upper()} width {width}, LR × WD")
         fig.tight_layout()
-        path = out_dir / f"{grid}_{param}_w{width}_lr_wd.png"
+        path = out_dir / f"{grid}_{_slug(opt)}_{param}_w{width}_lr_wd.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
         written.append(path)

@@ -15,10 +15,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ._sweep_config import Cell
+from ._sweep_config import DEFAULT_OPTIMIZER, Cell
 
-COLUMNS = ["key", "grid", "parametrization", "width", "lr", "log2_lr", "weight_decay_mode", "weight_decay",
+COLUMNS = ["key", "grid", "optimizer", "optimizer_args", "parametrization", "width", "lr", "log2_lr",
+           "weight_decay_mode", "weight_decay",
            "wd_rule", "seed", "train_loss", "val_loss", "diverged", "steps_done", "n_params", "seconds", "device"]
+
+
+def optimizer_label(row: dict[str, Any]) -> str:
+    """``adamw_v2``, or ``sgdw_v2(momentum=0.9)`` when the entry fixed constructor arguments."""
+    args = row.get("optimizer_args") or []
+    name = row.get("optimizer", DEFAULT_OPTIMIZER)
+    return f"{name}({','.join(f'{k}={v}' for k, v in args)})" if args else name
 
 
 def row_for(cell: Cell, result: dict[str, Any]) -> dict[str, Any]:
@@ -41,6 +49,9 @@ class ResultStore:
             for line in self.log.read_text().splitlines():
                 if line.strip():
                     row = json.loads(line)
+                    # Rows logged before the optimizer axis existed were all the default AdamW.
+                    row.setdefault("optimizer", DEFAULT_OPTIMIZER)
+                    row.setdefault("optimizer_args", [])
                     self.rows[row["key"]] = row
 
     def done(self, key: str) -> bool:
@@ -54,8 +65,8 @@ class ResultStore:
     def write_tables(self, keys: list[str] | None = None) -> list[dict[str, Any]]:
         """Write CSV and JSON for ``keys`` (default: every row), sorted for reading; returns the rows."""
         rows = [self.rows[k] for k in (keys if keys is not None else self.rows) if k in self.rows]
-        rows.sort(key=lambda r: (r["grid"], r["parametrization"], r["weight_decay_mode"], r["width"],
-                                 r["weight_decay"], r["lr"], r["seed"]))
+        rows.sort(key=lambda r: (r["grid"], optimizer_label(r), r["parametrization"], r["weight_decay_mode"],
+                                 r["width"], r["weight_decay"], r["lr"], r["seed"]))
         with (self.out_dir / "results.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
             writer.writeheader()
@@ -75,24 +86,26 @@ def _mean_score(rows: list[dict[str, Any]], metric: str) -> float:
 
 
 def curves(rows: list[dict[str, Any]], metric: str = "val_loss") -> dict[tuple, dict[int, dict[float, float]]]:
-    """``{(grid, parametrization, mode, wd): {width: {lr: seed-mean loss}}}``."""
+    """``{(grid, optimizer, parametrization, mode, wd): {width: {lr: seed-mean loss}}}``."""
     cells: dict[tuple, list] = defaultdict(list)
     for r in rows:
-        cells[(r["grid"], r["parametrization"], r["weight_decay_mode"], r["weight_decay"], r["width"], r["lr"])].append(r)
+        cells[(r["grid"], optimizer_label(r), r["parametrization"], r["weight_decay_mode"], r["weight_decay"],
+               r["width"], r["lr"])].append(r)
     out: dict[tuple, dict[int, dict[float, float]]] = defaultdict(lambda: defaultdict(dict))
-    for (grid, param, mode, wd, width, lr), group in cells.items():
-        out[(grid, param, mode, wd)][width][lr] = _mean_score(group, metric)
+    for (grid, opt, param, mode, wd, width, lr), group in cells.items():
+        out[(grid, opt, param, mode, wd)][width][lr] = _mean_score(group, metric)
     return out
 
 
 def heatmaps(rows: list[dict[str, Any]], metric: str = "val_loss") -> dict[tuple, dict[float, dict[float, float]]]:
-    """``{(grid, parametrization, width, mode): {wd: {lr: seed-mean loss}}}`` (only with >= 2 weight decays)."""
+    """``{(grid, optimizer, parametrization, width, mode): {wd: {lr: seed-mean loss}}}`` (>= 2 weight decays)."""
     cells: dict[tuple, list] = defaultdict(list)
     for r in rows:
-        cells[(r["grid"], r["parametrization"], r["width"], r["weight_decay_mode"], r["weight_decay"], r["lr"])].append(r)
+        cells[(r["grid"], optimizer_label(r), r["parametrization"], r["width"], r["weight_decay_mode"],
+               r["weight_decay"], r["lr"])].append(r)
     out: dict[tuple, dict[float, dict[float, float]]] = defaultdict(lambda: defaultdict(dict))
-    for (grid, param, width, mode, wd, lr), group in cells.items():
-        out[(grid, param, width, mode)][wd][lr] = _mean_score(group, metric)
+    for (grid, opt, param, width, mode, wd, lr), group in cells.items():
+        out[(grid, opt, param, width, mode)][wd][lr] = _mean_score(group, metric)
     return {k: v for k, v in out.items() if len(v) >= 2}
 
 
@@ -103,19 +116,19 @@ def _argmin(values: dict[float, float]) -> float:
 def summarize(rows: list[dict[str, Any]], metric: str = "val_loss") -> dict[str, Any]:
     """Best lr per width (and its shift, in grid steps, narrowest → widest) and best wd per lr per heat-map."""
     summary: dict[str, Any] = {"metric": metric, "width_transfer": [], "lr_wd": []}
-    for (grid, param, mode, wd), by_width in sorted(curves(rows, metric).items()):
+    for (grid, opt, param, mode, wd), by_width in sorted(curves(rows, metric).items()):
         if len(by_width) < 2:
             continue
         lrs = sorted({lr for per in by_width.values() for lr in per})
         best = {w: _argmin(per) for w, per in sorted(by_width.items())}
         widths = sorted(best)
         summary["width_transfer"].append({
-            "grid": grid, "parametrization": param, "weight_decay_mode": mode, "weight_decay": wd,
-            "best_log2_lr": {str(w): math.log2(best[w]) for w in widths},
+            "grid": grid, "optimizer": opt, "parametrization": param, "weight_decay_mode": mode,
+            "weight_decay": wd, "best_log2_lr": {str(w): math.log2(best[w]) for w in widths},
             "best_loss": {str(w): by_width[w][best[w]] for w in widths},
             "shift_grid_steps": lrs.index(best[widths[-1]]) - lrs.index(best[widths[0]]),
         })
-    for (grid, param, width, mode), by_wd in sorted(heatmaps(rows, metric).items()):
+    for (grid, opt, param, width, mode), by_wd in sorted(heatmaps(rows, metric).items()):
         wds = sorted(by_wd)
         lrs = sorted({lr for per in by_wd.values() for lr in per})
         table = {lr: {wd: by_wd[wd].get(lr, math.inf) for wd in wds} for lr in lrs}
@@ -126,7 +139,7 @@ def summarize(rows: list[dict[str, Any]], metric: str = "val_loss") -> dict[str,
         near = lrs[max(0, opt_index - 1): opt_index + 2]
         near_idx = [wds.index(best_wd[lr]) for lr in near]
         summary["lr_wd"].append({
-            "grid": grid, "parametrization": param, "width": width, "weight_decay_mode": mode,
+            "grid": grid, "optimizer": opt, "parametrization": param, "width": width, "weight_decay_mode": mode,
             "best_weight_decay_per_log2_lr": {f"{math.log2(lr):g}": best_wd[lr] for lr in lrs},
             "best_log2_lr": math.log2(lrs[opt_index]),
             "near_optimum_log2_lrs": [math.log2(lr) for lr in near],

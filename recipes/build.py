@@ -175,8 +175,25 @@ def build_optimizer(recipe: Mapping[str, Any], model: nn.Module, *, size: str | 
     return cls([g for g in groups if g["params"]], **kwargs)
 
 
+def unstated_schedule_fields(recipe: Mapping[str, Any], size: str | None = None) -> list[str]:
+    """Schedule fields the recipe leaves open for this size, so that the schedule's defaults (no warm-up, floor 0)
+    apply; e.g. LLaMA-3 8B, whose paper gives only the peak lr."""
+    s = size_settings(recipe, size)
+    sched = recipe.get("schedule") or {}
+    missing = []
+    if s["warmup_steps"] is None and all(sched.get(k) is None for k in ("warmup_tokens", "warmup_fraction")):
+        missing.append("warm-up (0 steps used)")
+    if sched.get("name") in ("cosine_to_floor", "linear_to_floor") and s["floor"] is None:
+        missing.append("floor (0 used)")
+    return missing
+
+
 def build_scheduler(recipe: Mapping[str, Any], optimizer: torch.optim.Optimizer,
                     num_training_steps: int | None = None, *, size: str | None = None):
+    """The recipe's lr schedule as a ``LambdaLR``; logs which schedule fields the recipe does not state."""
+    missing = unstated_schedule_fields(recipe, size)
+    if missing:
+        log.warning("Recipe %s does not state the schedule's %s.", recipe.get("name"), " or ".join(missing))
     name, kwargs = schedule_kwargs(recipe, num_training_steps, size)
     return make_scheduler(optimizer, name, **kwargs)
 

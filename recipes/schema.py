@@ -64,7 +64,7 @@ SCHEMA: dict[str, Any] = {
              "max_tokens": int},
     "run": {"max_steps": int, "batch_size": int, "grad_accum": int, "output_dir": str, "logging_steps": int,
             "save_steps": int, "eval_steps": int, "eval_batches": int, "seed": int, "size": str, "bf16": bool,
-            "save_total_limit": int, "unfactored_fallback": bool},
+            "save_total_limit": int, "unfactored_fallback": bool, "threads": int},
 }
 
 #: Every published recipe states these or lists them in ``unknown``.
@@ -245,6 +245,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+#: A recipe-wide field and its per-size counterpart (``sizes.<label>.<key>`` wins over the section's value).
+SIZED_FIELDS = {"optimizer.lr": "lr", "training.batch_tokens": "batch_tokens", "training.total_tokens": "total_tokens",
+                "training.seq_len": "seq_len", "schedule.warmup_steps": "warmup_steps",
+                "schedule.decay_steps": "decay_steps", "schedule.floor": "floor"}
+
+
+def _override_sizes(recipe: dict[str, Any], dotted: str) -> None:
+    """An explicit value (command line, or a demo over its ``base``) beats the base's per-size values."""
+    key = SIZED_FIELDS.get(dotted)
+    for entry in (recipe.get("sizes") or {}).values():
+        if key is not None and isinstance(entry, dict):
+            entry.pop(key, None)
+
+
 def apply_overrides(recipe: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
     result = copy.deepcopy(dict(recipe))
     valid = field_paths()
@@ -257,6 +271,7 @@ def apply_overrides(recipe: Mapping[str, Any], overrides: list[str]) -> dict[str
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
+        _override_sizes(result, dotted)
     return result
 
 
@@ -283,7 +298,11 @@ def load(ref: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
         base = _read_yaml(base_path)
         _check_keys("", base, SCHEMA, str(base_path))
         child = {k: v for k, v in recipe.items() if k != "base"}
-        recipe = deep_merge(base, child)
+        merged = deep_merge(base, child)
+        for dotted in SIZED_FIELDS:
+            if _get(child, dotted) is not None:
+                _override_sizes(merged, dotted)
+        recipe = merged
         recipe["base"] = base.get("base")
     recipe.pop("base", None)
     recipe = apply_overrides(recipe, overrides or [])

@@ -1,14 +1,16 @@
 """``hf-optim sweep CONFIG``: width × learning-rate (× weight-decay) grids, SP vs muP, coupled vs independent decay.
 
-Reproduces, on a CPU, the two pictures that motivate muP and decoupled weight decay:
+Runs, on a CPU in minutes, the two experiments behind muP and decoupled weight decay:
 
 - *width transfer* (Yang et al. 2022, Tensor Programs V, Fig. 1): under the standard parametrization the
   loss-minimising learning rate moves as the model widens; under muP it stays put;
-- *LR × WD* (Loshchilov & Hutter 2019, Fig. 2; MosaicML Composer): with PyTorch's lr-coupled AdamW decay the best
-  weight decay moves along a diagonal with the learning rate; with lr-independent decay it does not.
+- *LR × WD* (Loshchilov & Hutter 2019, Fig. 2; MosaicML Composer): whether the best weight decay moves with the
+  learning rate under PyTorch's lr-coupled AdamW decay and under lr-independent decay. Which of the two stays put
+  depends on the regime (docs/experiments/README.md: in a short, overfitting run it is the coupled one).
 
 Each cell trains a small ``LlamaForCausalLM`` built from a config (no download) on the bundled character-level tiny
-Shakespeare with :class:`hf_optim.adam.AdamW` and, for muP, the overrides of :mod:`mup_integration.groups`.
+Shakespeare with a registered optimizer (default :class:`hf_optim.adam.AdamW`) and, for muP, the overrides of
+:mod:`mup_integration.groups` for that optimizer's muP family.
 
 Outputs in ``--out``: ``results.jsonl`` (append-only log; re-running skips every cell whose key is in it),
 ``results.csv``, ``results.json``, ``summary.json`` (best lr per width and its shift, best λ per lr) and PNG plots.
@@ -114,18 +116,19 @@ def run_sweep(config_path: str, out_dir: Path, *, jobs: int = 1, device: str = "
         written = plot_width_transfer(rows, out_dir) + plot_lr_wd(rows, out_dir)
         log("plots: " + ", ".join(p.name for p in written))
     for entry in summary["width_transfer"]:
-        log(f"{entry['grid']} {entry['parametrization']:>3} ({entry['weight_decay_mode']}, wd={entry['weight_decay']:g}):"
-            f" best log2 lr per width {entry['best_log2_lr']} -> shift {entry['shift_grid_steps']} grid steps")
+        log(f"{entry['grid']} {entry['optimizer']} {entry['parametrization']:>3} ({entry['weight_decay_mode']}, "
+            f"wd={entry['weight_decay']:g}): best log2 lr per width {entry['best_log2_lr']} "
+            f"-> shift {entry['shift_grid_steps']} grid steps")
     for entry in summary["lr_wd"]:
-        log(f"{entry['grid']} {entry['parametrization']} w={entry['width']} {entry['weight_decay_mode']}: best wd "
-            f"per log2 lr {entry['best_weight_decay_per_log2_lr']}; range near optimum "
-            f"{entry['best_wd_range_grid_steps_near_optimum']} grid steps")
+        log(f"{entry['grid']} {entry['optimizer']} {entry['parametrization']} w={entry['width']} "
+            f"{entry['weight_decay_mode']}: best wd per log2 lr {entry['best_weight_decay_per_log2_lr']}; "
+            f"range near optimum {entry['best_wd_range_grid_steps_near_optimum']} grid steps")
     return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-optim sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", help="sweep YAML, or a bundled name: quick, full_width_transfer, full_lr_wd")
+    parser.add_argument("config", help="sweep YAML, or a bundled name: quick, full_width_transfer, full_lr_wd, lr_wd_long")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: sweep_out/<config name>)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel worker processes (default 1)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

@@ -38,7 +38,7 @@ DATA_DEFAULTS = {"corpus": "tinyshakespeare", "tokenizer": "char", "block_size":
                  "max_tokens": None}
 RUN_DEFAULTS = {"max_steps": 200, "batch_size": 16, "grad_accum": 1, "output_dir": None, "logging_steps": 10,
                 "save_steps": 100, "eval_steps": 100, "eval_batches": 8, "seed": 0, "size": None, "bf16": False,
-                "save_total_limit": 2, "unfactored_fallback": False}
+                "save_total_limit": 2, "unfactored_fallback": False, "threads": None}
 
 
 def _section(recipe: Mapping[str, Any], name: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -106,6 +106,37 @@ def _make_trainer_class():
     return RecipeTrainer
 
 
+def _progress_callback_class():
+    from transformers.trainer_callback import ProgressCallback
+
+    class CompactProgress(ProgressCallback):
+        """The Trainer's tqdm bar, with one short line per log instead of the full log dict.
+
+        The full dict (per-group ``lr/group_i`` etc.) still goes to ``trainer.state.log_history`` and metrics.json.
+        """
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            pass  # validation takes a few batches: its result line is enough, a second bar only flickers
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or self.training_bar is None or not logs:
+                return
+            head = f"step {state.global_step:>{len(str(state.max_steps))}}/{state.max_steps}"
+            if "loss" in logs:
+                line = f"{head}  loss {float(logs['loss']):.3f}"
+                if "learning_rate" in logs:
+                    line += f"  lr {float(logs['learning_rate']):.2e}"
+                if logs.get("grad_norm") is not None:
+                    line += f"  grad norm {float(logs['grad_norm']):.2f}"
+            elif "eval_loss" in logs:
+                line = f"{head}  validation loss {float(logs['eval_loss']):.3f}"
+            else:
+                return  # the end-of-training runtime summary: main() prints its own
+            self.training_bar.write(line)
+
+    return CompactProgress
+
+
 def _write_outputs(out: Path, history: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     (out / "metrics.json").write_text(json.dumps({"summary": summary, "log_history": history}, indent=2))
     keys = ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm"]
@@ -123,6 +154,9 @@ def _write_outputs(out: Path, history: list[dict[str, Any]], summary: dict[str, 
     fig, ax = plt.subplots(figsize=(6, 4))
     train = [(r["step"], r["loss"]) for r in history if "loss" in r]
     val = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
+    if summary.get("initial_eval_loss") is not None and not any(step == 0 for step, _ in val):
+        # measured before trainer.train(), which starts a fresh log history
+        val.insert(0, (0, summary["initial_eval_loss"]))
     if train:
         ax.plot(*zip(*train), label="train")
     if val:
@@ -134,6 +168,33 @@ def _write_outputs(out: Path, history: list[dict[str, Any]], summary: dict[str, 
     plt.close(fig)
 
 
+def _seconds(value: float) -> str:
+    return f"{value:.0f} s" if value >= 10 else f"{value:.1f} s"
+
+
+def _print_summary(summary: Mapping[str, Any], out: Path, args: argparse.Namespace) -> None:
+    """A few lines a user can act on: the loss drop, where everything went, how to continue."""
+    out = out.resolve()
+    final, initial = summary["final_eval_loss"], summary["initial_eval_loss"]
+    if initial is None:
+        change = f"{final:.3f} after resuming"
+    else:
+        change = f"{initial:.3f} at step 0 -> {final:.3f} at step {summary['steps']} ({final - initial:+.3f})"
+    checkpoints = sorted((p.name for p in out.glob("checkpoint-*")), key=lambda n: int(n.rpartition("-")[2]))
+    lines = [
+        f"done: {summary['steps']} steps in {_seconds(summary['seconds'])} of training "
+        f"({_seconds(summary['total_seconds'])} in all, {summary['world_size']} "
+        f"process{'es' if summary['world_size'] > 1 else ''})",
+        f"validation loss: {change}; a uniform guess scores {summary['uniform_loss']:.3f} (nats/token)",
+        f"outputs:    {out}",
+        f"loss curve: {out / 'loss.png'}",
+        f"metrics:    {out / 'metrics.json'} (and metrics.csv)",
+        f"checkpoints: {', '.join(checkpoints) or 'none'} (to continue: the same command with --resume and a "
+        "larger run.max_steps)",
+    ]
+    print("\n".join(f"[hf-optim] {line}" for line in lines), flush=True)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hf-optim train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,11 +204,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-dir", help="overrides run.output_dir (default runs/<recipe name>)")
     parser.add_argument("--resume", nargs="?", const=True, default=None,
                         help="continue from the latest checkpoint in the output dir (or from the given checkpoint)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (overrides run.threads; default: torch's choice)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    t_launch = time.time()
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -156,12 +219,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .data import load_corpus
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     recipe = schema.load(args.recipe, args.overrides)
     model_cfg = _section(recipe, "model", MODEL_DEFAULTS)
     data_cfg = _section(recipe, "data", DATA_DEFAULTS)
     run = _section(recipe, "run", RUN_DEFAULTS)
+    threads = args.threads if args.threads is not None else run["threads"]
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise schema.RecipeError(f"run.threads / --threads must be an integer >= 1, got {threads!r}.")
+        # OpenMP threads that spin-wait for each other on a busy machine can make a small model's step 10x slower:
+        # the demo pins one thread.
+        torch.set_num_threads(threads)
     recipe["run"] = run
     out = Path(args.output_dir or run["output_dir"] or Path("runs") / recipe["name"])
     mup = model_cfg.get("mup") or {}
@@ -196,15 +264,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         model=model, args=training_args, train_dataset=corpus.train, eval_dataset=val,
         data_collator=default_data_collator, recipe=recipe, deepspeed=deepspeed,
     )
+    from transformers.trainer_callback import ProgressCallback
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(_progress_callback_class())
     main_process = trainer.is_world_process_zero()
     if main_process:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"[hf-optim] recipe {recipe['name']} ({recipe['_path']}): {model_cfg['arch']} "
-              f"width {model_cfg['hidden_size']} x {model_cfg['num_layers']} layers, {n_params / 1e6:.2f}M params"
+        print(f"[hf-optim] recipe {recipe['name']} ({recipe['_path']})\n"
+              f"[hf-optim] model: {model_cfg['arch']} width {model_cfg['hidden_size']} x {model_cfg['num_layers']} "
+              f"layers, {n_params / 1e6:.2f}M params"
               f"{', muP base width ' + str(mup['base_width']) if mup.get('base_width') else ''}; "
-              f"optimizer {recipe['optimizer']['name']} lr {lr}; {len(corpus.train)} train blocks of "
-              f"{data_cfg['block_size']} {data_cfg['tokenizer']} tokens; transformers {transformers.__version__}",
-              flush=True)
+              f"optimizer {recipe['optimizer']['name']}, peak lr {lr}\n"
+              f"[hf-optim] data: {data_cfg['corpus']}, {len(corpus.train)} training blocks of {data_cfg['block_size']} "
+              f"{data_cfg['tokenizer']} tokens; {run['max_steps']} steps x "
+              f"{run['batch_size'] * run['grad_accum'] * training_args.world_size} blocks\n"
+              f"[hf-optim] outputs -> {out.resolve()} (transformers {transformers.__version__}, "
+              f"torch threads: {torch.get_num_threads()})", flush=True)
     start = time.time()
     initial_eval = None if args.resume else trainer.evaluate()["eval_loss"]
     trainer.train(resume_from_checkpoint=args.resume)
@@ -217,14 +293,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "first_logged_loss": losses[0] if losses else None, "final_logged_loss": losses[-1] if losses else None,
             "initial_eval_loss": initial_eval, "final_eval_loss": final_eval,
             "uniform_loss": math.log(corpus.vocab_size), "seconds": round(time.time() - start, 1),
+            "total_seconds": round(time.time() - t_launch, 1),
             "world_size": training_args.world_size, "output_dir": str(out.resolve()),
         }
         out.mkdir(parents=True, exist_ok=True)
         _write_outputs(out, history, summary)
-        first = f"{initial_eval:.3f}" if initial_eval is not None else "n/a (resumed)"
-        print(f"[hf-optim] done in {summary['seconds']}s, {summary['steps']} steps. Validation loss at step 0: "
-              f"{first} -> final: {final_eval:.3f} (uniform guess: {summary['uniform_loss']:.3f}).\n"
-              f"[hf-optim] outputs in {out.resolve()}: metrics.json, metrics.csv, loss.png, checkpoint-*/", flush=True)
+        _print_summary(summary, out, args)
     return 0
 
 

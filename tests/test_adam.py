@@ -253,7 +253,7 @@ def test_defaults_document_the_class_semantics():
     assert hf_optim.AdamW(x).defaults["weight_decay_mode"] == "coupled"
     assert hf_optim.AdamW(x).defaults["weight_decay"] == torch.optim.AdamW(x).defaults["weight_decay"]
     assert hf_optim.RAdam(x).defaults["eps_mode"] == "tf"
-    assert set(hf_optim.RAdam.implementations) == {"for-loop", "foreach"}
+    assert set(hf_optim.RAdam.implementations) == {"for-loop", "foreach", "compiled"}
     with pytest.raises(ValueError, match="implementation"):
         hf_optim.RAdam(x, implementation="fused")
 

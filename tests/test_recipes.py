@@ -139,6 +139,97 @@ def test_pythia_warmup_is_one_percent_and_floor_ten_percent():
     assert lr_at(r, 143_000, "160M") == pytest.approx(6e-5)
 
 
+def _cosine_floor(peak, k, warm, decay, floor):
+    """The papers' rule written out: linear warm-up from 0, cosine from peak to floor*peak, then flat."""
+    if k < warm:
+        return peak * k / warm
+    p = min(1.0, (k - warm) / (decay - warm))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def test_llama1_cosine_over_the_whole_run_per_size():
+    r = schema.load("llama1")
+    for size, peak, tokens in (("6.7B", 3e-4, 1.0e12), ("65.2B", 1.5e-4, 1.4e12)):
+        total = round(tokens / 4e6)  # 4M-token batches (Table 2)
+        for k in (500, 2000, 100_000, total // 2, total, total + 7):
+            assert lr_at(r, k, size) == pytest.approx(_cosine_floor(peak, k, 2000, total, 0.1), rel=1e-12)
+    assert lr_at(r, 350_000, "65.2B") == pytest.approx(1.5e-5)
+
+
+def test_llama3_405b_warmup_8000_cosine_to_8e_7_over_1_2m_steps():
+    r = schema.load("llama3")
+    multiplier = build.multiplier(r, num_training_steps=1_200_000, size="405B")
+    lr = lambda k: 8e-5 * multiplier(k)  # noqa: E731
+    assert lr(4000) == pytest.approx(4e-5)
+    assert lr(8000) == pytest.approx(8e-5)
+    assert lr(8000 + (1_200_000 - 8000) // 2) == pytest.approx(8e-7 + (8e-5 - 8e-7) * 0.5)
+    assert lr(1_200_000) == pytest.approx(8e-7)
+    # 8B and 70B: only the peak lr is published; warm-up and floor are listed as unknown, not invented.
+    assert {"schedule.warmup_steps", "schedule.floor"} <= set(r["unknown"])
+    assert build.size_settings(r, "8B")["lr"] == 3e-4 and build.size_settings(r, "70B")["lr"] == 1.5e-4
+
+
+def test_unstated_schedule_fields_are_logged_not_hidden(caplog):
+    r = schema.load("llama3")
+    assert build.unstated_schedule_fields(r, "405B") == []
+    assert len(build.unstated_schedule_fields(r, "8B")) == 2
+    assert build.unstated_schedule_fields(schema.load("llama2"), "7B") == []
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
+    with caplog.at_level("WARNING", logger="recipes.build"):
+        sched = build.build_scheduler(r, opt, 1000, size="8B")
+    assert "warm-up" in caplog.text and "floor" in caplog.text
+    # ... and the defaults that then apply are the schedule's own: no warm-up, cosine from the peak down to 0.
+    assert sched.get_last_lr()[0] == pytest.approx(3e-4)
+    for _ in range(500):
+        opt.step()
+        sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(1.5e-4)
+
+
+def test_olmo2_warmup_2000_cosine_to_ten_percent():
+    r = schema.load("olmo2")
+    total = 1_000_000  # OLMo 2 states a token horizon, not a step count: any run length shows the shape
+    for size, peak in (("7B", 3e-4), ("13B", 9e-4)):
+        m = build.multiplier(r, num_training_steps=total, size=size)
+        for k in (1, 1000, 2000, 300_000, total):
+            assert peak * m(k) == pytest.approx(_cosine_floor(peak, k, 2000, total, 0.1), rel=1e-12)
+
+
+def test_bloom_token_warmup_and_cosine_over_410b_tokens():
+    r = schema.load("bloom")
+    for size, peak, batch in (("560M", 3e-4, 256 * 2048), ("176B", 6e-5, 2048 * 2048)):
+        warm, decay = round(375e6 / batch), round(410e9 / batch)
+        for k in (warm // 3, warm, (warm + decay) // 2, decay, decay + 100):
+            assert lr_at(r, k, size) == pytest.approx(_cosine_floor(peak, k, warm, decay, 0.1), rel=1e-12)
+    assert build.published_num_steps(r, "176B") == round(366e9 / (2048 * 2048))
+
+
+def test_explicit_lr_beats_the_per_size_table():
+    # Without this, `hf-optim train llm/llama2 optimizer.lr=3e-3` would silently keep 7B's 3e-4 from `sizes`.
+    r = schema.load("llama2", ["optimizer.lr=3e-3", "schedule.warmup_steps=20"])
+    assert build.size_settings(r, "7B")["lr"] == 3e-3 and build.size_settings(r, "70B")["lr"] == 3e-3
+    assert build.schedule_kwargs(r, 100, "7B")[1]["num_warmup_steps"] == 20
+
+
+def test_tiny_demo_inherits_llama2_settings_with_its_own_lr_and_warmup():
+    r = schema.load("llama2_tiny_mup")
+    assert r["sources"] == schema.load("llama2")["sources"]
+    m = build.multiplier(r, num_training_steps=300)
+    peak = 3e-3
+    assert [peak * m(k) for k in (15, 30)] == pytest.approx([peak * 15 / 30, peak])
+    assert peak * m(165) == pytest.approx(peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 135 / 270))))
+    assert peak * m(300) == pytest.approx(3e-4)
+    from transformers import LlamaForCausalLM
+    from mup_integration.surgery import make_mup_model
+
+    model = make_mup_model(tiny_llama_config(hidden_size=64), base_width=32, model_cls=LlamaForCausalLM)
+    opt = build.build_optimizer(r, model)
+    # muP (Adam family): hidden matrices at width 64 = 2 x base width get lr / 2, everything else the peak lr.
+    assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([peak / 2, peak])
+    g = opt.param_groups[0]
+    assert (g["betas"], g["eps"], g["weight_decay_mode"]) == ((0.9, 0.95), 1e-5, "coupled")
+
+
 def test_olmo2_excludes_only_embeddings_from_decay():
     r = schema.load("olmo2")
     names = build.decay_parameter_names(_tiny(), r["optimizer"]["no_decay"])

@@ -1,13 +1,17 @@
-"""`hf-optim sweep`: config expansion, resumable CSV/JSON/PNG outputs, the optimum analysis, the data windows."""
+"""`hf-optim sweep`: config expansion, resumable CSV/JSON/PNG outputs, parallel workers, the optimizer axis, the
+optimum analysis, the data windows, and the bundled configurations (quick run end-to-end at test size)."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from recipes import sweep
 from recipes._sweep_config import load_config
@@ -53,6 +57,7 @@ def test_sweep_end_to_end_outputs_and_resume(tmp_path, capsys):
         diverged = r["diverged"] == "True"
         assert math.isfinite(float(r["val_loss"])) != diverged
         assert float(r["log2_lr"]) == pytest.approx(math.log2(float(r["lr"])))
+        assert r["optimizer"] == "adamw_v2" and r["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     # lr = 8 blows up every width: recorded as diverged, not dropped.
     assert all(r["diverged"] == "True" for r in rows if float(r["lr"]) == 8.0)
     # Sane lr: the loss after 6 steps is below the uniform-prediction loss ln(V) plus slack, and finite.
@@ -69,7 +74,7 @@ def test_sweep_end_to_end_outputs_and_resume(tmp_path, capsys):
     import matplotlib.image
 
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["lrwd_sp_w32_lr_wd.png", "wt_coupled_wd0.png"]
+    assert pngs == ["lrwd_adamw_v2_sp_w32_lr_wd.png", "wt_adamw_v2_coupled_wd0.png"]
     for name in pngs:
         assert matplotlib.image.imread(out / name).ndim == 3
 
@@ -120,10 +125,125 @@ def test_bad_config_names_the_problem(tmp_path, edit, message):
         load_config(_write(tmp_path, TINY.replace(*edit)))
 
 
-def test_bad_jobs_and_missing_config(tmp_path):
+def test_bad_jobs_device_and_missing_config(tmp_path):
     with pytest.raises(ValueError, match="jobs must be an integer >= 1"):
         sweep.run_sweep(str(_write(tmp_path)), tmp_path / "o", jobs=0)
     assert sweep.main([str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")]) == 2
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda was requested"):
+            sweep.run_sweep(str(_write(tmp_path)), tmp_path / "o", device="cuda")
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("{name: adamw_v3}", "Unknown optimizer 'adamw_v3'.*Did you mean 'adamw_v2'"),
+    ("{name: sgdw_v2, args: {lr: 0.1}}", "'args' must be a mapping of constructor arguments other than"),
+    ("{name: sgdw_v2, argz: {}}", "unknown keys \\['argz'\\]"),
+])
+def test_bad_optimizer_entry(tmp_path, entry, message):
+    text = TINY.replace("parametrization: [sp, mup]", f"parametrization: [sp, mup]\n    optimizer: [{entry}]")
+    with pytest.raises(ValueError, match=message):
+        load_config(_write(tmp_path, text))
+
+
+def test_optimizer_axis_sgd_under_mup(tmp_path):
+    """A registered non-Adam optimizer with fixed args: built as that class, muP's SGD rule, and it trains."""
+    from hf_optim.sgd import SGDW
+    from recipes._sweep_cell import build_model, build_optimizer, run_cell
+
+    text = TINY.replace("parametrization: [sp, mup]", "parametrization: [mup]\n    optimizer: "
+                        "[{weight_decay_mode: coupled}, {name: sgdw_v2, args: {momentum: 0.9}}]")
+    cells = [c for c in load_config(_write(tmp_path, text)).cells if c.grid == "wt" and c.width == 64]
+    assert {(c.optimizer, c.optimizer_args) for c in cells} == {("adamw_v2", ()), ("sgdw_v2", (("momentum", 0.9),))}
+    (sgd,) = [c for c in cells if c.optimizer == "sgdw_v2" and c.lr == 2.0**-8]
+    model, overrides = build_model(sgd)
+    optimizer = build_optimizer(model, sgd, overrides)
+    assert type(optimizer) is SGDW and all(g["momentum"] == 0.9 for g in optimizer.param_groups)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    # mup.MuSGD's rule (width_mult 64 / 32 = 2): vector-like weights (the embedding) get lr x 2, square hidden
+    # matrices keep lr (fan-out / fan-in multipliers cancel) -- unlike Adam's hidden lr / 2 tested above.
+    assert lr_of[id(model.model.embed_tokens.weight)] == pytest.approx(2.0**-8 * 2)
+    assert lr_of[id(model.model.layers[0].self_attn.q_proj.weight)] == pytest.approx(2.0**-8)
+    # Fields left at their defaults stay out of the key (results recorded before the axis existed remain valid);
+    # any other optimizer gives a different key.
+    adam = next(c for c in cells if c.optimizer == "adamw_v2" and c.lr == sgd.lr)
+    assert adam.key != sgd.key and "sgdw_v2 momentum=0.9" in sgd.describe()
+    big = dataclasses.replace(sgd, lr=0.5)  # SGD needs a large lr to move in 6 steps
+    result = run_cell(big)
+    losses = [loss for _, loss in result["curve"]]
+    assert not result["diverged"] and losses[-1] < losses[0]
+
+
+def _test_sized(name: str) -> dict:
+    """A bundled configuration shrunk to test size: same grids, axes and options; tiny widths, lr and weight-decay
+    lists cut to their two ends, a few steps."""
+    raw = yaml.safe_load((Path(sweep.__file__).parent / "sweeps" / f"{name}.yaml").read_text())
+    raw["model"].update(head_dim=16, base_width=32, seq_len=16, batch_size=4)
+    raw["train"].update(steps=4, warmup_steps=1, eval_batches=1)
+    for grid in raw["grids"]:
+        grid["width"] = [32, 64][: len(grid["width"])]
+        grid["log2_lr"] = [grid["log2_lr"][0], grid["log2_lr"][-1]]
+        for entry in grid.get("optimizer", []):
+            entry["weight_decay"] = [entry["weight_decay"][0], entry["weight_decay"][-1]]
+    return raw
+
+
+@pytest.mark.slow
+def test_quick_config_test_sized_in_parallel_workers(tmp_path):
+    """The bundled `quick` sweep end-to-end with --jobs 2 (spawned worker processes): every cell runs once, the
+    outputs are well-formed, and a worker's result equals the same cell run in this process."""
+    from recipes._sweep_cell import run_cell
+
+    raw = _test_sized("quick")
+    config = tmp_path / "quick.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    cells = load_config(config).cells
+    out = tmp_path / "out"
+    assert sweep.main([str(config), "--out", str(out), "--jobs", "2", "--device", "cpu"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert sorted(r["key"] for r in rows) == sorted(c.key for c in cells)
+    assert {r["grid"] for r in rows} == {"width_transfer", "lr_wd"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert {(e["grid"], e["parametrization"]) for e in summary["width_transfer"]} == {
+        ("width_transfer", "sp"), ("width_transfer", "mup")}
+    assert {(e["grid"], e["weight_decay_mode"]) for e in summary["lr_wd"]} == {
+        ("lr_wd", "coupled"), ("lr_wd", "independent")}
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "lr_wd_adamw_v2_sp_w32_lr_wd.png", "width_transfer_adamw_v2_coupled_wd0.png"]
+    # Cells are deterministic and independent of the process that ran them (one thread, seeded data and init).
+    probe = next(c for c in cells if c.grid == "width_transfer" and c.parametrization == "mup" and c.width == 64)
+    row = next(r for r in rows if r["key"] == probe.key)
+    again = run_cell(probe)
+    assert (row["train_loss"], row["val_loss"]) == (again["train_loss"], again["val_loss"])
+
+
+def test_bundled_configs_have_the_promised_grids():
+    """The committed sweeps cover what the write-up claims: >= 4 widths from 64 to >= 512, >= 7 lrs, 2 seeds, SP and
+    muP; LR x WD over both decay modes; `quick` covers both experiments."""
+    full = load_config("full_width_transfer").cells
+    widths = sorted({c.width for c in full})
+    assert len(widths) >= 4 and widths[0] == 64 and widths[-1] >= 512
+    assert len({c.lr for c in full}) >= 7 and {c.seed for c in full} == {0, 1}
+    assert {c.parametrization for c in full} == {"sp", "mup"}
+    assert len(full) == len(widths) * len({c.lr for c in full}) * 2 * 2
+    lr_wd = load_config("full_lr_wd").cells
+    assert {c.weight_decay_mode for c in lr_wd} == {"coupled", "independent"}
+    for mode in ("coupled", "independent"):
+        assert len({c.weight_decay for c in lr_wd if c.weight_decay_mode == mode}) >= 4
+    quick = load_config("quick").cells
+    assert {c.grid for c in quick} == {"width_transfer", "lr_wd"} and len(quick) <= 100
+
+
+@pytest.mark.parametrize("name, folder", [("full_width_transfer", "width_transfer"), ("full_lr_wd", "lr_wd"),
+                                          ("lr_wd_long", "lr_wd_long")])
+def test_committed_results_match_their_config(name, folder):
+    """Every committed result row is a cell of the committed config (so the results are reproducible from it and
+    a re-run resumes instead of recomputing)."""
+    log = Path(__file__).parent.parent / "docs" / "experiments" / folder / "results.jsonl"
+    if not log.exists():
+        pytest.skip(f"{log} not committed")
+    keys = {c.key for c in load_config(name).cells}
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    assert rows and {r["key"] for r in rows} <= keys
 
 
 def _row(param, width, lr, loss, wd=0.0, mode="coupled", seed=0, grid="wt"):

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 
 from recipes import train
 
 TINY = ["model.hidden_size=32", "model.num_layers=1", "model.intermediate_size=64", "model.mup.base_width=16",
         "data.block_size=32", "data.max_tokens=40000", "run.batch_size=8", "run.eval_batches=2",
-        "run.logging_steps=5", "run.eval_steps=100", "run.save_steps=15", "schedule.warmup_steps=5"]
+        "run.logging_steps=5", "run.eval_steps=15", "run.save_steps=15", "schedule.warmup_steps=5"]
 
 
 @pytest.mark.slow
@@ -22,7 +24,14 @@ def test_train_demo_tiny_then_resume(tmp_path, capsys):
     assert summary["final_eval_loss"] < summary["initial_eval_loss"] - 0.3
     for name in ("metrics.csv", "loss.png", "checkpoint-30/optimizer.pt", "checkpoint-15/trainer_state.json"):
         assert (out / name).is_file(), name
-    assert "outputs in" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    # The closing summary names the loss drop, the outputs folder and the PNG; the bar prints one short line per log.
+    assert f"loss curve: {(out / 'loss.png').resolve()}" in printed.out
+    assert f"outputs:    {out.resolve()}" in printed.out
+    assert f"{summary['initial_eval_loss']:.3f} at step 0 -> {summary['final_eval_loss']:.3f} at step 30" in printed.out
+    terminal = printed.out + printed.err
+    assert "step 15/30  validation loss" in terminal and "step  5/30  loss " in terminal
+    assert "lr/group_0" not in terminal  # per-group values go to metrics.json, not the terminal
 
     assert train.main(["demo", *TINY, "run.max_steps=40", "--output-dir", str(out), "--threads", "1",
                        "--resume"]) == 0
@@ -32,8 +41,67 @@ def test_train_demo_tiny_then_resume(tmp_path, capsys):
     assert steps[0] == 1 and steps[-1] == 40  # history of the first run carried over from checkpoint-30
 
 
+@pytest.mark.parametrize("value", ["0", "-2", "1.5"])
+def test_bad_thread_count_is_refused(tmp_path, value):
+    from recipes.schema import RecipeError
+
+    with pytest.raises(RecipeError, match=r"run\.threads"):
+        train.main(["demo", f"run.threads={value}", "--output-dir", str(tmp_path)])
+
+
 def test_mup_with_weight_decay_needs_explicit_rule(tmp_path):
     from recipes.schema import RecipeError
 
     with pytest.raises(RecipeError, match="wd_rule"):
         train.main(["demo", "model.mup.wd_rule=null", "--output-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("args, fallback", [({}, False), ({}, True), ({"factored": False}, False)])
+def test_zero_caveat_is_enforced_when_the_trainer_builds_the_optimizer(tmp_path, args, fallback):
+    """Under DeepSpeed ZeRO (``ACCELERATE_USE_DEEPSPEED``), RecipeTrainer refuses factored Adafactor, or falls back."""
+    import warnings
+
+    from transformers import LlamaForCausalLM, TrainingArguments
+
+    from recipes import schema
+    from tests.conftest import tiny_llama_config
+
+    overrides = [f"optimizer.args.factored={str(v).lower()}" for v in args.values()]
+    recipe = schema.load("demo", [*overrides, f"run.unfactored_fallback={str(fallback).lower()}"])
+    trainer = train._make_trainer_class()(
+        model=LlamaForCausalLM(tiny_llama_config()), recipe=recipe, deepspeed=True,
+        args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    if not args and not fallback:
+        with pytest.raises(ValueError, match="Factored Adafactor cannot run under DeepSpeed ZeRO"):
+            trainer.create_optimizer()
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimizer = trainer.create_optimizer()
+    assert all(group["factored"] is False for group in optimizer.param_groups)
+    assert any("falls back to an unfactored" in str(w.message) for w in caught) == fallback
+    # The factored state (row/column statistics) must not appear: one second moment per parameter instead.
+    model = trainer.model
+    model(input_ids=torch.randint(0, 64, (2, 8)), labels=torch.randint(0, 64, (2, 8))).loss.backward()
+    optimizer.step()
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    assert optimizer.state[weight]["exp_avg_sq"].shape == weight.shape
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("base_width", [None, 16])
+def test_build_model_from_config(arch, base_width):
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+    from mup_integration.plan import has_plan
+
+    cfg = {**train.MODEL_DEFAULTS, "arch": arch, "hidden_size": 32, "num_layers": 1, "num_heads": 4,
+           "mup": {"base_width": base_width} if base_width else None}
+    torch.manual_seed(0)
+    model = train.build_model(cfg, vocab_size=65, block_size=16)
+    assert isinstance(model, {"llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel}[arch])
+    assert has_plan(model) == bool(base_width)
+    assert model.get_input_embeddings().weight.shape == (65, 32)
+    ids = torch.randint(0, 65, (2, 16))
+    loss = model(input_ids=ids, labels=ids).loss
+    assert torch.isfinite(loss) and abs(loss.item() - math.log(65)) < 0.5  # near-uniform predictions at init
