@@ -45,6 +45,7 @@ from typing import Any, ClassVar
 import torch
 
 from . import _compiled
+from . import _native_adafactor as _native
 from . import _validation as v
 from ._adafactor_presets import KNOBS, PRESETS, WEIGHT_DECAY_IS_LR
 from ._base import BaseOptimizer, ParamOverrides
@@ -90,10 +91,11 @@ class Adafactor(BaseOptimizer):
             (``"group"``: decay uses the group lr; ``"step"``: the effective step ``α_t``, transformers),
             ``decay_as_factor`` (``x *= 1 - r`` with ``1 - r`` rounded to fp32, as torch; default ``x -= r·x``),
             ``maximize``, ``stochastic_rounding`` (bf16 parameters), ``implementation`` (``"auto"``,
-            ``"for-loop"``, ``"foreach"``, ``"compiled"``).
+            ``"for-loop"``, ``"foreach"``, ``"compiled"``, ``"fused"``: the C kernel of
+            :mod:`hf_optim._native_adafactor` for factored fp32 CPU matrices, ``auto`` for the other tensors; ``auto`` uses the kernel too).
     """
 
-    implementations: ClassVar[tuple[str, ...]] = ("for-loop", "foreach", "compiled")
+    implementations: ClassVar[tuple[str, ...]] = ("for-loop", "foreach", "compiled", "fused")
 
     def __init__(
         self,
@@ -227,7 +229,7 @@ class Adafactor(BaseOptimizer):
             params = list(self._params_with_grad(group))
             if not params:
                 continue
-            _adafactor_group(self, params, group, _resolve(group["implementation"], params))
+            _adafactor_group(self, params, group, group["implementation"])
         return loss
 
 
@@ -325,6 +327,19 @@ def _adafactor_group(opt: Adafactor, params: list[torch.Tensor], group: dict[str
         state["step"] += 1
         # `step` lives on the CPU: no device sync
         items.append((x, g, state, factor_dims(p.shape, group), _step_scalars(state["step"].item(), group), p))
+    if impl in ("auto", "fused") and _native.supports_group(group) and _native.library() is not None:
+        # The C kernel takes every factored fp32 CPU matrix (on the CPU it beats the other paths at every size).
+        native = [it for it in items if shard_spec(it[5]) is None and _native.supports_tensor(it[0], it[1], it[3])]
+        for x, g, state, _, (beta2, rho), _ in native:
+            _native_step(x, g, state, beta2, rho, group)
+        native_ids = {id(it) for it in native}
+        items = [it for it in items if id(it) not in native_ids]
+    if not items:
+        return
+    if impl == "fused":
+        # What the kernel leaves is usually a handful of norm vectors: one multi-tensor pass beats a Python loop.
+        impl = "foreach" if sum(it[0].numel() for it in items) < _compiled.AUTO_MIN_NUMEL else "auto"
+    impl = _resolve(impl, [it[5] for it in items])
     if impl == "compiled":
         # FSDP2 shards need cross-rank reductions, empty tensors have nothing to fuse, and stochastic rounding draws
         # eager random bits: those stay on the eager path.
@@ -336,6 +351,23 @@ def _adafactor_group(opt: Adafactor, params: list[torch.Tensor], group: dict[str
             items = [it for it in items if id(it) not in fast_ids]
     if items:
         _eager_group(opt, items, group, impl == "foreach")
+
+
+def _native_step(x: torch.Tensor, g: torch.Tensor, state: dict[str, Any], beta2: float, rho: float,
+                 group: dict[str, Any]) -> None:
+    """Step sizes as :func:`_update` computes them, then the C kernel."""
+    alpha = rho
+    if group["scale_parameter"]:  # max(eps2, RMS(x_{t-1})) · ρ_t
+        alpha = max(group["eps2"], torch.linalg.vector_norm(x).item() / math.sqrt(x.numel())) * rho
+    rate = 0.0
+    if group["weight_decay"]:
+        decay_lr = alpha if group["weight_decay_lr"] == "step" else group["lr"]
+        rate = decay_rate(group["weight_decay_mode"], group["weight_decay"], decay_lr, group["lr_peak"])
+    _native.adafactor_step(
+        x, g, state, beta2=beta2, eps1=group["eps1"], clip=group["clip_threshold"], alpha=alpha, decay=rate,
+        decay_as_factor=group["decay_as_factor"], maximize=group["maximize"], beta1=group["beta1"],
+        momentum_before_lr=group["momentum_before_lr"],
+    )
 
 
 def _eager_group(opt: Adafactor, items: list[tuple[Any, ...]], group: dict[str, Any], foreach: bool) -> None:
