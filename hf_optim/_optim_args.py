@@ -35,6 +35,8 @@ from ._validation import check_choice, closest
 #: Keys understood by the Trainer handler itself, with their defaults.
 HANDLER_KEYS: dict[str, Any] = {"mup": None, "mup_wd_rule": "independent"}
 MUP_WD_RULES: tuple[str, ...] = ("independent", "mup", "none")
+# Spelling rules for the handler keys: flags take true/false, the rule a name.
+HANDLER_DEFAULT_TYPES: dict[str, Any] = {"mup": False, "mup_wd_rule": ""}
 
 # Parameters of an optimizer's __init__ that are never knobs.
 _NOT_KNOBS = frozenset({"self", "params", "param_overrides"})
@@ -139,7 +141,11 @@ def parse_optim_args(
                 f"not in --optim_args."
             )
         if key in HANDLER_KEYS:
-            options[key] = _coerce(key, value, False if key == "mup" else "", text)
+            default = HANDLER_DEFAULT_TYPES[key]
+            raw = optim_args[key]
+            # A rule is a name: keep the text, so that `mup_wd_rule=none` is the rule "none", not None.
+            options[key] = raw.strip() if isinstance(default, str) and isinstance(raw, str) else _coerce(
+                key, value, default, text)
             continue
         if key not in defaults:
             raise ValueError(
@@ -148,6 +154,8 @@ def parse_optim_args(
             )
         kwargs[key] = _coerce(key, value, defaults[key], text)
     check_choice("optim_args mup_wd_rule", options["mup_wd_rule"], MUP_WD_RULES)
+    if options["mup"] is not None and not isinstance(options["mup"], bool):
+        raise ValueError(f"optim_args mup={options['mup']!r}: write mup=true or mup=false.")
     return kwargs, options
 
 
@@ -158,7 +166,10 @@ def split_optim_args(text: str | None) -> dict[str, str]:
     result: dict[str, str] = {}
     for item in text.replace(" ", "").split(","):
         if not item:
-            continue
+            raise ValueError(
+                f"optim_args {text!r} has an empty item (a doubled or trailing ','): write key=value items "
+                "separated by single commas, tuples with ':' (e.g. betas=0.9:0.95)."
+            )
         key, sep, value = item.partition("=")
         if not sep or not key or "=" in value:
             raise ValueError(

@@ -36,7 +36,7 @@ from types import ModuleType
 from typing import Any
 
 import hf_optim.registry as registry
-from hf_optim._optim_args import parse_optim_args
+from hf_optim._optim_args import knob_defaults, parse_optim_args, split_optim_args
 from hf_optim.registry import OptimizerSpec
 
 SUPPORTED_TRANSFORMERS = (
@@ -49,6 +49,8 @@ FALLBACK = (
     "Trainer(..., optimizer_cls_and_kwargs=(hf_optim.AdamW, {'lr': 1e-3}))."
 )
 _OPTIMIZER_CONTEXT_FIELDS = {"args", "model", "optimizer_kwargs", "adam_kwargs", "optim_args"}
+#: ``OptimizerNames`` values this package added (so that a failed check can take exactly those back).
+_ADDED: set[str] = set()
 
 
 class TransformersIncompatibleError(RuntimeError):
@@ -105,6 +107,7 @@ def _add_member(names: type[enum.Enum], value: str) -> enum.Enum:
     member_name = value.upper()
     if member_name in names._member_map_ or hasattr(names, member_name):
         member_name = f"HF_OPTIM_{member_name}"
+    _ADDED.add(value)
     member = str.__new__(names, value)
     member._name_ = member_name
     member._value_ = value
@@ -116,6 +119,19 @@ def _add_member(names: type[enum.Enum], value: str) -> enum.Enum:
     names._member_map_[member_name] = member
     names._value2member_map_[value] = member
     return member
+
+
+def _remove_members(names: type[enum.Enum], values: list[str]) -> None:
+    """Undo :func:`_add_member` for ``values`` that this package added (never touches transformers' own names)."""
+    for value in values:
+        member = names._value2member_map_.get(value)
+        if member is None or value not in _ADDED:
+            continue
+        names._member_names_.remove(member._name_)
+        del names._member_map_[member._name_]
+        del names._value2member_map_[value]
+        type.__delattr__(names, member._name_)
+        _ADDED.discard(value)
 
 
 def _make_handler(spec_name: str) -> Any:
@@ -167,12 +183,18 @@ def _register(specs: list[OptimizerSpec], just_loaded: ModuleType | None = None)
     members = {spec.name: _add_member(names, spec.name) for spec in specs}
     trainer_optimizer = _loaded("transformers.trainer_optimizer", just_loaded)
     if trainer_optimizer is not None:
-        handlers = check_trainer_optimizer(trainer_optimizer)
-        for spec in specs:
-            _add_handler(handlers, members[spec.name], spec)
+        try:
+            handlers = check_trainer_optimizer(trainer_optimizer)
+            for spec in specs:
+                _add_handler(handlers, members[spec.name], spec)
+        except TransformersIncompatibleError:
+            # Names without handlers would pass `--optim` parsing and fail later in create_optimizer.
+            _remove_members(names, [spec.name for spec in specs])
+            raise
     trainer = _loaded("transformers.trainer", just_loaded)
     if trainer is not None:
         _add_logging_callback(trainer)
+        _check_optim_args_syntax_first(trainer)
 
 
 def _add_logging_callback(trainer_module: ModuleType) -> None:
@@ -189,6 +211,31 @@ def _add_logging_callback(trainer_module: ModuleType) -> None:
 
     if GroupLoggingCallback not in callbacks:
         callbacks.append(GroupLoggingCallback)
+
+
+def _check_optim_args_syntax_first(trainer_module: ModuleType) -> None:
+    """Make ``Trainer.get_optimizer_cls_and_kwargs`` check ``--optim_args`` syntax with our error for our names.
+
+    transformers splits ``optim_args`` before any handler runs and a malformed item (``eps``, a trailing comma)
+    crashes there with a bare unpacking error; for hf-optim names the same string is checked first by
+    :func:`~hf_optim._optim_args.split_optim_args`, whose error says what a valid item looks like. Other names are
+    untouched. If the method is missing, only the error message is less helpful, so nothing is raised.
+    """
+    trainer_cls = getattr(trainer_module, "Trainer", None)
+    original = getattr(trainer_cls, "__dict__", {}).get("get_optimizer_cls_and_kwargs")
+    if not isinstance(original, staticmethod) or getattr(original.__func__, "hf_optim_wrapped", False):
+        return
+    func = original.__func__
+
+    def get_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[Any, Any]:
+        optim = getattr(args, "optim", None)
+        if getattr(optim, "value", optim) in registry._REGISTRY:
+            split_optim_args(getattr(args, "optim_args", None))
+        return func(args, model)
+
+    get_optimizer_cls_and_kwargs.__doc__ = func.__doc__
+    get_optimizer_cls_and_kwargs.hf_optim_wrapped = True  # type: ignore[attr-defined]
+    trainer_cls.get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs)
 
 
 def register_with_transformers(spec: OptimizerSpec) -> None:
@@ -253,15 +300,13 @@ def optimizer_cls_and_kwargs(
     if spec.adam_args:
         _map_adam_args(cls, args, kwargs, user_kwargs, name)
     kwargs.update(user_kwargs)
-    overrides = _mup_overrides(spec, model, options)
+    overrides = _mup_overrides(spec, cls, model, kwargs, user_kwargs, options)
     if overrides is not None:
         kwargs["param_overrides"] = overrides
     return cls, kwargs
 
 
 def _map_adam_args(cls: type, args: Any, kwargs: dict[str, Any], user: dict[str, Any], name: str) -> None:
-    from hf_optim._optim_args import knob_defaults
-
     knobs = knob_defaults(cls)
     if "betas" in knobs and "betas" not in user:
         kwargs["betas"] = (args.adam_beta1, args.adam_beta2)
@@ -271,20 +316,78 @@ def _map_adam_args(cls: type, args: Any, kwargs: dict[str, Any], user: dict[str,
         warnings.warn(f"--optim {name}: {cls.__name__} has no epsilon; --adam_epsilon is ignored.", stacklevel=3)
 
 
-def _mup_overrides(spec: OptimizerSpec, model: Any, options: dict[str, Any]) -> Any:
+def _unwrap(model: Any) -> Any:
+    # DDP (`module`) and torch.compile (`_orig_mod`) wrappers hide the config; the Trainer usually passes the bare
+    # model, but optimizer_cls_and_kwargs is public.
+    while model is not None and not hasattr(model, "config"):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            break
+        model = inner
+    return model
+
+
+def _takes_param_overrides(cls: type) -> bool:
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    return "param_overrides" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _mup_overrides(spec: OptimizerSpec, cls: type, model: Any, kwargs: dict[str, Any], user_kwargs: dict[str, Any],
+                   options: dict[str, Any]) -> Any:
+    """The muP multipliers for ``model`` (``None`` without a plan or with ``mup=false``), after checking that the
+    optimizer settings and the model can take them."""
+    model = _unwrap(model)
     plan = getattr(getattr(model, "config", None), "mup", None)
     use = options["mup"] if options["mup"] is not None else bool(plan)
     if not use:
         return None
+    where = f"--optim {spec.name}"
     if model is None or not plan:
         raise ValueError(
-            f"optim_args mup=true for --optim {spec.name}, but the model carries no muP plan "
+            f"optim_args mup=true for {where}, but the model carries no muP plan "
             "(model.config.mup is not set). Apply muP to the model first (mup_integration), or drop mup=true."
+        )
+    if not _takes_param_overrides(cls):
+        raise TypeError(
+            f"The model carries a muP plan, but {where} ({cls.__module__}.{cls.__name__}) does not accept "
+            "param_overrides, so its per-layer multipliers cannot be applied. Pass --optim_args mup=false to train "
+            "without them, or give the class a param_overrides argument (see hf_optim._base.apply_param_overrides)."
         )
     # Imported only here: hf_optim never depends on mup_integration at import time.
     from mup_integration.groups import param_overrides
+    from mup_integration.surgery import is_mup_applied
 
-    return param_overrides(model, family=spec.mup_family, wd_rule=options["mup_wd_rule"])
+    if not is_mup_applied(model):
+        raise ValueError(
+            f"The model carries a muP plan (model.config.mup) but not its forward changes (readout multiplier, "
+            "attention scale): it was probably loaded with a plain from_pretrained. Load it with "
+            "mup_integration.from_pretrained(cls, path) or call mup_integration.apply_mup(model, init=False) before "
+            "training, or pass --optim_args mup=false."
+        )
+    knobs = {**knob_defaults(cls, kwargs.get("preset")), **kwargs}
+    rule = options["mup_wd_rule"]
+    mode = knobs.get("weight_decay_mode")
+    if rule == "independent" and "weight_decay_mode" in user_kwargs and mode != "independent":
+        raise ValueError(
+            f"optim_args weight_decay_mode={mode!r} conflicts with mup_wd_rule='independent' (the default under "
+            "muP), which switches every decayed muP group to weight_decay_mode='independent' (per-step decay "
+            "lambda*eta_t at every width). Drop weight_decay_mode, or choose mup_wd_rule=mup (mup 1.0.0: "
+            "weight_decay*width_mult with lr-coupled decay) or mup_wd_rule=none."
+        )
+    if rule == "mup" and mode in ("independent", "corrected"):
+        raise ValueError(
+            f"mup_wd_rule='mup' multiplies a hidden matrix's weight decay by width_mult so that lr-coupled decay "
+            f"(weight_decay_mode 'coupled' or 'l2') stays width-independent; with weight_decay_mode={mode!r} "
+            "(the default of this optimizer or preset) the decay would instead grow with width. Add "
+            "weight_decay_mode=coupled to --optim_args, or use mup_wd_rule=independent."
+        )
+    family = spec.mup_family
+    if family == "adam" and knobs.get("scale_parameter"):
+        family = "adam_param_scale"  # steps already scale with RMS(W) ∝ 1/sqrt(width_mult)
+    # Which tensors decay at all is the Trainer's decay / no-decay split (biases and norms never), as under muP.
+    return param_overrides(model, family=family, wd_rule=rule)
 
 
 def __getattr__(name: str) -> Any:

@@ -9,6 +9,8 @@ rule                parameter kind               override
 ==================  ===========================  ============================================================
 ``family="adam"``   hidden                       ``lr_mult`` :math:`= 1/m`      (Adam, AdamW, Adafactor, AdaGrad,
                     embedding, readout, vector   none                           RMSProp: entry-wise normalised)
+``"adam_param_scale"`` hidden                    ``lr_mult`` :math:`= 1/\sqrt m` (Adafactor with
+                    embedding, readout, vector   none                           ``scale_parameter=True``)
 ``family="sgd"``    hidden                       ``lr_mult`` :math:`= 1/r`      (= ``mup.MuSGD``)
                     embedding, readout, vector   ``lr_mult`` :math:`= m`
 ``wd="independent"`` decayed                     ``weight_decay_mode="independent"``: per-step decay
@@ -21,11 +23,21 @@ rule                parameter kind               override
 (any rule)          vector (biases, norms)       ``weight_decay=0`` unless ``decay_vectors=True``
 ==================  ===========================  ============================================================
 
+``adam_param_scale``: Adafactor with parameter scaling multiplies each step by :math:`\max(\epsilon_2,
+\mathrm{RMS}(W))`, and a muP hidden matrix has :math:`\mathrm{RMS}(W) \propto 1/\sqrt m` (initialised with variance
+:math:`\sigma^2/m`, and its :math:`O(1/m)` updates keep it there), so :math:`1/\sqrt m` more gives the muP step
+size :math:`\propto 1/m`; the other kinds have :math:`\mathrm{RMS}(W) = O(1)` and keep the Adam rule.
+
+The ``mup`` rule is mup 1.0.0's: decay multiplied by the inverse of the lr multiplier, so that the *lr-coupled* decay
+per step :math:`\alpha_t\,\lambda` does not change with width. It is meant for ``l2`` and ``coupled`` decay; with
+``independent`` decay (not multiplied by the lr) it would make the decay grow with width: use ``wd="independent"``.
+
 References: Yang et al., "Tensor Programs V" (2022), Table 3 and 8; microsoft/mup ``mup/optim.py`` (1.0.0).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -37,7 +49,7 @@ from hf_optim.decay import coupled_equivalent
 
 from .plan import MuPPlan, ParamInfo, get_plan, unwrap
 
-FAMILIES = ("adam", "sgd")
+FAMILIES = ("adam", "adam_param_scale", "sgd")
 WD_RULES = ("independent", "mup", "none")
 
 
@@ -47,6 +59,8 @@ def override_for(info: ParamInfo, family: str, wd_rule: str, decay_vectors: bool
     hidden = info.kind == "hidden"
     if family == "adam":
         lr_mult = 1.0 / info.width_mult if hidden else 1.0
+    elif family == "adam_param_scale":
+        lr_mult = 1.0 / math.sqrt(info.width_mult) if hidden else 1.0
     else:
         lr_mult = 1.0 / info.fan_ratio if hidden else info.width_mult
     if lr_mult != 1.0:
@@ -57,8 +71,8 @@ def override_for(info: ParamInfo, family: str, wd_rule: str, decay_vectors: bool
     elif wd_rule == "independent":
         out["weight_decay_mode"] = "independent"
     else:  # "mup": the inverse of the lr multiplier, as mup 1.0.0's MuAdam / MuSGD
-        if family == "adam":
-            wd_mult = info.width_mult if hidden else 1.0
+        if family != "sgd":
+            wd_mult = 1.0 / lr_mult
         else:
             wd_mult = info.fan_ratio if hidden else 1.0 / info.width_mult
         if wd_mult != 1.0:

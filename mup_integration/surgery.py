@@ -82,10 +82,22 @@ def attention_scale(attn: nn.Module, plan: MuPPlan) -> float:
     return _sp_scaling(attn) * plan.attn_mult * math.sqrt(plan.base_head_dim / attn.head_dim)
 
 
+#: ``mup``'s readout classes: ``nn.Linear`` subclasses whose forward already divides by ``width_mult``.
+_MUP_READOUTS = ("MuReadout", "MuSharedReadout")
+
+
 def _readout(model: nn.Module) -> nn.Module:
     readout = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(readout, nn.Linear):
         raise ValueError(f"{type(model).__name__} has no nn.Linear output embedding (lm_head); muP surgery needs one.")
+    if type(readout).__name__ in _MUP_READOUTS:
+        raise ValueError(
+            f"{type(model).__name__}'s output layer is mup's {type(readout).__name__}, which already applies the "
+            "1/width_mult readout multiplier; this surgery would apply it a second time. For a model prepared "
+            "with mup.set_base_shapes, take only the plan (mup_integration.plan_from_infshapes(model)) and pass it "
+            "to param_overrides(model, plan=plan); or build the model with a plain nn.Linear head and use "
+            "make_mup_model / apply_mup."
+        )
     return readout
 
 

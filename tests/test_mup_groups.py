@@ -139,9 +139,13 @@ def test_none_rule_switches_decay_off():
 
 
 def test_torch_groups_train_like_hf_optim():
-    """mup_param_groups + torch.optim.AdamW == hf_optim.AdamW + param_overrides over real gradient steps."""
+    """mup_param_groups + torch.optim.AdamW == hf_optim.AdamW + param_overrides over real gradient steps.
+
+    In float64: in float32 one-ulp differences in the two optimizers' rounding reach the loss, and Adam's
+    sign-like steps on near-zero gradients amplify them, which says nothing about the group rules under test.
+    """
     torch.manual_seed(0)
-    a = mi.make_mup_model(tiny_llama_config(hidden_size=64), base_width=32)
+    a = mi.make_mup_model(tiny_llama_config(hidden_size=64), base_width=32).double()
     b = copy.deepcopy(a)
     opt_a = hf_optim.AdamW(a.parameters(), lr=1e-2, weight_decay=1e-4, implementation="for-loop",
                            param_overrides=mi.param_overrides(a))
@@ -153,7 +157,7 @@ def test_torch_groups_train_like_hf_optim():
             model(ids, labels=ids).loss.backward()
             opt.step()
     for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7, msg=n)
+        torch.testing.assert_close(pa, pb, rtol=1e-10, atol=1e-12, msg=n)
 
 
 def test_frozen_parameters_get_no_override():

@@ -78,3 +78,17 @@ def test_bad_bsh_files(tmp_path):
     bad.write_text("w: [32]\n")
     with pytest.raises(ValueError, match="do not match the model's parameters"):
         mi.plan_from_base_shapes(_llama(32), bad)
+
+
+def test_a_mup_readout_head_is_not_given_a_second_multiplier():
+    # A model prepared for mup carries mup's MuReadout (which already divides by width_mult): apply_mup refuses,
+    # and the plan still reaches the optimizer through param_overrides(plan=...).
+    model = _llama(128)
+    head = model.lm_head
+    model.lm_head = mup.MuReadout(head.in_features, head.out_features, bias=False)
+    mup.set_base_shapes(model, _llama(32), rescale_params=False, do_assert=False)
+    plan = mi.plan_from_infshapes(model)
+    with pytest.raises(ValueError, match=r"mup's MuReadout.*second time.*plan_from_infshapes"):
+        mi.apply_mup(model, plan, init=False)
+    overrides = mi.param_overrides(model, plan=plan)
+    assert overrides[model.model.layers[0].mlp.up_proj.weight]["lr_mult"] == pytest.approx(1 / 4)

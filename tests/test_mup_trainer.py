@@ -101,3 +101,97 @@ def test_trained_mup_model_saves_and_reloads_with_surgery(tmp_path):
     ids = torch.arange(16).view(2, 8)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
+
+
+# --- settings that cannot take the plan's multipliers are refused, not silently changed -----------------------------
+
+
+def _create(tmp_path, optim: str, *optim_args: str, model=None):
+    model = model if model is not None else _mup_llama()
+    extra = ("--optim_args", ",".join(optim_args)) if optim_args else ()
+    args = _parse(tmp_path, optim, *extra)
+    optimizer = Trainer(model=model, args=args, train_dataset=RuleDataset(8, 16, 64)).create_optimizer()
+    return model, {id(p): g for g in optimizer.param_groups for p in g["params"]}
+
+
+def test_explicit_decay_mode_conflicting_with_the_independent_rule_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"weight_decay_mode='coupled' conflicts with mup_wd_rule='independent'"):
+        _create(tmp_path, "adamw_v2", "weight_decay_mode=coupled")
+    # the same mode the rule sets is no conflict
+    model, group_of = _create(tmp_path, "adamw_v2", "weight_decay_mode=independent")
+    assert group_of[id(model.model.layers[0].mlp.up_proj.weight)]["weight_decay_mode"] == "independent"
+
+
+def test_mup_rule_with_an_lr_independent_decay_mode_is_an_error(tmp_path):
+    # adafactor_v2 decays independently of the lr by default: wd * m would then grow with width
+    with pytest.raises(ValueError, match=r"weight_decay_mode='independent'.*grow with width"):
+        _create(tmp_path, "adafactor_v2", "mup_wd_rule=mup")
+    model, group_of = _create(tmp_path, "adafactor_v2", "mup_wd_rule=mup", "weight_decay_mode=coupled")
+    down = group_of[id(model.model.layers[1].mlp.down_proj.weight)]
+    assert (down["lr"], down["weight_decay"], down["weight_decay_mode"]) == pytest.approx(
+        (LR / 8, WD * 8, "coupled"))
+
+
+def test_none_rule_through_optim_args(tmp_path):
+    # "none" is the rule's name, not Python's None
+    _, group_of = _create(tmp_path, "adamw_v2", "mup_wd_rule=none")
+    assert {g["weight_decay"] for g in group_of.values()} == {0.0}
+    with pytest.raises(ValueError, match=r"mup_wd_rule must be one of \['independent', 'mup', 'none'\]"):
+        _create(tmp_path, "adamw_v2", "mup_wd_rule=nope")
+
+
+def test_parameter_scaling_adafactor_gets_inverse_sqrt_width_lr(tmp_path):
+    # With scale_parameter=True each step is already multiplied by RMS(W), and a muP hidden matrix has
+    # RMS(W) = sigma / sqrt(fan_in_mult) (its init): so lr / sqrt(m) gives the muP step size sigma * lr / m.
+    model = _mup_llama()
+    up = model.model.layers[0].mlp.up_proj.weight  # fan-in mult 4
+    rms_ratio = up.detach().pow(2).mean().sqrt().item() / model.config.initializer_range
+    assert rms_ratio == pytest.approx(1 / math.sqrt(4), rel=0.05)  # the premise, measured
+    _, group_of = _create(tmp_path, "adafactor_v2", "scale_parameter=true", model=model)
+    params = dict(model.named_parameters())
+    for name, mult in EXPECTED_LR_MULT.items():
+        assert group_of[id(params[name])]["lr"] == pytest.approx(LR * math.sqrt(mult), rel=1e-12), name
+
+
+def test_model_with_a_plan_but_no_surgery_is_refused(tmp_path):
+    model = _mup_llama()
+    model.save_pretrained(tmp_path / "saved")
+    plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "saved")  # plan in config, no forward changes
+    assert plain.config.mup and not mi.is_mup_applied(plain)
+    with pytest.raises(ValueError, match=r"not its forward changes.*apply_mup\(model, init=False\).*mup=false"):
+        _create(tmp_path, "adamw_v2", model=plain)
+    _create(tmp_path, "adamw_v2", "mup=false", model=plain)  # the explicit opt-out still works
+    mi.apply_mup(plain, init=False)
+    _create(tmp_path, "adamw_v2", model=plain)
+
+
+def test_optimizer_without_param_overrides_is_refused_under_mup(tmp_path, monkeypatch):
+    import hf_optim
+    from hf_optim import registry
+
+    class PlainSGD(torch.optim.SGD):  # no param_overrides argument, no **kwargs
+        def __init__(self, params, lr=1e-3, weight_decay=0.0):
+            super().__init__(params, lr=lr, weight_decay=weight_decay)
+
+    monkeypatch.setitem(sys.modules, "plain_sgd_test_module", type(sys)("plain_sgd_test_module"))
+    sys.modules["plain_sgd_test_module"].PlainSGD = PlainSGD
+    spec = hf_optim.OptimizerSpec("plain_sgd_test", "plain_sgd_test_module:PlainSGD", "test-only", adam_args=False)
+    try:
+        hf_optim.register_optimizer(spec)
+        with pytest.raises(TypeError, match=r"does not accept param_overrides.*mup=false"):
+            _create(tmp_path, "plain_sgd_test")
+        model, group_of = _create(tmp_path, "plain_sgd_test", "mup=false")
+        assert {g["lr"] for g in group_of.values()} == {LR}
+    finally:
+        registry._REGISTRY.pop(spec.name, None)
+
+
+def test_wrapped_model_is_looked_through(tmp_path):
+    from hf_optim.trainer import optimizer_cls_and_kwargs
+
+    model = _mup_llama()
+    wrapper = torch.nn.Module()
+    wrapper.module = model  # what DDP looks like from the outside
+    args = _parse(tmp_path, "adamw_v2")
+    _, kwargs = optimizer_cls_and_kwargs("adamw_v2", args, wrapper)
+    assert kwargs["param_overrides"][model.model.layers[1].mlp.down_proj.weight]["lr_mult"] == pytest.approx(1 / 8)

@@ -155,3 +155,13 @@ def test_bad_optim_args_through_the_trainer(tmp_path):
     args = _args(tmp_path, optim="sgdw_v2", optim_args="momentun=0.9")
     with pytest.raises(ValueError, match=r"Unknown optim_args key 'momentun'.*Did you mean 'momentum'\?"):
         Trainer.get_optimizer_cls_and_kwargs(args)
+
+
+@pytest.mark.parametrize("bad", ["eps", "eps_mode=tf,", "eps_mode=tf,,maximize=true", "betas=0.9=0.95"])
+def test_malformed_optim_args_through_the_trainer(tmp_path, bad):
+    # transformers splits optim_args before any handler runs; for our names the string is checked first
+    with pytest.raises(ValueError, match=r"optim_args .* (must look like key=value|has an empty item)"):
+        Trainer.get_optimizer_cls_and_kwargs(_args(tmp_path, optim="adamw_v2", optim_args=bad))
+    # transformers' own names keep transformers' own behaviour (its bare unpacking error)
+    with pytest.raises(ValueError, match="values to unpack"):
+        Trainer.get_optimizer_cls_and_kwargs(_args(tmp_path, optim="adamw_torch", optim_args=bad))

@@ -212,6 +212,7 @@ def test_mup_plan_adds_param_overrides(tmp_path, monkeypatch):
         return {hidden: {"lr_mult": 0.25}}
 
     monkeypatch.setattr(groups, "param_overrides", fake_param_overrides)
+    monkeypatch.setattr("mup_integration.surgery.is_mup_applied", lambda m: True)  # the fake plan has no surgery
     args = _args(tmp_path, optim="sgdw_v2", learning_rate=0.1, optim_args="mup_wd_rule=mup")
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     assert calls == [(model, "sgd", "mup")] and kwargs["param_overrides"] == {hidden: {"lr_mult": 0.25}}
@@ -341,9 +342,16 @@ def test_guard_names_versions_and_fallback(monkeypatch):
     message = str(info.value)
     assert "_OPTIMIZER_HANDLERS" in message and "Supported: transformers >=" in message
     assert "optimizer_cls_and_kwargs" in message
-    # the hook path warns instead of breaking `import transformers`
+    # no name is left behind without a handler: it would pass `--optim` parsing and fail in create_optimizer
+    assert not set(NAMES) & set(OptimizerNames._value2member_map_)
+    # the hook path warns instead of breaking `import transformers`, and also leaves no name behind
     with pytest.warns(RuntimeWarning, match="not registered"):
         plugin.on_module_loaded(trainer_optimizer)
+    assert not set(NAMES) & set(OptimizerNames._value2member_map_)
+    monkeypatch.undo()
+    plugin.register_all()
+    assert set(NAMES) <= set(OptimizerNames._value2member_map_)
+    assert all(_OPTIMIZER_HANDLERS[OptimizerNames(n)].hf_optim_spec == n for n in NAMES)
 
 
 def test_guard_rejects_transformers_without_a_handler_table(monkeypatch):
