@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_optim import _validation as v
 from hf_optim.registry import get_spec
 
 from .schedules import make_multiplier, make_scheduler
-from .schema import ADAM_FAMILY
+from .schema import ADAM_FAMILY, WEIGHT_DECAY_IS_LR_PEAK
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,22 @@ def size_settings(recipe: Mapping[str, Any], size: str | None = None) -> dict[st
     }
 
 
+def weight_decay(recipe: Mapping[str, Any], size: str | None = None) -> float | None:
+    """``optimizer.weight_decay`` as a number; ``lr_peak`` resolves to the chosen size's peak lr.
+
+    PaLM's decay ``lr_t²`` is mode ``corrected`` with λ = lr_peak: resolving here (not when the YAML is written)
+    keeps it ``lr_t²`` when ``optimizer.lr`` is overridden.
+    """
+    wd = (recipe.get("optimizer") or {}).get("weight_decay")
+    if wd != WEIGHT_DECAY_IS_LR_PEAK:
+        return wd
+    lr = size_settings(recipe, size)["lr"]
+    if lr is None:
+        raise ValueError(f"optimizer.weight_decay={WEIGHT_DECAY_IS_LR_PEAK!r} means lambda = the peak lr, but recipe "
+                         f"{recipe.get('name')!r} states no lr for size {size!r}.")
+    return float(lr)
+
+
 def _tokens_to_steps(tokens: float, batch_tokens: float | None, what: str) -> int:
     if not batch_tokens:
         raise ValueError(f"schedule.{what} is given in tokens but the recipe has no batch_tokens to convert it to steps.")
@@ -93,6 +110,8 @@ def schedule_kwargs(recipe: Mapping[str, Any], num_training_steps: int | None = 
     elif sched.get("warmup_tokens") is not None:
         warmup = _tokens_to_steps(sched["warmup_tokens"], s["batch_tokens"], "warmup_tokens")
     elif sched.get("warmup_fraction") is not None:
+        # [0, 1): a fraction of 1 or more would leave no step after the warm-up, so the peak lr is never reached.
+        v.check_unit_interval("schedule.warmup_fraction", sched["warmup_fraction"])
         warmup = int(round(sched["warmup_fraction"] * total))
     else:
         warmup = 0
@@ -134,7 +153,7 @@ def optimizer_cls_and_kwargs(recipe: Mapping[str, Any], model: nn.Module | None 
     lr = size_settings(recipe, size)["lr"]
     not_stated = []
     for key, value in (("lr", lr), ("betas", opt.get("betas")), ("eps", opt.get("eps")),
-                       ("weight_decay", opt.get("weight_decay")),
+                       ("weight_decay", weight_decay(recipe, size)),
                        ("weight_decay_mode", opt.get("weight_decay_mode"))):
         if value is None:
             not_stated.append(key)

@@ -14,6 +14,7 @@ themselves.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -63,6 +64,12 @@ def tokenize(text: str, tokenizer: str) -> tuple[np.ndarray, int, str]:
     return np.fromiter((lookup[c] for c in text), dtype=np.int64, count=len(text)), len(chars), chars
 
 
+def _round_up(x: float, digits: int = 2) -> float:
+    """``x`` rounded *up* to ``digits`` significant digits, so a suggested minimum is really enough."""
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(x)))
+    return math.ceil(x * scale) / scale
+
+
 def load_corpus(corpus: str = "tinyshakespeare", *, tokenizer: str = "char", block_size: int = 128,
                 val_fraction: float = 0.1, max_tokens: int | None = None) -> Corpus:
     """Load, tokenize and block a corpus into train/val ``datasets.Dataset`` objects (see the module docstring).
@@ -85,6 +92,16 @@ def load_corpus(corpus: str = "tinyshakespeare", *, tokenizer: str = "char", blo
         if split == "train" and n_blocks == 0:
             raise ValueError(f"corpus {corpus!r} has {len(stream)} training tokens, fewer than one block of "
                              f"data.block_size={block_size}.")
+        if split == "val" and n_blocks == 0:
+            # Training evaluates at step 0 and at the end: an empty split would only fail later, as a KeyError
+            # on 'eval_loss' inside the Trainer.
+            need = _round_up(block_size / len(ids)) if len(ids) else math.inf
+            # ... while the training split keeps at least one block too
+            fix = (f"use data.val_fraction >= {need:g}" if need + block_size / len(ids) <= 1 else
+                   "use a larger corpus or data.max_tokens, or a smaller data.block_size")
+            raise ValueError(f"data.val_fraction={val_fraction!r} leaves {len(stream)} validation tokens of "
+                             f"{len(ids)}, fewer than one block of data.block_size={block_size}; the validation "
+                             f"split needs at least one block: {fix}.")
         blocks = stream[: n_blocks * block_size].reshape(n_blocks, block_size).tolist()
         out[split] = datasets.Dataset.from_dict({"input_ids": blocks, "labels": blocks})
     return Corpus(out["train"], out["val"], vocab_size, tokenizer, chars)

@@ -27,6 +27,13 @@ from hf_optim._validation import closest
 RECIPES_DIR = Path(__file__).resolve().parent
 ALIASES = {"demo": "demo/shakespeare_mup_llama_adafactor"}
 
+#: ``optimizer.weight_decay: lr_peak`` means λ = the peak lr of the chosen size (resolved by
+#: :func:`recipes.build.weight_decay`), so PaLM's ``lr_t²`` decay (mode ``corrected``) stays ``lr_t²`` when the lr is
+#: overridden; a number copied from the peak lr would silently stop tracking it.
+WEIGHT_DECAY_IS_LR_PEAK = "lr_peak"
+#: Schema type of a field that takes a number or the :data:`WEIGHT_DECAY_IS_LR_PEAK` sentinel.
+FLOAT_OR_LR_PEAK = "float_or_lr_peak"
+
 _SIZE_KEYS = {"lr": float, "batch_tokens": float, "total_tokens": float, "seq_len": int, "warmup_steps": int,
               "decay_steps": int, "floor": float}
 
@@ -42,7 +49,7 @@ SCHEMA: dict[str, Any] = {
     "assumptions": dict,
     "notes": list,
     "optimizer": {
-        "name": str, "lr": float, "betas": list, "eps": float, "weight_decay": float,
+        "name": str, "lr": float, "betas": list, "eps": float, "weight_decay": FLOAT_OR_LR_PEAK,
         "weight_decay_mode": ("l2", "coupled", "independent", "corrected"),
         "no_decay": list, "args": "any",
     },
@@ -101,6 +108,8 @@ def _type_ok(value: Any, expected: Any) -> bool:
         return True  # null = not stated; the published-field rule below decides whether that is allowed
     if isinstance(expected, tuple):
         return value in expected
+    if expected == FLOAT_OR_LR_PEAK:
+        return value == WEIGHT_DECAY_IS_LR_PEAK or _type_ok(value, float)
     if expected is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if expected is int:
@@ -109,6 +118,8 @@ def _type_ok(value: Any, expected: Any) -> bool:
 
 
 def _describe(expected: Any) -> str:
+    if expected == FLOAT_OR_LR_PEAK:
+        return f"a number or {WEIGHT_DECAY_IS_LR_PEAK!r} (lambda = the peak lr)"
     return f"one of {list(expected)}" if isinstance(expected, tuple) else f"a {getattr(expected, '__name__', expected)}"
 
 
@@ -159,6 +170,24 @@ def _stated(recipe: Mapping[str, Any], path: str) -> bool:
     return _get(recipe, path) is not None
 
 
+def _check_values(recipe: Mapping[str, Any], origin: str) -> None:
+    """Ranges and cross-field rules that a per-key type check cannot express."""
+    sizes = recipe.get("sizes") or {}
+    size = _get(recipe, "run.size")
+    if size is not None and size not in sizes:
+        allowed = f"one of {list(sizes)}" if sizes else "unset (this recipe has no sizes table)"
+        raise RecipeError(f"{origin}: run.size={size!r} is not a size of this recipe; allowed: {allowed}."
+                          f"{closest(str(size), [str(label) for label in sizes])}")
+    fraction = _get(recipe, "schedule.warmup_fraction")
+    # A fraction >= 1 would leave no step after the warm-up: the schedule would never reach its peak.
+    if fraction is not None and not 0.0 <= fraction < 1.0:
+        raise RecipeError(f"{origin}: schedule.warmup_fraction must be in [0, 1) (a fraction of the run's steps), "
+                          f"got {fraction!r}.")
+    if _get(recipe, "optimizer.weight_decay") == WEIGHT_DECAY_IS_LR_PEAK and not _stated(recipe, "optimizer.lr"):
+        raise RecipeError(f"{origin}: optimizer.weight_decay={WEIGHT_DECAY_IS_LR_PEAK!r} means lambda = the peak lr, "
+                          "but the recipe states no optimizer.lr (nor an lr for every size).")
+
+
 def validate(recipe: Mapping[str, Any], origin: str = "recipe") -> None:
     """Raise :class:`RecipeError` unless ``recipe`` (already merged with its base) follows the schema."""
     _check_keys("", recipe, SCHEMA, origin)
@@ -175,6 +204,7 @@ def validate(recipe: Mapping[str, Any], origin: str = "recipe") -> None:
     betas = _get(recipe, "optimizer.betas")
     if betas is not None and (len(betas) != 2 or not all(_type_ok(b, float) for b in betas)):
         raise RecipeError(f"{origin}: optimizer.betas must be a pair of numbers, got {betas!r}.")
+    _check_values(recipe, origin)
     kind = recipe.get("kind")
     if kind is None:
         raise RecipeError(f"{origin}: 'kind' is required (one of ['published', 'demo']).")
@@ -259,19 +289,54 @@ def _override_sizes(recipe: dict[str, Any], dotted: str) -> None:
             entry.pop(key, None)
 
 
+def _override_target(recipe: Mapping[str, Any], text: str, parts: list[str], valid: list[str]) -> list[str]:
+    """The key path an override writes to; refuses keys that do not exist instead of silently adding them.
+
+    ``sizes.<label>.<key>`` needs an existing size label (``sizes.7X.lr=...`` would otherwise add a size nobody
+    selects) and a per-size key; ``assumptions.<field path>`` is one entry whose key is the dotted path itself.
+    """
+    dotted = ".".join(parts)
+    if parts[0] == "sizes" and len(parts) > 1:
+        sizes = recipe.get("sizes") or {}
+        # A label may contain dots ("1.3B"): match the longest known label first.
+        labels = sorted((str(label) for label in sizes), key=len, reverse=True)
+        rest = dotted[len("sizes."):]
+        label = next((lab for lab in labels if rest == lab or rest.startswith(lab + ".")), None)
+        if label is None:
+            guess = rest.split(".")[0]
+            allowed = list(sizes) if sizes else "none (this recipe has no sizes table)"
+            raise RecipeError(f"override {text!r}: unknown size {guess!r}; sizes of this recipe: {allowed}."
+                              f"{closest(guess, labels)}")
+        key = rest[len(label) + 1:]
+        if key and key not in _SIZE_KEYS:
+            raise RecipeError(f"override {text!r}: unknown per-size key {key!r}; allowed: {sorted(_SIZE_KEYS)}."
+                              f"{closest(key, _SIZE_KEYS)}")
+        return ["sizes", label, key] if key else ["sizes", label]
+    if parts[0] == "assumptions" and len(parts) > 1:
+        field = dotted[len("assumptions."):]
+        if field not in valid and not field.startswith("optimizer.args."):
+            raise RecipeError(f"override {text!r}: assumptions entry {field!r} is not a recipe field."
+                              f"{closest(field, valid)}")
+        return ["assumptions", field]
+    if dotted not in valid and not dotted.startswith("optimizer.args."):
+        raise RecipeError(f"override {text!r}: unknown key {dotted!r}.{closest(dotted, valid)}")
+    return parts
+
+
 def apply_overrides(recipe: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
     result = copy.deepcopy(dict(recipe))
     valid = field_paths()
     for text in overrides:
         parts, value = parse_override(text)
-        dotted = ".".join(parts)
-        if dotted not in valid and not (parts[0] in ("sizes", "assumptions") or dotted.startswith("optimizer.args.")):
-            raise RecipeError(f"override {text!r}: unknown key {dotted!r}.{closest(dotted, valid)}")
+        target = _override_target(result, text, parts, valid)
         node = result
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-        _override_sizes(result, dotted)
+        for part in target[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[target[-1]] = value
+        _override_sizes(result, ".".join(parts))
     return result
 
 

@@ -11,12 +11,16 @@ Examples::
     hf-optim train demo
     hf-optim train llm/llama2 run.max_steps=200 schedule.warmup_steps=20 optimizer.lr=3e-3
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 \\
-        --config_file recipes/accelerate/ddp.yaml -m recipes.train demo run.max_steps=20
+        --config_file recipes/accelerate/ddp.yaml $(which hf-optim) train demo run.max_steps=20
+    # the same with the module instead of the console script: ... ddp.yaml -m recipes.train demo run.max_steps=20
+
+A recipe mistake (unknown key, bad value, too small a validation split) prints one line to stderr and returns 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
@@ -24,7 +28,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,21 @@ RUN_DEFAULTS = {"max_steps": 200, "batch_size": 16, "grad_accum": 1, "output_dir
                 "save_total_limit": 2, "unfactored_fallback": False, "threads": None}
 
 
+@contextlib.contextmanager
+def _config_errors(what: str) -> Iterator[None]:
+    """Turn a ``ValueError`` raised while applying the recipe into a :class:`~recipes.schema.RecipeError`.
+
+    Only around steps driven by the recipe's values (corpus, model config, schedule, optimizer), so that ``main``
+    can report a configuration mistake in one line while a genuine bug elsewhere keeps its traceback.
+    """
+    try:
+        yield
+    except schema.RecipeError:
+        raise
+    except ValueError as error:
+        raise schema.RecipeError(f"{what}: {error}") from error
+
+
 def _section(recipe: Mapping[str, Any], name: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
     given = recipe.get(name) or {}
     return {**defaults, **{k: v for k, v in given.items() if v is not None}}
@@ -51,6 +70,13 @@ def build_model(model_cfg: Mapping[str, Any], vocab_size: int, block_size: int):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     width, layers, heads = model_cfg["hidden_size"], model_cfg["num_layers"], model_cfg["num_heads"]
+    for key in ("hidden_size", "num_layers", "num_heads"):
+        if isinstance(model_cfg[key], bool) or not isinstance(model_cfg[key], int) or model_cfg[key] < 1:
+            raise ValueError(f"model.{key} must be an integer >= 1, got {model_cfg[key]!r}.")
+    if width % heads:
+        # Checked here: transformers' own check raises a huggingface_hub error that is not a ValueError.
+        raise ValueError(f"model.hidden_size={width} must be a multiple of model.num_heads={heads} "
+                         f"(each head gets hidden_size / num_heads dimensions).")
     if model_cfg["arch"] == "llama":
         config = LlamaConfig(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers,
                              num_attention_heads=heads, num_key_value_heads=heads,
@@ -91,15 +117,18 @@ def _make_trainer_class():
                 # Built here, not in main(): under FSDP2 the model is sharded first and muP overrides must be keyed
                 # by the sharded Parameters.
                 opt_model = self.model if model is None else model
-                cls, kwargs = build.optimizer_cls_and_kwargs(self.recipe, opt_model)
-                kwargs = build.check_deepspeed(cls, kwargs, deepspeed=self._deepspeed,
-                                               fallback=bool(self.recipe.get("run", {}).get("unfactored_fallback")))
+                with _config_errors("optimizer"):
+                    cls, kwargs = build.optimizer_cls_and_kwargs(self.recipe, opt_model)
+                    kwargs = build.check_deepspeed(cls, kwargs, deepspeed=self._deepspeed,
+                                                   fallback=bool(self.recipe.get("run", {}).get("unfactored_fallback")))
                 self.optimizer_cls_and_kwargs = (cls, kwargs)
             return super().create_optimizer(model)
 
         def create_scheduler(self, num_training_steps: int, optimizer=None):
             if self.lr_scheduler is None:
-                self.lr_scheduler = build.build_scheduler(self.recipe, optimizer or self.optimizer, num_training_steps)
+                with _config_errors("schedule"):
+                    self.lr_scheduler = build.build_scheduler(self.recipe, optimizer or self.optimizer,
+                                                              num_training_steps)
                 self._created_lr_scheduler = True
             return self.lr_scheduler
 
@@ -210,8 +239,37 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``hf-optim train``: 0 on success, 2 (one line on stderr) for a recipe mistake, as ``hf-optim sweep`` does."""
     t_launch = time.time()
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return _train(args, t_launch)
+    except schema.RecipeError as error:
+        # The message names the field, the value and what is allowed; a 40-line traceback would only bury it.
+        print(f"hf-optim train: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+        _destroy_process_group()  # the error may come after the Trainer joined a process group
+        return 2
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _finish_distributed(trainer: Any) -> None:
+    """Let every rank leave together and close the process group before the interpreter exits.
+
+    Without this, rank 1 returned while rank 0 was still writing metrics and loss.png; rank 1's live gloo group was
+    then torn down at interpreter exit (SIGABRT, "terminate called without an active exception") and the launcher
+    SIGTERMed rank 0 before its outputs were complete.
+    """
+    trainer.accelerator.wait_for_everyone()
+    _destroy_process_group()
+
+
+def _train(args: argparse.Namespace, t_launch: float) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
     import transformers
@@ -230,10 +288,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         # OpenMP threads that spin-wait for each other on a busy machine can make a small model's step 10x slower:
         # the demo pins one thread.
         torch.set_num_threads(threads)
+    for key in ("max_steps", "batch_size", "grad_accum", "eval_batches", "logging_steps", "eval_steps",
+                "save_steps"):
+        value = run[key]
+        # 0 evaluation batches would fail much later as KeyError 'eval_loss'; 0 steps / batch size make no run.
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise schema.RecipeError(f"run.{key} must be an integer >= 1, got {value!r}.")
     recipe["run"] = run
+    with _config_errors("schedule"):
+        # Checked before the corpus and model are built, so a bad warm-up or floor fails in a second, not after
+        # the first step (the Trainer builds the scheduler inside train()).
+        build.multiplier(recipe, run["max_steps"], run["size"])
     out = Path(args.output_dir or run["output_dir"] or Path("runs") / recipe["name"])
     mup = model_cfg.get("mup") or {}
-    wd = (recipe.get("optimizer") or {}).get("weight_decay")
+    wd = build.weight_decay(recipe, run["size"])  # a number: the 'lr_peak' sentinel resolved for this size
     if mup.get("base_width") and wd and not mup.get("wd_rule"):
         raise schema.RecipeError(
             "model.mup.wd_rule must be set when muP is on and weight_decay > 0: 'independent' (per-step decay "
@@ -241,25 +309,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             "matrices) or 'none'.")
 
     set_seed(run["seed"])
-    corpus = load_corpus(data_cfg["corpus"], tokenizer=data_cfg["tokenizer"], block_size=data_cfg["block_size"],
-                         val_fraction=data_cfg["val_fraction"], max_tokens=data_cfg["max_tokens"])
-    model = build_model(model_cfg, corpus.vocab_size, data_cfg["block_size"])
+    with _config_errors("data"):
+        corpus = load_corpus(data_cfg["corpus"], tokenizer=data_cfg["tokenizer"], block_size=data_cfg["block_size"],
+                             val_fraction=data_cfg["val_fraction"], max_tokens=data_cfg["max_tokens"])
+    with _config_errors("model"):
+        model = build_model(model_cfg, corpus.vocab_size, data_cfg["block_size"])
     val = corpus.val.select(range(min(len(corpus.val), run["eval_batches"] * run["batch_size"])))
     lr = build.size_settings(recipe, run["size"])["lr"]
     max_grad_norm = (recipe.get("training") or {}).get("max_grad_norm")
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    training_args = TrainingArguments(
-        output_dir=str(out), max_steps=run["max_steps"], per_device_train_batch_size=run["batch_size"],
-        per_device_eval_batch_size=run["batch_size"], gradient_accumulation_steps=run["grad_accum"],
-        # The optimizer and schedule come from the recipe (RecipeTrainer); these two are recorded for the logs and
-        # give the decay group its weight decay.
-        learning_rate=lr if lr is not None else 1e-3, weight_decay=wd or 0.0,
-        max_grad_norm=max_grad_norm if max_grad_norm is not None else 0.0,
-        logging_steps=run["logging_steps"], logging_first_step=True, eval_strategy="steps",
-        eval_steps=run["eval_steps"], save_strategy="steps", save_steps=run["save_steps"],
-        save_total_limit=run["save_total_limit"], seed=run["seed"], bf16=run["bf16"], report_to=[],
-        dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=False,
-    )
+    with _config_errors("run"):  # e.g. run.bf16 on a machine without bf16 support
+        training_args = TrainingArguments(
+            output_dir=str(out), max_steps=run["max_steps"], per_device_train_batch_size=run["batch_size"],
+            per_device_eval_batch_size=run["batch_size"], gradient_accumulation_steps=run["grad_accum"],
+            # The optimizer and schedule come from the recipe (RecipeTrainer); these two are recorded for the logs
+            # and give the decay group its weight decay (under DeepSpeed, max_grad_norm and grad_accum also fill
+            # the 'auto' values of recipes/accelerate/deepspeed_zero*.yaml).
+            learning_rate=lr if lr is not None else 1e-3, weight_decay=wd or 0.0,
+            max_grad_norm=max_grad_norm if max_grad_norm is not None else 0.0,
+            logging_steps=run["logging_steps"], logging_first_step=True, eval_strategy="steps",
+            eval_steps=run["eval_steps"], save_strategy="steps", save_steps=run["save_steps"],
+            save_total_limit=run["save_total_limit"], seed=run["seed"], bf16=run["bf16"], report_to=[],
+            dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=False,
+        )
     trainer = _make_trainer_class()(
         model=model, args=training_args, train_dataset=corpus.train, eval_dataset=val,
         data_collator=default_data_collator, recipe=recipe, deepspeed=deepspeed,
@@ -299,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         _write_outputs(out, history, summary)
         _print_summary(summary, out, args)
+    _finish_distributed(trainer)
     return 0
 
 

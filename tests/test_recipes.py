@@ -91,15 +91,53 @@ def test_palm_constant_then_inverse_sqrt_with_lr_squared_decay():
     assert (group["weight_decay_mode"], group["weight_decay"], group["factored"], group["beta1"]) == (
         "corrected", 1e-2, False, 0.9)
     for k in (40_000, 160_000):
-        lr_t = 1e-2 * math.sqrt(1e4 / k)
-        for g in opt.param_groups:
-            g["lr"] = lr_t  # what the scheduler sets at step k
-        p = group["params"][0]
-        before = p.detach().clone().double()
-        for q in model.parameters():
-            q.grad = torch.zeros_like(q)
-        opt.step()
-        torch.testing.assert_close(p.detach().double(), before * (1 - lr_t**2), rtol=1e-6, atol=1e-9)
+        _assert_zero_grad_step_decays_by_lr_squared(opt, model, 1e-2 * math.sqrt(1e4 / k))
+
+
+def _assert_zero_grad_step_decays_by_lr_squared(opt, model, lr_t: float) -> None:
+    """With zero gradients one step only decays: PaLM's x <- x (1 - lr_t^2)."""
+    for g in opt.param_groups:
+        g["lr"] = lr_t  # what the scheduler sets at that step
+    p = opt.param_groups[0]["params"][0]
+    before = p.detach().clone().double()
+    for q in model.parameters():
+        q.grad = torch.zeros_like(q)
+    opt.step()
+    torch.testing.assert_close(p.detach().double(), before * (1 - lr_t**2), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("lr", [3e-3, 2e-2])
+def test_palm_decay_stays_lr_squared_when_the_lr_is_overridden(lr):
+    # lambda = lr_peak is a sentinel resolved when the optimizer is built: with a literal 1e-2 an lr override would
+    # turn the decay into (lr_t^2 / lr) * 1e-2 instead of PaLM's lr_t^2.
+    r = schema.load("palm", [f"optimizer.lr={lr}"])
+    assert r["optimizer"]["weight_decay"] == "lr_peak" and build.weight_decay(r) == lr
+    model = _tiny()
+    opt = build.build_optimizer(r, model)
+    group = opt.param_groups[0]
+    assert (group["weight_decay_mode"], group["weight_decay"]) == ("corrected", lr)
+    # the inverse_sqrt_max schedule at step 40k, peak = the overridden lr
+    _assert_zero_grad_step_decays_by_lr_squared(opt, model, lr * math.sqrt(1e4 / 40_000))
+
+
+def test_palm_knobs_the_paper_does_not_state_are_listed_with_assumptions():
+    r = schema.load("palm")
+    for knob, value in (("eps1", 1e-30), ("eps2", 1e-3), ("momentum_before_lr", False)):
+        path = f"optimizer.args.{knob}"
+        assert path in r["unknown"] and r["assumptions"].get(path), path
+        assert r["optimizer"]["args"][knob] == value  # stated in the recipe, not inherited silently from the preset
+    group = build.build_optimizer(r, _tiny()).param_groups[0]
+    assert (group["eps1"], group["eps2"], group["momentum_before_lr"]) == (1e-30, 1e-3, False)
+
+
+def test_weight_decay_sentinel_is_validated(tmp_path):
+    with pytest.raises(schema.RecipeError, match=r"optimizer\.weight_decay must be a number or 'lr_peak'.*'lr'"):
+        schema.load("palm", ["optimizer.weight_decay=lr"])
+    text = "name: x\nkind: demo\noptimizer: {name: adamw_v2, weight_decay: lr_peak}\n"
+    with pytest.raises(schema.RecipeError, match="states no optimizer.lr"):
+        schema.load(_write(tmp_path, text))
+    # A number still works and is used as is.
+    assert build.weight_decay(schema.load("palm", ["optimizer.weight_decay=0.5"])) == 0.5
 
 
 def test_t5_inverse_sqrt_max():
@@ -186,13 +224,22 @@ def test_unstated_schedule_fields_are_logged_not_hidden(caplog):
     assert sched.get_last_lr()[0] == pytest.approx(1.5e-4)
 
 
-def test_olmo2_warmup_2000_cosine_to_ten_percent():
+def test_olmo2_cosine_to_ten_percent_over_a_5t_token_horizon():
     r = schema.load("olmo2")
-    total = 1_000_000  # OLMo 2 states a token horizon, not a step count: any run length shows the shape
-    for size, peak in (("7B", 3e-4), ("13B", 9e-4)):
-        m = build.multiplier(r, num_training_steps=total, size=size)
-        for k in (1, 1000, 2000, 300_000, total):
-            assert peak * m(k) == pytest.approx(_cosine_floor(peak, k, 2000, total, 0.1), rel=1e-12)
+    # Released stage-1 configs: cosine over t_max = 5e12 tokens to alpha_f = 0.1; 1024 / 2048 sequences of 4096.
+    for size, peak, batch in (("7B", 3e-4, 1024 * 4096), ("13B", 9e-4, 2048 * 4096)):
+        horizon = round(5e12 / batch)
+        for run_length in (10_000, 2_000_000):  # the decay follows the token horizon, not the run's length
+            m = build.multiplier(r, num_training_steps=run_length, size=size)
+            for k in (1, 1000, 2000, 5000, 300_000, horizon // 2, horizon, horizon + 5):
+                assert peak * m(k) == pytest.approx(_cosine_floor(peak, k, 2000, horizon, 0.1), rel=1e-12)
+    # Stage 1 as run: the 7B stopped at step 928,646 (~3.9T tokens), the 13B at step 596,057 (5.0T tokens).
+    assert build.published_num_steps(r, "7B") == 928_646 and build.published_num_steps(r, "13B") == 596_057
+    # Cross-checks against the stage-2 configs, whose start lr is where stage 1 left off: 6.1499e-5 for the 7B
+    # (which matches step 928,000 of the cosine) and 9e-5 = 10 % of the 13B peak, its cosine already at the floor.
+    assert lr_at(r, 928_000, "7B") == pytest.approx(6.1499e-5, rel=2e-4)
+    assert lr_at(r, 596_057, "13B") == pytest.approx(9e-5, rel=1e-12)
+    assert "schedule.floor" not in r["unknown"]  # now sourced from the released configs (alpha_f)
 
 
 def test_bloom_token_warmup_and_cosine_over_410b_tokens():
@@ -262,6 +309,52 @@ def test_override_typo_and_value_parsing():
         schema.load("demo", ["run.max_stepz=3"])
 
 
+def test_size_overrides_need_an_existing_size_and_key():
+    sizes = r"\['7B', '13B', '34B', '70B'\]"
+    with pytest.raises(schema.RecipeError, match=rf"unknown size '7X'.*{sizes}.*Did you mean '7B'"):
+        schema.load("llama2", ["sizes.7X.lr=1e-3"])
+    with pytest.raises(schema.RecipeError, match=r"unknown per-size key 'lrr'.*Did you mean 'lr'"):
+        schema.load("llama2", ["sizes.7B.lrr=1e-3"])
+    with pytest.raises(schema.RecipeError, match="unknown size"):
+        schema.load("demo", ["sizes.7B.lr=1e-3"])  # the demo has no sizes table
+    r = schema.load("llama2", ["sizes.13B.lr=1e-3"])
+    assert build.size_settings(r, "13B")["lr"] == 1e-3 and build.size_settings(r, "7B")["lr"] == 3e-4
+    assert list(r["sizes"]) == ["7B", "13B", "34B", "70B"]  # nothing added
+    g = schema.load("gpt3", ["sizes.1.3B.lr=1e-4"])  # a label with a dot
+    assert build.size_settings(g, "1.3B")["lr"] == 1e-4 and "1" not in g["sizes"]
+
+
+def test_run_size_must_be_a_size_of_the_recipe():
+    with pytest.raises(schema.RecipeError, match=r"run\.size='7X'.*Did you mean '7B'"):
+        schema.load("llama2", ["run.size=7X"])
+    with pytest.raises(schema.RecipeError, match=r"run\.size='7B'.*no sizes table"):
+        schema.load("demo", ["run.size=7B"])
+    assert schema.load("llama2", ["run.size=70B"])["run"]["size"] == "70B"
+
+
+def test_assumption_overrides_name_a_field():
+    r = schema.load("llama2", ["assumptions.optimizer.eps=because"])
+    assert r["assumptions"]["optimizer.eps"] == "because"  # the entry's key is the dotted path, not a nested map
+    assert "optimizer" not in r["assumptions"]
+    with pytest.raises(schema.RecipeError, match=r"assumptions entry 'optimizer\.epz'.*Did you mean 'optimizer\.eps'"):
+        schema.load("llama2", ["assumptions.optimizer.epz=because"])
+
+
+@pytest.mark.parametrize("fraction", [1.0, 1.5, -0.1])
+def test_warmup_fraction_must_be_in_unit_interval(fraction):
+    with pytest.raises(schema.RecipeError, match=rf"schedule\.warmup_fraction must be in \[0, 1\).*{fraction}"):
+        schema.load("pythia", [f"schedule.warmup_fraction={fraction}"])
+    # build.py checks it too, for recipes that never went through schema.load
+    recipe = {"name": "x", "schedule": {"name": "cosine_to_floor", "warmup_fraction": fraction}}
+    with pytest.raises(ValueError, match=r"schedule\.warmup_fraction must be in \[0, 1\)"):
+        build.schedule_kwargs(recipe, 100)
+
+
+def test_warmup_fraction_in_range_gives_that_share_of_the_steps():
+    r = schema.load("pythia", ["schedule.warmup_fraction=0.25"])
+    assert build.schedule_kwargs(r, 400, "160M")[1]["num_warmup_steps"] == 100
+
+
 def test_yaml_is_loaded_safely(tmp_path):
     path = _write(tmp_path, "name: !!python/object/apply:os.system ['echo pwned > /dev/null']\nkind: demo\n")
     with pytest.raises(yaml.YAMLError):
@@ -323,3 +416,20 @@ def test_corpus_char_and_byte():
     assert byte.vocab_size == 256 and byte.decode(byte.train[0]["input_ids"]) == "First Citizen:\nB"
     with pytest.raises(ValueError, match="data.tokenizer"):
         load_corpus(tokenizer="bpe")
+
+
+@pytest.mark.parametrize("val_fraction, tokens, block", [(0.0, 10_000, 32), (0.002, 10_000, 32), (0.01, 4000, 64)])
+def test_validation_split_smaller_than_one_block_is_refused(val_fraction, tokens, block):
+    import re
+
+    with pytest.raises(ValueError, match=rf"data\.val_fraction={val_fraction}.*data\.block_size={block}") as info:
+        load_corpus(block_size=block, val_fraction=val_fraction, max_tokens=tokens)
+    # The suggested minimum really gives one validation block: int(tokens * f) >= block.
+    suggested = float(re.search(r"val_fraction >= ([0-9.e-]+?)\.?$", str(info.value)).group(1))
+    assert suggested >= block / tokens
+    assert len(load_corpus(block_size=block, val_fraction=suggested, max_tokens=tokens).val) >= 1
+
+
+def test_corpus_too_small_for_both_splits_says_so():
+    with pytest.raises(ValueError, match="larger corpus"):
+        load_corpus(block_size=128, val_fraction=0.1, max_tokens=200)

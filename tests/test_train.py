@@ -41,19 +41,56 @@ def test_train_demo_tiny_then_resume(tmp_path, capsys):
     assert steps[0] == 1 and steps[-1] == 40  # history of the first run carried over from checkpoint-30
 
 
+def _refused(capsys, tmp_path, *argv: str) -> str:
+    """Run ``hf-optim train`` with a bad recipe: exit status 2, one clean line on stderr, nothing written."""
+    out = tmp_path / "out"
+    assert train.main([*argv, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hf-optim train: "), err
+    assert not out.exists()
+    return err[0]
+
+
 @pytest.mark.parametrize("value", ["0", "-2", "1.5"])
-def test_bad_thread_count_is_refused(tmp_path, value):
-    from recipes.schema import RecipeError
-
-    with pytest.raises(RecipeError, match=r"run\.threads"):
-        train.main(["demo", f"run.threads={value}", "--output-dir", str(tmp_path)])
+def test_bad_thread_count_is_refused(tmp_path, capsys, value):
+    assert "run.threads" in _refused(capsys, tmp_path, "demo", f"run.threads={value}")
 
 
-def test_mup_with_weight_decay_needs_explicit_rule(tmp_path):
-    from recipes.schema import RecipeError
+def test_mup_with_weight_decay_needs_explicit_rule(tmp_path, capsys):
+    assert "wd_rule" in _refused(capsys, tmp_path, "demo", "model.mup.wd_rule=null")
 
-    with pytest.raises(RecipeError, match="wd_rule"):
-        train.main(["demo", "model.mup.wd_rule=null", "--output-dir", str(tmp_path)])
+
+@pytest.mark.parametrize("argv, expected", [
+    (["demo", "data.val_fraction=0"], "data.val_fraction=0"),  # was KeyError 'eval_loss' after building the model
+    (["demo", "data.val_fraction=0.0001"], "fewer than one block of data.block_size=128"),
+    (["demo", "run.eval_batches=0"], "run.eval_batches must be an integer >= 1, got 0"),
+    (["demo", "schedule.warmup_fraction=1.0", "schedule.warmup_steps=null"],
+     "schedule.warmup_fraction must be in [0, 1)"),
+    (["llm/llama2", "sizes.7X.lr=1e-3"], "unknown size '7X'"),
+    (["llm/llama2", "run.size=7X"], "Did you mean '7B'"),
+    (["demo", "run.max_stepz=3"], "Did you mean 'run.max_steps'"),
+    (["no_such_recipe"], "neither a file nor a bundled recipe"),
+    (["demo", "model.num_heads=3"], "model.hidden_size=128 must be a multiple of model.num_heads=3"),
+])
+def test_recipe_mistakes_give_one_line_and_exit_status_2(tmp_path, capsys, argv, expected):
+    assert expected in _refused(capsys, tmp_path, *argv)
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    """The installed ``hf-optim`` entry point, as a user runs it: status 2 and one line, no traceback."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = shutil.which("hf-optim", path=str(Path(sys.executable).parent))
+    assert exe, "hf-optim console script not installed next to the interpreter"
+    result = subprocess.run([exe, "train", "demo", "sizes.7B.lr=1e-3", "--output-dir", str(tmp_path / "o")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("hf-optim train: override 'sizes.7B.lr=1e-3': unknown size"), last
 
 
 @pytest.mark.parametrize("args, fallback", [({}, False), ({}, True), ({"factored": False}, False)])

@@ -1,4 +1,10 @@
-"""`accelerate launch` with the bundled DDP config: two CPU processes (gloo), a few steps, then a resumed run."""
+"""`accelerate launch` with the bundled configs.
+
+- DDP: two CPU processes (gloo), a few steps, then a resumed run; the first run goes through the installed
+  ``hf-optim`` console script (the command the docs show), the resumed one through ``-m recipes.train``.
+- DeepSpeed ZeRO-2/3: no DeepSpeed on CPU, so the test follows the configs' values through accelerate's launcher
+  and the Trainer's 'auto' filling, which is where hard-coded values used to conflict with the recipe.
+"""
 
 from __future__ import annotations
 
@@ -8,40 +14,126 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 TINY = ["model.hidden_size=32", "model.num_layers=1", "model.intermediate_size=64", "model.mup.base_width=16",
         "data.block_size=32", "data.max_tokens=20000", "run.batch_size=4", "run.eval_batches=1",
         "run.logging_steps=2", "run.eval_steps=100", "run.save_steps=4", "schedule.warmup_steps=2"]
 
 
-def _launch(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+def _launch(out: Path, *extra: str, entry: str) -> subprocess.CompletedProcess:
+    accelerate = shutil.which("accelerate", path=str(BIN)) or "accelerate"
+    if entry == "console-script":
+        # `accelerate launch ... $(which hf-optim) train ...`: the console script is a Python file, run as a script.
+        script = shutil.which("hf-optim", path=str(BIN))
+        assert script, f"hf-optim console script not found in {BIN}"
+        target = [script, "train"]
+    else:
+        target = ["-m", "recipes.train"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--config_file",
-           str(ROOT / "recipes/accelerate/ddp.yaml"), "-m", "recipes.train", "demo", *TINY, *extra,
-           "--output-dir", str(out)]
+           str(ROOT / "recipes/accelerate/ddp.yaml"), *target, "demo", *TINY, *extra, "--output-dir", str(out)]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _check_clean_exit(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The symptom of a rank leaving with a live gloo group (the launcher then SIGTERMs the other rank).
+    assert "terminate called" not in result.stderr and "SIGABRT" not in result.stderr, result.stderr[-3000:]
 
 
 @pytest.mark.slow
 def test_ddp_two_processes_and_resume(tmp_path):
     out = tmp_path / "ddp"
-    first = _launch(out, "run.max_steps=8")
-    assert first.returncode == 0, first.stderr[-3000:]
+    first = _launch(out, "run.max_steps=8", entry="console-script")
+    _check_clean_exit(first)
     summary = json.loads((out / "metrics.json").read_text())["summary"]
     assert summary["world_size"] == 2 and summary["steps"] == 8
     assert (out / "checkpoint-8" / "optimizer.pt").is_file()
+    assert (out / "loss.png").stat().st_size > 0 and (out / "metrics.csv").is_file()
+    # Rank 0 alone prints the summary (one "done:" line, not one per process).
+    assert first.stdout.count("[hf-optim] done: 8 steps") == 1, first.stdout[-3000:]
     first_losses = {r["step"]: r["loss"] for r in json.loads((out / "metrics.json").read_text())["log_history"]
                     if "loss" in r}
+    (out / "loss.png").unlink()
 
-    second = _launch(out, "run.max_steps=12", "--resume")
-    assert second.returncode == 0, second.stderr[-3000:]
+    second = _launch(out, "run.max_steps=12", "--resume", entry="module")
+    _check_clean_exit(second)
     resumed = json.loads((out / "metrics.json").read_text())
     assert resumed["summary"]["steps"] == 12 and resumed["summary"]["initial_eval_loss"] is None
+    assert (out / "loss.png").stat().st_size > 0  # written again by the resumed run
     losses = {r["step"]: r["loss"] for r in resumed["log_history"] if "loss" in r}
     # Steps 1..8 come from checkpoint-8's trainer state (not re-trained), steps 10 and 12 are new.
     assert {k: losses[k] for k in first_losses} == first_losses and {10, 12} <= set(losses)
+
+
+def _deepspeed_config_through_accelerate(config: Path, monkeypatch) -> dict:
+    """The DeepSpeed config dict accelerate builds from one of our accelerate YAMLs (what `accelerate launch` does)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config), "train.py"])
+    args, defaults, _ = _validate_launch_command(args)
+    assert args.use_deepspeed
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+    _, env = prepare_deepspeed_cmd_env(args)
+    for key, value in env.items():
+        if key.startswith("ACCELERATE_"):
+            monkeypatch.setenv(key, value)
+    return DeepSpeedPlugin().deepspeed_config
+
+
+def _trainer_fill(ds_config: dict, *, grad_accum: int, max_grad_norm: float) -> tuple[dict, list[str]]:
+    """transformers' HfTrainerDeepSpeedConfig.trainer_config_process: fills 'auto', records mismatches."""
+    from accelerate.utils.deepspeed import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    # Without the deepspeed package transformers' class derives from `object` (its __init__ then fails), but the
+    # filling logic is plain Python over accelerate's config class: rebase transformers' own methods onto it.
+    methods = {k: v for k, v in vars(HfTrainerDeepSpeedConfig).items()
+               if k in ("is_auto", "fill_match", "fill_only", "trainer_config_process")}
+    hf = type("TrainerDeepSpeedConfig", (HfDeepSpeedConfig,), methods)(json.loads(json.dumps(ds_config)))
+    hf.mismatches, hf._dtype = [], None
+    args = SimpleNamespace(world_size=2, per_device_train_batch_size=4, gradient_accumulation_steps=grad_accum,
+                           max_grad_norm=max_grad_norm, learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999,
+                           adam_epsilon=1e-8, weight_decay=0.0, save_on_each_node=False, fp16=False,
+                           fp16_full_eval=False, bf16=False, bf16_full_eval=False)
+    hf.trainer_config_process(args)
+    return hf.config, hf.mismatches
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("grad_accum, max_grad_norm", [(1, 1.0), (4, 0.5), (2, 0.0)])
+def test_deepspeed_configs_follow_the_recipe(monkeypatch, stage, grad_accum, max_grad_norm):
+    path = ROOT / f"recipes/accelerate/deepspeed_zero{stage}.yaml"
+    ds_section = yaml.safe_load(path.read_text())["deepspeed_config"]
+    for key in ("gradient_accumulation_steps", "gradient_clipping"):
+        assert ds_section.get(key, "auto") == "auto", f"{path.name}: {key} is hard-coded"
+    assert "optimizer" not in ds_section and "scheduler" not in ds_section
+    ds_config = _deepspeed_config_through_accelerate(path, monkeypatch)
+    assert ds_config["zero_optimization"]["stage"] == stage
+    filled, mismatches = _trainer_fill(ds_config, grad_accum=grad_accum, max_grad_norm=max_grad_norm)
+    assert mismatches == []
+    # run.grad_accum and training.max_grad_norm (0 = no clipping) reach DeepSpeed unchanged.
+    assert filled["gradient_accumulation_steps"] == grad_accum
+    assert filled.get("gradient_clipping", 0.0) == max_grad_norm
+    assert filled["train_batch_size"] == 2 * 4 * grad_accum
+
+
+def test_hard_coded_deepspeed_values_would_conflict(tmp_path, monkeypatch):
+    """The check above can fail: the old configs (accumulation 1, clipping 1.0) mismatch a recipe that differs."""
+    cfg = yaml.safe_load((ROOT / "recipes/accelerate/deepspeed_zero2.yaml").read_text())
+    cfg["deepspeed_config"].update(gradient_accumulation_steps=1, gradient_clipping=1.0)
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump(cfg))
+    _, mismatches = _trainer_fill(_deepspeed_config_through_accelerate(old, monkeypatch), grad_accum=4,
+                                  max_grad_norm=0.5)
+    assert any("gradient_accumulation_steps" in m for m in mismatches)
+    assert any("gradient_clipping" in m for m in mismatches)
