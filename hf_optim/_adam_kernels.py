@@ -8,7 +8,9 @@ Every member of the family (Adam, AdamW, the ``tf`` epsilon, RAdam's rectificati
 
 with per-step scalars :math:`(\alpha_t, \sigma_t, \epsilon_t)` computed by :meth:`Rule.coefficients` from the bias
 corrections. Folding the bias corrections into scalars (``atan2(y, x) = atan2(c y, c x)`` for ``c > 0``) is what lets
-one kernel serve every variant. :math:`\sigma_t = 0` marks RAdam's un-rectified momentum step ``x -= α_t m_t``.
+one kernel serve every variant. RAdam's un-rectified momentum step ``x -= α_t m_t`` is marked by the explicit flag
+:attr:`Coefficients.momentum_only`, never by a value of :math:`\sigma_t`: Adam-atan2 with ``b = 0`` has
+:math:`\sigma_t = 0` and must still take ``atan2(m, 0) = ±π/2``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -23,6 +26,16 @@ from torch import Tensor
 from .decay import coupled_equivalent
 
 TensorLists = tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
+
+
+class Coefficients(NamedTuple):
+    """The per-step scalars of ``x -= alpha·F(m, sigma·sqrt(v) + eps)``."""
+
+    alpha: float
+    sigma: float
+    eps: float
+    #: RAdam while ρ_t <= 5: the plain momentum step ``x -= alpha·m`` (sigma and eps unused). Only RAdam sets it.
+    momentum_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,24 +63,25 @@ class Rule:
         """torch-AdamW ``weight_decay`` equal to this step's decoupled decay (0 for ``l2``)."""
         return coupled_equivalent(self.weight_decay_mode, self.weight_decay, self.lr, self.lr_peak)
 
-    def coefficients(self, step: float) -> tuple[float, float, float]:
-        r"""``(α_t, σ_t, ε_t)`` for ``x -= α_t F(m_t, σ_t sqrt(v_t) + ε_t)`` at step ``t`` (1-based)."""
+    def coefficients(self, step: float) -> Coefficients:
+        r"""``(α_t, σ_t, ε_t, momentum_only)`` for ``x -= α_t F(m_t, σ_t sqrt(v_t) + ε_t)`` at step ``t`` (1-based)."""
         bc1 = 1.0 - self.beta1**step
         bc2 = 1.0 - self.beta2**step
         if self.atan2 is not None:
             a, b = self.atan2
-            # a·atan2(m/bc1, b·sqrt(v/bc2)) = a·atan2(m, (b·bc1/sqrt(bc2))·sqrt(v)).
-            return self.lr * a, b * bc1 / math.sqrt(bc2), 0.0
+            # a·atan2(m/bc1, b·sqrt(v/bc2)) = a·atan2(m, (b·bc1/sqrt(bc2))·sqrt(v)); b = 0 gives σ_t = 0, which is
+            # still an atan2 step (a·π/2·sign(m)), hence the separate momentum_only flag.
+            return Coefficients(self.lr * a, b * bc1 / math.sqrt(bc2), 0.0)
         rect = 1.0
         if self.rectify:
             rho_inf = 2.0 / (1.0 - self.beta2) - 1.0
             rho_t = rho_inf - 2.0 * step * self.beta2**step / bc2
             if rho_t <= 5.0:  # variance of the adaptive lr is intractable: plain momentum step
-                return self.lr / bc1, 0.0, 1.0
+                return Coefficients(self.lr / bc1, 0.0, 1.0, momentum_only=True)
             rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
         if self.eps_mode == "tf":  # lr·sqrt(bc2)/bc1 · m / (sqrt(v) + ε̂)
-            return self.lr * rect * math.sqrt(bc2) / bc1, 1.0, self.eps
-        return self.lr * rect / bc1, 1.0 / math.sqrt(bc2), self.eps  # (m/bc1) / (sqrt(v/bc2) + ε)
+            return Coefficients(self.lr * rect * math.sqrt(bc2) / bc1, 1.0, self.eps)
+        return Coefficients(self.lr * rect / bc1, 1.0 / math.sqrt(bc2), self.eps)  # (m/bc1) / (sqrt(v/bc2) + ε)
 
 
 def _prepare_grads(params: list[Tensor], grads: list[Tensor], rule: Rule, foreach: bool) -> list[Tensor]:
@@ -90,10 +104,10 @@ def for_loop(params, grads, exp_avgs, exp_avg_sqs, steps, rule: Rule) -> None:
         if decay:
             p.mul_(1.0 - decay)
         s += 1
-        alpha, sigma, eps = rule.coefficients(s.item())
+        alpha, sigma, eps, momentum_only = rule.coefficients(s.item())
         m.lerp_(g, 1.0 - rule.beta1)
         v.mul_(rule.beta2).addcmul_(g, g, value=1.0 - rule.beta2)
-        if sigma == 0.0:
+        if momentum_only:
             p.add_(m, alpha=-alpha)
             continue
         denom = v.sqrt().mul_(sigma)
@@ -114,24 +128,24 @@ def foreach(params, grads, exp_avgs, exp_avg_sqs, steps, rule: Rule) -> None:
     torch._foreach_mul_(exp_avg_sqs, rule.beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - rule.beta2)
     coefs = [rule.coefficients(s.item()) for s in steps]
-    # RAdam's first steps (sigma == 0) are plain momentum steps; everything else shares the foreach path.
-    plain = [i for i, c in enumerate(coefs) if c[1] == 0.0]
+    # RAdam's first steps are plain momentum steps; everything else shares the foreach path.
+    plain = [i for i, c in enumerate(coefs) if c.momentum_only]
     for i in plain:
-        params[i].add_(exp_avgs[i], alpha=-coefs[i][0])
+        params[i].add_(exp_avgs[i], alpha=-coefs[i].alpha)
     if plain:
-        keep = [i for i, c in enumerate(coefs) if c[1] != 0.0]
+        keep = [i for i, c in enumerate(coefs) if not c.momentum_only]
         if not keep:
             return
         params, exp_avgs, exp_avg_sqs = ([x[i] for i in keep] for x in (params, exp_avgs, exp_avg_sqs))
         coefs = [coefs[i] for i in keep]
     denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_mul_(denom, [c[1] for c in coefs])
+    torch._foreach_mul_(denom, [c.sigma for c in coefs])
     if rule.atan2 is not None:
         for p, m, d, c in zip(params, exp_avgs, denom, coefs):
-            p.add_(torch.atan2(m, d), alpha=-c[0])
+            p.add_(torch.atan2(m, d), alpha=-c.alpha)
         return
-    torch._foreach_add_(denom, [c[2] for c in coefs])
-    torch._foreach_addcdiv_(params, exp_avgs, denom, [-c[0] for c in coefs])
+    torch._foreach_add_(denom, [c.eps for c in coefs])
+    torch._foreach_addcdiv_(params, exp_avgs, denom, [-c.alpha for c in coefs])
 
 
 def fused(params, grads, exp_avgs, exp_avg_sqs, steps, rule: Rule) -> None:
@@ -140,6 +154,8 @@ def fused(params, grads, exp_avgs, exp_avg_sqs, steps, rule: Rule) -> None:
     Decoupled modes pass ``weight_decay = coupled_equivalent(...)`` to ``_fused_adamw_``; ``l2`` uses ``_fused_adam_``.
     The ``tf`` epsilon equals the torch form with ``ε_t = ε̂ / sqrt(1 - β2^t)``, which needs the step count on the
     host: read once per group (one sync), split by step only if parameters of the group have different counts.
+    The kernels take tensors of one device and one dtype per call, so each bucket is split by (device, dtype) as
+    ``torch.optim.Adam``'s fused path does (a group may mix fp32 and fp64 parameters, or devices).
     """
     if rule.rectify or rule.atan2 is not None:
         raise ValueError("implementation='fused' supports Adam/AdamW only (no RAdam rectification or atan2).")
@@ -162,12 +178,28 @@ def fused(params, grads, exp_avgs, exp_avg_sqs, steps, rule: Rule) -> None:
                 buckets.append((c, tuple([x[i] for i in idx] for x in (*lists, steps))))  # type: ignore[misc]
     else:
         buckets.append((0.0, (*lists, steps)))
-    for count, (p, g, m, v, s) in buckets:
+    for count, bucket in buckets:
         eps = rule.eps / math.sqrt(1.0 - rule.beta2**count) if rule.eps_mode == "tf" else rule.eps
-        kernel(
-            p, g, m, v, [], s, amsgrad=False, lr=rule.lr, beta1=rule.beta1, beta2=rule.beta2,
-            weight_decay=wd, eps=eps, maximize=rule.maximize, grad_scale=None, found_inf=None,
-        )
+        for p, g, m, v, s in _by_device_and_dtype(bucket):
+            kernel(
+                p, g, m, v, [], s, amsgrad=False, lr=rule.lr, beta1=rule.beta1, beta2=rule.beta2,
+                weight_decay=wd, eps=eps, maximize=rule.maximize, grad_scale=None, found_inf=None,
+            )
+
+
+def _by_device_and_dtype(lists: TensorLists) -> list[TensorLists]:
+    """Split parallel tensor lists into runs of one (device, dtype) of the parameters, with torch's own helper (the
+    one ``torch.optim.Adam`` uses before its fused kernels), falling back to a Python grouping if it changes."""
+    if len({(p.device, p.dtype) for p in lists[0]}) <= 1:
+        return [lists]
+    try:
+        grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(list(lists))  # type: ignore[arg-type]
+        return [tuple(tensors) for tensors, _ in grouped.values()]  # type: ignore[misc]
+    except (AttributeError, TypeError):  # a private torch helper: keep working if its signature moves
+        by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(lists[0]):
+            by_key.setdefault((p.device, p.dtype), []).append(i)
+        return [tuple([x[i] for i in idx] for x in lists) for idx in by_key.values()]  # type: ignore[misc]
 
 
 def compiled(params, grads, exp_avgs, exp_avg_sqs, steps, rule: Rule) -> None:
@@ -182,7 +214,10 @@ def compiled(params, grads, exp_avgs, exp_avg_sqs, steps, rule: Rule) -> None:
         pick = lambda seq: [seq[i] for i in idx]  # noqa: E731
         p0 = params[idx[0]]
         cd, dev = _compiled.compute_dtype(p0.dtype), p0.device
-        alpha, sigma, eps = (torch.tensor(c, dtype=cd, device=dev) for c in rule.coefficients(counts[idx[0]]))
+        coefs = rule.coefficients(counts[idx[0]])
+        # In the graph only the division branch reads sigma == 0 as RAdam's momentum step (momentum_only implies
+        # sigma == 0); the atan2 branch never does, so AdamAtan2's b = 0 stays an atan2 step there too.
+        alpha, sigma, eps = (torch.tensor(c, dtype=cd, device=dev) for c in (coefs.alpha, coefs.sigma, coefs.eps))
         args = (pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), alpha, sigma, eps,
                 torch.tensor(decay, dtype=cd, device=dev), k)
         key = (tuple((tuple(params[i].shape), params[i].dtype, grads[i].dtype) for i in idx), str(dev),

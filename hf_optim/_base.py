@@ -8,18 +8,20 @@ that parameters with equal overrides share a group. The resulting groups hold on
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
 
 from . import _validation as v
-from .decay import check_weight_decay_mode
+from .decay import check_lr_peak, check_weight_decay_mode
 
 #: Keys of ``param_overrides`` that multiply the group's value instead of replacing it.
 MULTIPLIER_KEYS: dict[str, str] = {"lr_mult": "lr", "weight_decay_mult": "weight_decay"}
 
 ParamOverrides = Mapping[torch.Tensor, Mapping[str, Any]]
+#: ``resolve(name, value, group, defaults)``: the number a group value stands for (e.g. Adafactor's ``"lr"`` sentinel).
+Resolver = Callable[[str, Any, Mapping[str, Any], Mapping[str, Any]], Any]
 
 
 def _as_group_list(params: Any) -> list[dict[str, Any]]:
@@ -34,12 +36,16 @@ def _as_group_list(params: Any) -> list[dict[str, Any]]:
 
 
 def apply_param_overrides(
-    params: Any, overrides: ParamOverrides | None, defaults: Mapping[str, Any]
+    params: Any, overrides: ParamOverrides | None, defaults: Mapping[str, Any], resolve: Resolver | None = None
 ) -> list[dict[str, Any]]:
     """Split parameter groups so that parameters with the same overrides share a group.
 
     ``lr_mult`` and ``weight_decay_mult`` multiply the group's ``lr`` / ``weight_decay`` (falling back to the
     optimizer defaults) and are kept in the group for logging; any other key replaces the group's value.
+    ``resolve`` turns a symbolic value into the number it stands for *before* it is multiplied (Adafactor's PaLM
+    preset stores ``weight_decay="lr"``, meaning the group's peak lr: ``"lr" * 4.0`` would be a crash). Multipliers
+    are applied in sorted key order, so ``lr_mult`` acts before ``weight_decay_mult`` and a weight decay that means
+    "the lr" sees the multiplied lr.
     """
     groups = _as_group_list(params)
     if not overrides:
@@ -61,7 +67,10 @@ def apply_param_overrides(
                 if name in MULTIPLIER_KEYS:
                     v.check_non_negative(f"param_overrides[...][{name!r}]", value)
                     target = MULTIPLIER_KEYS[name]
-                    new_group[target] = group.get(target, defaults[target]) * value
+                    base = group.get(target, defaults[target])
+                    if resolve is not None:
+                        base = resolve(target, base, new_group, defaults)
+                    new_group[target] = base * value
                 new_group[name] = value
             result.append(new_group)
     missing = [p for p in overrides if id(p) not in seen and overrides[p]]
@@ -85,15 +94,29 @@ class BaseOptimizer(torch.optim.Optimizer):
     def __init__(
         self, params: Iterable[Any], defaults: dict[str, Any], *, param_overrides: ParamOverrides | None = None
     ) -> None:
-        super().__init__(apply_param_overrides(params, param_overrides, defaults), defaults)
+        groups = apply_param_overrides(params, param_overrides, defaults, resolve=type(self)._resolve_group_value)
+        super().__init__(groups, defaults)
+
+    @staticmethod
+    def _resolve_group_value(name: str, value: Any, group: Mapping[str, Any], defaults: Mapping[str, Any]) -> Any:
+        """The number a group value stands for; subclasses with symbolic values (Adafactor) override this."""
+        return value
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``Optimizer.add_param_group``, then validation; a rejected group is removed again before the error
+        propagates, so a caught ``ValueError`` leaves the optimizer exactly as it was."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        self._check_group(group)
-        # The learning rate at creation is the peak for `independent`/`corrected` decay; schedulers only scale it.
-        group.setdefault("lr_peak", group["lr"])
-        v.check_non_negative("lr_peak", group["lr_peak"])
+        try:
+            self._check_group(group)
+            # The learning rate at creation is the peak for `independent`/`corrected` decay; schedulers only scale it.
+            group.setdefault("lr_peak", group["lr"])
+            v.check_non_negative("lr_peak", group["lr_peak"])
+            if "weight_decay_mode" in group:
+                check_lr_peak(group["weight_decay_mode"], group.get("weight_decay", 0.0), group["lr_peak"])
+        except Exception:
+            self.param_groups.pop()
+            raise
 
     def _check_group(self, group: dict[str, Any]) -> None:
         v.check_non_negative("lr", group["lr"])

@@ -52,7 +52,8 @@ def _adafactor_one(
     p: Tensor, g: Tensor, row: Tensor | None, col: Tensor | None, v: Tensor | None, m: Tensor | None,
     lr: Tensor, beta2: Tensor, decay: Tensor, dims: tuple[int, int] | None, k: dict[str, Any],
 ) -> None:
-    r"""One parameter's Adafactor update (the algorithm box of :mod:`hf_optim.adafactor`), written back in place.
+    r"""One parameter's Adafactor update (the algorithm box of :class:`hf_optim.adafactor.Adafactor`), written back
+    in place.
 
     .. math::
         G_2 = g^2 + \epsilon_1,\quad R \leftarrow \mathrm{lerp}(R, \mathrm{mean}_{c} G_2, 1-\beta_{2,t}),\quad

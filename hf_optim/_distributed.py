@@ -91,6 +91,18 @@ def global_numel(x: torch.Tensor, spec: ShardSpec | None) -> int:
     return x.numel() if spec is None else spec.global_shape.numel()
 
 
+_FACTORING_IMPOSSIBLE = (
+    "Adafactor cannot factor its second moment here: the optimizer sees {}. Factoring needs each parameter's "
+    "matrix shape. Keep original shapes (FSDP2 fully_shard, FSDP1 use_orig_params=True), or use factored=False "
+    "(e.g. preset='palm') or AdamW."
+)
+
+
+def factoring_impossible(what: str) -> ValueError:
+    """The one error for "these tensors lost their matrix shape", at construction and at the first step alike."""
+    return ValueError(_FACTORING_IMPOSSIBLE.format(what))
+
+
 def check_factorable(params: Iterable[Any], *, strict: bool = True) -> list[str]:
     """Say whether the parameters still have their matrix shapes, so a factored second moment is possible.
 
@@ -116,20 +128,16 @@ def check_factorable(params: Iterable[Any], *, strict: bool = True) -> list[str]
             )
         elif any(hasattr(t, attr) for attr in ("ds_id", "ds_numel", "ds_tensor")):
             problems.append(f"a DeepSpeed-managed parameter (ds_id={getattr(t, 'ds_id', '?')})")
-    message = (
-        "Adafactor cannot factor its second moment here: the optimizer sees {}. Factoring needs each parameter's "
-        "matrix shape. Keep original shapes, or use factored=False (e.g. preset='palm') or AdamW."
-    )
     if problems:
         text = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
         if strict:
-            raise ValueError(message.format(text))
-        warnings.warn(message.format(text), UserWarning, stacklevel=2)
+            raise factoring_impossible(text)
+        warnings.warn(_FACTORING_IMPOSSIBLE.format(text), UserWarning, stacklevel=2)
     elif tensors and all(t.ndim <= 1 for t in tensors) and max(t.numel() for t in tensors) >= FLAT_PARTITION_NUMEL:
         biggest = max(t.numel() for t in tensors)
         problems.append(f"only 1-D tensors, the largest with {biggest} elements (a flat partition?)")
         warnings.warn(
-            message.format(problems[-1]) + " If these really are vectors, ignore this warning.",
+            _FACTORING_IMPOSSIBLE.format(problems[-1]) + " If these really are vectors, ignore this warning.",
             UserWarning,
             stacklevel=2,
         )

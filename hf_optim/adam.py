@@ -174,9 +174,34 @@ def _defaults(**knobs: Any) -> dict[str, Any]:
 class Adam(_AdamFamily):
     r"""Adam (Kingma & Ba 2014) with explicit weight-decay and epsilon semantics.
 
-    Update rule: see :mod:`hf_optim.adam` (the algorithm box there). With the defaults this is exactly
-    ``torch.optim.Adam``: ``weight_decay_mode="l2"`` adds :math:`\lambda x` to the gradient, because that is what
-    "Adam with weight decay" means in PyTorch and in the original paper's setting.
+    .. math::
+       \begin{aligned}
+       &\textbf{input}: \alpha_t \text{ (lr, scheduled)}, \alpha \text{ (lr\_peak)}, \beta_1, \beta_2,
+           \epsilon, \lambda \text{ (weight\_decay)}, \text{mode (weight\_decay\_mode)}, \text{eps\_mode} \\
+       &\textbf{initialize}: m_0 \leftarrow 0, \; v_0 \leftarrow 0 \\
+       &\textbf{for } t = 1, 2, \ldots: \\
+       &\quad g_t \leftarrow \pm\nabla f_t(x_{t-1}) \quad (- \text{ if maximize}) \\
+       &\quad \textbf{if } \text{mode} = \texttt{l2}: \; g_t \leftarrow g_t + \lambda x_{t-1} \\
+       &\quad \textbf{else}: \; x_{t-1} \leftarrow x_{t-1}\,(1 - r_t), \quad r_t = \lambda\cdot
+           \{\alpha_t,\ \alpha_t/\alpha,\ \alpha_t^2/\alpha\} \text{ for coupled, independent, corrected} \\
+       &\quad m_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
+              v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+       &\quad \hat m_t \leftarrow m_t / (1-\beta_1^t), \qquad \hat v_t \leftarrow v_t / (1-\beta_2^t) \\
+       &\quad \textbf{if } \text{eps\_mode} = \texttt{torch}: \;
+           x_t \leftarrow x_{t-1} - \alpha_t\, \hat m_t / (\sqrt{\hat v_t} + \epsilon) \\
+       &\quad \textbf{else } (\texttt{tf}): \;
+           x_t \leftarrow x_{t-1} - \alpha_t \tfrac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\, m_t / (\sqrt{v_t} + \epsilon)
+           \quad (= \hat m_t / (\sqrt{\hat v_t} + \epsilon/\sqrt{1-\beta_2^t})) \\
+       &\textbf{return } x_t
+       \end{aligned}
+
+    With the defaults this is exactly ``torch.optim.Adam``: ``weight_decay_mode="l2"`` adds :math:`\lambda x` to the
+    gradient, because that is what "Adam with weight decay" means in PyTorch and in the original paper's setting.
+    bf16/fp16 parameters: fp32 maths and state, result written back with round-to-nearest-even.
+
+    References: Kingma & Ba 2014, *Adam: A Method for Stochastic Optimization* (arXiv:1412.6980); Loshchilov &
+    Hutter 2019, *Decoupled Weight Decay Regularization* (the decoupled modes); Keras ``keras.optimizers.Adam``
+    (the ``tf`` epsilon); ``torch.optim.Adam``.
 
     Args:
         params: parameters or parameter groups (every knob below may be set per group).
@@ -220,10 +245,34 @@ class Adam(_AdamFamily):
 class AdamW(Adam):
     r"""AdamW (Loshchilov & Hutter 2019): :class:`Adam` with ``weight_decay_mode="coupled"`` and ``weight_decay=1e-2``.
 
+    .. math::
+       \begin{aligned}
+       &\textbf{input}: \alpha_t \text{ (lr, scheduled)}, \alpha \text{ (lr\_peak)}, \beta_1, \beta_2,
+           \epsilon, \lambda \text{ (weight\_decay)}, \text{mode}, \text{eps\_mode} \\
+       &\textbf{initialize}: m_0 \leftarrow 0, \; v_0 \leftarrow 0 \\
+       &\textbf{for } t = 1, 2, \ldots: \\
+       &\quad g_t \leftarrow \pm\nabla f_t(x_{t-1}) \\
+       &\quad x_{t-1} \leftarrow x_{t-1}\,(1 - r_t), \quad r_t = \begin{cases}
+           \alpha_t \lambda & \texttt{coupled} \text{ (default, = torch.optim.AdamW)} \\
+           (\alpha_t/\alpha)\,\lambda & \texttt{independent} \text{ (the paper's schedule-only decay)} \\
+           (\alpha_t^2/\alpha)\,\lambda & \texttt{corrected} \text{ (PaLM's } \alpha_t^2 \text{ when } \lambda = \alpha)
+           \end{cases} \\
+       &\quad (\texttt{l2}: r_t = 0 \text{ and } g_t \leftarrow g_t + \lambda x_{t-1} \text{ instead}) \\
+       &\quad m_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
+              v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+       &\quad \hat m_t \leftarrow m_t / (1-\beta_1^t), \qquad \hat v_t \leftarrow v_t / (1-\beta_2^t) \\
+       &\quad x_t \leftarrow x_{t-1} - \alpha_t\, \hat m_t / (\sqrt{\hat v_t} + \epsilon_t), \quad
+           \epsilon_t = \epsilon \;(\texttt{torch}) \text{ or } \epsilon/\sqrt{1-\beta_2^t} \;(\texttt{tf}) \\
+       &\textbf{return } x_t
+       \end{aligned}
+
     The defaults equal ``torch.optim.AdamW`` (:math:`x \leftarrow x(1-\alpha_t\lambda)`), so existing
     hyperparameters (LLaMA/GPT-3 ``weight_decay=0.1``) keep their meaning. For decay that follows only the schedule,
-    as in the paper, use ``weight_decay_mode="independent"`` with :math:`\lambda \approx 10^{-5}..10^{-4}`.
-    Arguments as :class:`Adam`.
+    as in the paper, use ``weight_decay_mode="independent"`` with :math:`\lambda \approx 10^{-5}..10^{-4}`
+    (``independent`` λ equals torch AdamW's ``weight_decay = λ/lr_peak``). Arguments as :class:`Adam`.
+
+    References: Loshchilov & Hutter 2019, *Decoupled Weight Decay Regularization* (ICLR, arXiv:1711.05101); Kingma &
+    Ba 2014 (Adam); ``torch.optim.AdamW``; MosaicML Composer ``DecoupledAdamW`` (``independent``).
     """
 
     def __init__(
@@ -256,8 +305,20 @@ class AdamAtan2(_AdamFamily):
     an AdamW replacement. Implementations: ``"for-loop"``, ``"foreach"``, ``"compiled"`` (torch has no fused kernel
     for atan2).
 
+    .. math::
+       \begin{aligned}
+       &\textbf{for } t = 1, 2, \ldots: \; g_t,\ \text{decay},\ m_t,\ v_t,\ \hat m_t,\ \hat v_t
+           \text{ as in Adam} \\
+       &\quad x_t \leftarrow x_{t-1} - \alpha_t\, a \operatorname{atan2}(\hat m_t,\; b \sqrt{\hat v_t})
+       \end{aligned}
+
+    ``b = 0`` is allowed: :math:`\operatorname{atan2}(\hat m, 0) = \tfrac{\pi}{2}\operatorname{sign}(\hat m)`, a
+    sign-momentum step of size :math:`a\pi/2`.
+
     Args: ``params, lr, betas, a, b, weight_decay, weight_decay_mode, maximize, implementation, param_overrides``
     as :class:`Adam` (``a > 0``, ``b >= 0``).
+
+    References: Everett et al. 2024, *Scaling Exponents Across Parameterizations and Optimizers* (arXiv:2407.05872).
     """
 
     _atan2 = True
@@ -287,6 +348,29 @@ class AdamAtan2(_AdamFamily):
 class RAdam(_AdamFamily):
     r"""RAdam (Liu et al. 2019): Adam with the variance rectification :math:`r_t`; momentum steps while
     :math:`\rho_t \le 5`.
+
+    .. math::
+       \begin{aligned}
+       &\textbf{input}: \alpha_t, \alpha \text{ (lr\_peak)}, \beta_1, \beta_2, \epsilon, \lambda, \text{mode},
+           \text{eps\_mode}; \quad \rho_\infty \leftarrow 2/(1-\beta_2) - 1 \\
+       &\textbf{initialize}: m_0 \leftarrow 0, \; v_0 \leftarrow 0 \\
+       &\textbf{for } t = 1, 2, \ldots: \\
+       &\quad g_t \leftarrow \pm\nabla f_t(x_{t-1}) \; (+\lambda x_{t-1} \text{ if } \texttt{l2}), \qquad
+           x_{t-1} \leftarrow x_{t-1}(1 - r_t) \text{ (decoupled modes, as in Adam)} \\
+       &\quad m_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
+              v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2) g_t^2, \qquad \hat m_t \leftarrow m_t/(1-\beta_1^t) \\
+       &\quad \rho_t \leftarrow \rho_\infty - 2 t \beta_2^t / (1-\beta_2^t) \\
+       &\quad \textbf{if } \rho_t > 5: \;
+           r_t \leftarrow \sqrt{\tfrac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\rho_t}}, \;
+           x_t \leftarrow x_{t-1} - \alpha_t r_t \hat m_t\, \ell_t, \;
+           \ell_t = \begin{cases} \sqrt{1-\beta_2^t} / (\sqrt{v_t} + \epsilon) & \texttt{tf} \text{ (default)} \\
+                                   1 / (\sqrt{v_t/(1-\beta_2^t)} + \epsilon) & \texttt{torch} \end{cases} \\
+       &\quad \textbf{else}: \; x_t \leftarrow x_{t-1} - \alpha_t \hat m_t \\
+       &\textbf{return } x_t
+       \end{aligned}
+
+    References: Liu et al. 2019, *On the Variance of the Adaptive Learning Rate and Beyond* (ICLR 2020,
+    arXiv:1908.03265); ``torch.optim.RAdam``.
 
     Defaults equal ``torch.optim.RAdam``: ``weight_decay_mode="l2"`` (torch's ``decoupled_weight_decay=True`` is
     ``"coupled"``) and ``eps_mode="tf"``, because torch and the authors' code add :math:`\epsilon` to the

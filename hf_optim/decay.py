@@ -18,12 +18,18 @@ The decoupled modes are all "torch AdamW with a different λ": :func:`coupled_eq
 
 ``independent`` expects λ of order 1e-5…1e-4 (it is not multiplied by the learning rate); a value that looks like an
 lr-coupled one (λ >= 1e-3) triggers a warning once, because it decays ~1000x faster than the user probably meant.
+
+``independent`` and ``corrected`` divide by the peak lr :math:`\alpha`. A group created with ``lr=0`` records
+``lr_peak = 0``, for which the ratio is undefined: the decay is then **off** (rate 0, never a division by zero or a
+NaN), and :func:`check_lr_peak` warns when such a group asks for λ > 0. A warning rather than an error, because
+``lr=0`` groups are legitimate (frozen layers, an lr set by hand each step): create the optimizer with the peak lr
+(schedulers scale it from there) or set ``group["lr_peak"]`` explicitly.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from ._validation import check_choice
 
@@ -44,6 +50,19 @@ def check_weight_decay_mode(mode: str, weight_decay: float) -> None:
             "weight per step at peak learning rate. Independent decay is not multiplied by the learning rate: "
             "typical values are 1e-5..1e-4. For PyTorch-AdamW semantics (LLaMA/GPT-3 'weight_decay=0.1') use "
             "weight_decay_mode='coupled'.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def check_lr_peak(mode: str, weight_decay: Any, lr_peak: float) -> None:
+    """Warn when a mode that divides by the peak lr gets ``lr_peak == 0`` with λ > 0 (its decay would silently be 0)."""
+    if mode in ("independent", "corrected") and isinstance(weight_decay, (int, float)) and weight_decay > 0 \
+            and lr_peak == 0:
+        warnings.warn(
+            f"weight_decay={weight_decay} with weight_decay_mode={mode!r} is disabled for this group: its peak lr "
+            "(lr_peak, the lr at creation) is 0, and this mode scales the decay by lr_t/lr_peak. Create the "
+            "optimizer with the peak lr (let a scheduler warm it up) or set group['lr_peak'] to it.",
             UserWarning,
             stacklevel=4,
         )

@@ -1,7 +1,12 @@
 """The central table of optimizer configurations.
 
 Generic tests (invariants, state_dict round trip, bf16, bad hyperparameters, fast path == for-loop) run over every
-row. Adding an optimizer or a mode = one row here. Each section belongs to one module of ``hf_optim``.
+row. The rows are generated as the cross product optimizer x ``weight_decay_mode`` (x ``eps_mode`` for the Adam
+family that has one; x ``preset`` for Adafactor), so no combination is left out. Adding an optimizer = one entry in
+``FAMILIES``; adding a mode = one entry in ``DECAY``.
+
+Per-mode λ: the value each mode is used with in practice (``independent`` λ is not multiplied by the lr, so ~1e-4),
+large enough for the decay to change the trajectory of the invariant tests.
 """
 
 from __future__ import annotations
@@ -10,6 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import hf_optim
+
+#: weight_decay_mode -> λ used in that mode's rows.
+DECAY: dict[str, float] = {"l2": 1e-2, "coupled": 1e-1, "independent": 1e-4, "corrected": 1e-2}
+MODES = tuple(DECAY)
+EPS_MODES = ("torch", "tf")
 
 
 @dataclass(frozen=True)
@@ -35,32 +45,73 @@ class Case:
         return self.cls(params, **{**self.kwargs, **overrides})
 
 
-CASES: list[Case] = [
-    # --- hf_optim/adam.py -------------------------------------------------------------------------------------
-    Case("adam-l2", "Adam", dict(lr=1e-2, weight_decay=1e-2, weight_decay_mode="l2")),
-    Case("adamw-coupled", "AdamW", dict(lr=1e-2, weight_decay=1e-1)),
-    Case("adamw-independent", "AdamW", dict(lr=1e-2, weight_decay=1e-4, weight_decay_mode="independent")),
-    Case("adamw-corrected", "AdamW", dict(lr=1e-2, weight_decay=1e-2, weight_decay_mode="corrected")),
-    Case("adamw-tf-eps", "AdamW", dict(lr=1e-2, weight_decay=1e-1, eps_mode="tf", eps=1e-7)),
-    Case("adam-atan2", "AdamAtan2", dict(lr=1e-2, weight_decay=1e-1)),
-    Case("radam-l2", "RAdam", dict(lr=1e-2, weight_decay=1e-2)),
-    Case("radam-coupled", "RAdam", dict(lr=1e-2, weight_decay=1e-2, weight_decay_mode="coupled")),
-    # --- hf_optim/sgd.py, adagrad.py, rmsprop.py --------------------------------------------------------------
-    Case("sgdw-nesterov", "SGDW", dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-2)),
-    Case("sgdw-l2", "SGDW", dict(lr=1e-2, momentum=0.9, weight_decay=1e-2, weight_decay_mode="l2")),
-    Case("sgdw-independent", "SGDW", dict(lr=1e-2, momentum=0.8, dampening=0.1, weight_decay=1e-4,
-                                          weight_decay_mode="independent")),
-    Case("adagrad", "AdaGrad", dict(lr=1e-2, weight_decay=1e-2)),
-    Case("adagrad-coupled", "AdaGrad", dict(lr=1e-2, lr_decay=1e-2, initial_accumulator_value=0.1, weight_decay=1e-1,
-                                            weight_decay_mode="coupled")),
-    Case("rmsprop-centered", "RMSProp", dict(lr=1e-3, momentum=0.9, centered=True, weight_decay=1e-2)),
-    Case("rmsprop-corrected", "RMSProp", dict(lr=1e-3, weight_decay=1e-3, weight_decay_mode="corrected")),
-    # --- hf_optim/adafactor.py --------------------------------------------------------------------------------
-    Case("adafactor-v2", "Adafactor", dict(lr=1e-2, preset="adafactor_v2")),
-    Case("adafactor-hf", "Adafactor", dict(lr=1e-3, preset="hf")),
-    Case("adafactor-torch", "Adafactor", dict(lr=1e-2, preset="torch")),
-    Case("adafactor-palm", "Adafactor", dict(lr=1e-2, preset="palm")),
-    Case("adafactor-t5", "Adafactor", dict(lr=1e-2, preset="t5")),
-]
+def _adam_family() -> list[Case]:
+    rows = []
+    for cls in ("Adam", "AdamW", "RAdam"):
+        for mode in MODES:
+            for eps_mode in EPS_MODES:
+                kwargs = dict(lr=1e-2, weight_decay=DECAY[mode], weight_decay_mode=mode, eps_mode=eps_mode,
+                              eps=1e-7 if eps_mode == "tf" else 1e-8)
+                rows.append(Case(f"{cls.lower()}-{mode}-{eps_mode}", cls, kwargs))
+    for mode in MODES:  # no epsilon: b varies with the mode so b != 1 (and the b = 0 sign step) are covered
+        b = {"l2": 1.0, "coupled": 1.0, "independent": 2.0, "corrected": 0.0}[mode]
+        rows.append(Case(f"adamatan2-{mode}", "AdamAtan2",
+                         dict(lr=1e-2, weight_decay=DECAY[mode], weight_decay_mode=mode, b=b)))
+    return rows
+
+
+# Each mode of the element-wise optimizers is paired with a different variant, so every variant and every mode
+# appear (the decay must not depend on the variant; the variants are checked against torch in their own tests).
+_ELEMENTWISE_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "SGDW": {
+        "l2": dict(momentum=0.9),
+        "coupled": dict(momentum=0.9, nesterov=True),
+        "independent": dict(momentum=0.8, dampening=0.1),
+        "corrected": dict(momentum=0.0, maximize=True),
+    },
+    "AdaGrad": {
+        "l2": dict(),
+        "coupled": dict(lr_decay=1e-2, initial_accumulator_value=0.1),
+        "independent": dict(lr_decay=1e-2),
+        "corrected": dict(initial_accumulator_value=0.1, maximize=True),
+    },
+    "RMSProp": {
+        "l2": dict(momentum=0.9, centered=True),
+        "coupled": dict(),
+        "independent": dict(centered=True, alpha=0.9),
+        "corrected": dict(momentum=0.5, maximize=True),
+    },
+}
+
+
+def _elementwise() -> list[Case]:
+    lrs = {"SGDW": 1e-2, "AdaGrad": 1e-2, "RMSProp": 1e-3}
+    return [
+        Case(f"{cls.lower()}-{mode}", cls, dict(lr=lrs[cls], weight_decay=DECAY[mode], weight_decay_mode=mode,
+                                                **_ELEMENTWISE_VARIANTS[cls][mode]))
+        for cls in _ELEMENTWISE_VARIANTS
+        for mode in MODES
+    ]
+
+
+# lr per preset: relative-step presets take a multiplier (1.0 = transformers' lr=None); torch's is the cap.
+_ADAFACTOR_LR = {"adafactor_v2": 1e-2, "hf": 1.0, "torch": 1e-2, "palm": 1e-2, "t5": 1.0}
+
+
+def _adafactor() -> list[Case]:
+    rows = []
+    for preset, lr in _ADAFACTOR_LR.items():
+        for mode in MODES:
+            kwargs: dict[str, Any] = dict(lr=lr, preset=preset, weight_decay_mode=mode, weight_decay=DECAY[mode])
+            if preset == "palm" and mode == "corrected":
+                del kwargs["weight_decay"]  # the preset's own λ = "lr" (lr_t² decay)
+            if preset in ("adafactor_v2", "t5"):
+                # Their default (128) would leave the small test matrices unfactored; 2 factors 6x4 and 2x3x2.
+                kwargs["min_dim_size_to_factor"] = 2
+            rows.append(Case(f"adafactor-{preset}-{mode}", "Adafactor", kwargs))
+    return rows
+
+
+CASES: list[Case] = [*_adam_family(), *_elementwise(), *_adafactor()]
 
 CASE_IDS = [case.id for case in CASES]

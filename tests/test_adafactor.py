@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import pytest
 import torch
 from transformers.optimization import Adafactor as HFAdafactor
 
 from hf_optim.adafactor import Adafactor, check_factorable
-from hf_optim.adafactor import _stochastic_round_ as stochastic_round_
+from hf_optim._adafactor_rule import stochastic_round_
 
 SHAPES = [(8, 6), (5,), (3, 4, 5)]  # a matrix, a vector and a 3-D tensor in every comparison
 
@@ -86,15 +87,25 @@ def test_torch_preset_equals_torch(weight_decay, maximize, foreach):
 
 
 def _reference(x0, grads, *, lr, factored_dims, beta1, before_lr, momentum_dtype, decay_rate, cap, eps1, eps2, d,
-               relative_step, scale_parameter, wd_rate, schedule):
-    """Adafactor in float64 for one tensor; ``factored_dims`` = (row, col) or None; returns the final parameter."""
+               relative_step, scale_parameter, wd_rate, schedule, rho_max=1e-2, l2=0.0, info=None):
+    """Adafactor in float64 for one tensor; ``factored_dims`` = (row, col) or None; returns the final parameter.
+
+    ``wd_rate(lr_t, lr, s_t)`` is the fraction decayed at step t (``s_t`` the effective step size); ``l2`` adds
+    ``l2·x`` to the gradient. ``info`` (a dict) receives which branches bound: ``cap_bound`` and ``eps2_floor``
+    (steps where β2 hit the cap / where max(eps2, RMS(x)) was eps2) and ``inv_sqrt`` (steps where 1/sqrt(t) < ρ_max).
+    """
     x = x0.clone()
     state_r = state_c = state_v = None
     m = torch.zeros_like(x)
+    info = {} if info is None else info
+    info.update(cap_bound=0, eps2_floor=0, inv_sqrt=0)
     for t, g in enumerate(grads, start=1):
         lr_t = lr * schedule(t - 1)
+        g = g + l2 * x
         beta2 = 1 - t ** (-decay_rate)
-        beta2 = min(cap, beta2) if cap is not None else beta2
+        if cap is not None and beta2 > cap:
+            beta2 = cap
+            info["cap_bound"] += 1
         g2 = g * g + eps1
         if factored_dims is not None:
             i, j = factored_dims
@@ -108,9 +119,12 @@ def _reference(x0, grads, *, lr, factored_dims, beta1, before_lr, momentum_dtype
         u = g / vhat.sqrt()
         rms_u = u.pow(2).mean().sqrt().item()
         u = u / max(1.0, rms_u / d)
-        step = lr_t * min(1e-2, 1 / math.sqrt(t)) if relative_step else lr_t
+        step = lr_t * min(rho_max, 1 / math.sqrt(t)) if relative_step else lr_t
+        info["inv_sqrt"] += relative_step and 1 / math.sqrt(t) < rho_max
         if scale_parameter:
-            step *= max(eps2, x.pow(2).mean().sqrt().item())
+            rms_x = x.pow(2).mean().sqrt().item()
+            info["eps2_floor"] += rms_x < eps2
+            step *= max(eps2, rms_x)
         if beta1 is None:
             delta = step * u
         elif before_lr:
@@ -120,7 +134,7 @@ def _reference(x0, grads, *, lr, factored_dims, beta1, before_lr, momentum_dtype
         else:
             m = beta1 * m + (1 - beta1) * step * u
             delta = m
-        x = x - wd_rate(lr_t, lr) * x - delta
+        x = x - wd_rate(lr_t, lr, step) * x - delta
     return x
 
 
@@ -161,7 +175,7 @@ def test_adafactor_v2_matches_float64_formula(shape, dims, momentum_dtype):
                      # "float32" means full precision: fp64 for fp64 parameters
                      momentum_dtype=torch.bfloat16 if momentum_dtype == "bfloat16" else torch.float64, decay_rate=0.8, cap=0.999, eps1=1e-30, eps2=1e-3,
                      d=1.0, relative_step=False, scale_parameter=False,
-                     wd_rate=lambda lr_t, lr: lam * lr_t / lr,  # independent: λ times the schedule only
+                     wd_rate=lambda lr_t, lr, _: lam * lr_t / lr,  # independent: λ times the schedule only
                      schedule=_cosine)
     torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
 
@@ -173,7 +187,7 @@ def test_palm_matches_float64_formula():
     ours = _run_ours(x0, grads, lambda p: Adafactor(p, preset="palm"), _cosine)
     ref = _reference(x0, grads, lr=1e-2, factored_dims=None, beta1=0.9, before_lr=False, momentum_dtype=torch.float64,
                      decay_rate=0.8, cap=None, eps1=1e-30, eps2=1e-3, d=1.0, relative_step=False,
-                     scale_parameter=True, wd_rate=lambda lr_t, lr: lr_t**2, schedule=_cosine)  # PaLM: lr_t² decay
+                     scale_parameter=True, wd_rate=lambda lr_t, lr, _: lr_t**2, schedule=_cosine)  # PaLM: lr_t² decay
     torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
 
 
@@ -186,7 +200,7 @@ def test_t5_matches_float64_formula(lr):
     # The lr multiplies the relative step, so the Trainer's schedule composes with min(1e-2, 1/sqrt(t)).
     ref = _reference(x0, grads, lr=lr, factored_dims=(0, 1), beta1=None, before_lr=False, momentum_dtype=torch.float64,
                      decay_rate=0.8, cap=None, eps1=1e-30, eps2=1e-3, d=1.0, relative_step=True,
-                     scale_parameter=True, wd_rate=lambda lr_t, lr: 0.0, schedule=_cosine)
+                     scale_parameter=True, wd_rate=lambda lr_t, lr, _: 0.0, schedule=_cosine)
     torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
 
 
@@ -321,3 +335,193 @@ def test_flat_partitions_are_refused_with_a_clear_message():
     with pytest.warns(UserWarning, match="flat partition"):
         assert check_factorable([torch.zeros(1 << 20)], strict=False)
     assert check_factorable([torch.zeros(3, 4), torch.zeros(4)]) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Knob branches against the float64 formula: each test also checks that its branch really bound.
+
+_SMALL = (12, 10)  # factored over (0, 1) with min_dim_size_to_factor=2
+_V2 = dict(lr=3e-3, factored_dims=(0, 1), beta1=0.9, before_lr=True, momentum_dtype=torch.float64, decay_rate=0.8,
+           cap=0.999, eps1=1e-30, eps2=1e-3, d=1.0, relative_step=False, scale_parameter=False,
+           wd_rate=lambda lr_t, lr, s: 0.0, schedule=_cosine)  # the adafactor_v2 preset with fp32 momentum
+
+
+def _v2(**knobs):
+    return lambda p: Adafactor(p, lr=3e-3, min_dim_size_to_factor=2, momentum_dtype="float32", **knobs)
+
+
+def _assert_formula(ours, ref):
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("decay_rate, cap", [(0.8, 0.6), (1.5, 0.9)])
+@pytest.mark.parametrize("implementation", ["for-loop", "foreach"])
+def test_beta2_cap_binding_matches_formula(decay_rate, cap, implementation):
+    torch.manual_seed(0)
+    x0, grads = torch.randn(_SMALL, dtype=torch.float64), _grads(_SMALL)
+    ours = _run_ours(x0, grads, _v2(decay_rate=decay_rate, beta2_cap=cap, implementation=implementation), _cosine)
+    info = {}
+    ref = _reference(x0, grads, **{**_V2, "decay_rate": decay_rate, "cap": cap}, info=info)
+    _assert_formula(ours, ref)
+    assert info["cap_bound"] >= 10  # 1 - t^-c exceeds the cap from step 3 (c=0.8) / 5 (c=1.5) on
+    uncapped = _reference(x0, grads, **{**_V2, "decay_rate": decay_rate, "cap": None})
+    assert (uncapped - ref).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("implementation", ["for-loop", "foreach"])
+def test_relative_step_inverse_sqrt_branch_matches_formula(implementation):
+    """rho_max = 1: min(1, 1/sqrt(t)) = 1/sqrt(t) at every step (the T5 preset otherwise sits at rho_max = 1e-2)."""
+    torch.manual_seed(0)
+    x0, grads = torch.randn(_SMALL, dtype=torch.float64), _grads(_SMALL)
+    make = lambda p: Adafactor(p, lr=0.5, preset="t5", rho_max=1.0, min_dim_size_to_factor=2,  # noqa: E731
+                               implementation=implementation)
+    ours = _run_ours(x0, grads, make, _cosine)
+    t5 = dict(_V2, lr=0.5, beta1=None, cap=None, relative_step=True, scale_parameter=True)
+    info = {}
+    ref = _reference(x0, grads, **t5, rho_max=1.0, info=info)
+    _assert_formula(ours, ref)
+    assert info["inv_sqrt"] == len(grads) - 1  # every step but t = 1, where 1/sqrt(1) = rho_max
+    assert (_reference(x0, grads, **t5) - ref).abs().max() > 1e-3  # the default rho_max = 1e-2 caps instead
+
+
+@pytest.mark.parametrize("implementation", ["for-loop", "foreach"])
+def test_parameter_scale_eps2_floor_matches_formula(implementation):
+    """Parameters with RMS < eps2: the step size is lr·eps2, not lr·RMS(x)."""
+    torch.manual_seed(0)
+    x0, grads = torch.randn(_SMALL, dtype=torch.float64) * 1e-5, _grads(_SMALL)
+    ours = _run_ours(x0, grads, _v2(scale_parameter=True, implementation=implementation), _cosine)
+    info = {}
+    ref = _reference(x0, grads, **{**_V2, "scale_parameter": True}, info=info)
+    _assert_formula(ours, ref)
+    assert info["eps2_floor"] == len(grads)
+    no_floor = _reference(x0, grads, **{**_V2, "scale_parameter": True, "eps2": 0.0})
+    assert (no_floor - ref).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("implementation", ["for-loop", "foreach"])
+def test_l2_decay_matches_formula(implementation):
+    """weight_decay_mode="l2": λx is added to the gradient before the statistics (so it is preconditioned)."""
+    torch.manual_seed(0)
+    x0, grads = torch.randn(_SMALL, dtype=torch.float64), _grads(_SMALL)
+    lam = 0.3
+    ours = _run_ours(x0, grads, _v2(weight_decay=lam, weight_decay_mode="l2", implementation=implementation), _cosine)
+    ref = _reference(x0, grads, **_V2, l2=lam)
+    _assert_formula(ours, ref)
+    assert (_reference(x0, grads, **_V2) - ref).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("mode", ["independent", "corrected"])
+@pytest.mark.parametrize("implementation", ["for-loop", "foreach"])
+def test_decay_at_the_effective_step_matches_formula(mode, implementation):
+    """weight_decay_lr="step": the rate uses s_t = lr_t·max(eps2, RMS(x)) (parameter scaling on), so independent is
+    λ·s_t/α and corrected λ·s_t²/α, with α the peak lr."""
+    torch.manual_seed(0)
+    x0, grads = torch.randn(_SMALL, dtype=torch.float64) * 3, _grads(_SMALL)
+    lam = {"independent": 1e-1, "corrected": 30.0}[mode]  # large: the decay must move the result visibly
+    knobs = dict(scale_parameter=True, weight_decay=lam, weight_decay_mode=mode, weight_decay_lr="step")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # λ = 0.1 looks lr-coupled for "independent" (it is not here)
+        ours = _run_ours(x0, grads, _v2(implementation=implementation, **knobs), _cosine)
+    power = 1 if mode == "independent" else 2
+    base = {**_V2, "scale_parameter": True}
+    ref = _reference(x0, grads, **{**base, "wd_rate": lambda lr_t, lr, s: lam * s**power / lr})
+    _assert_formula(ours, ref)
+    # ...and not the group-lr rate λ·lr_t^power/α, which is ~RMS(x)^-power times larger
+    group_lr = _reference(x0, grads, **{**base, "wd_rate": lambda lr_t, lr, s: lam * lr_t**power / lr})
+    assert (group_lr - ref).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Defects, one test each.
+
+
+def test_palm_weight_decay_sentinel_is_resolved_before_overrides_multiply_it():
+    """palm stores weight_decay="lr" (λ = the group's peak lr); a muP-style weight_decay_mult must scale the
+    number, not the string, and see the group's lr after its own lr_mult."""
+    p = torch.nn.Parameter(torch.randn(20, dtype=torch.float64))
+    q = torch.nn.Parameter(torch.randn(20, dtype=torch.float64))
+    r = torch.nn.Parameter(torch.randn(20, dtype=torch.float64))
+    opt = Adafactor([p, q, r], preset="palm", param_overrides={
+        p: {"weight_decay_mult": 2.0}, q: {"lr_mult": 0.5, "weight_decay_mult": 3.0}})
+    by_param = {id(g["params"][0]): g for g in opt.param_groups}
+    assert by_param[id(p)]["weight_decay"] == pytest.approx(2 * 1e-2, rel=1e-15)
+    assert by_param[id(q)]["lr"] == pytest.approx(5e-3) and by_param[id(q)]["weight_decay"] == pytest.approx(1.5e-2)
+    assert by_param[id(r)]["weight_decay"] == pytest.approx(1e-2)  # no override: λ = lr, as before
+    # One step with zero gradients moves only by the decay: corrected mode, r = λ·lr_t²/lr_peak = mult·lr² here.
+    before = [t.detach().clone() for t in (p, q, r)]
+    for t in (p, q, r):
+        t.grad = torch.zeros_like(t)
+    opt.step()
+    for t, x0, rate in zip((p, q, r), before, (2 * 1e-2**2, 3 * 5e-3**2, 1e-2**2)):
+        torch.testing.assert_close(t.detach(), x0 * (1 - rate), atol=1e-15, rtol=0)
+
+
+@pytest.mark.parametrize("eps1_mode", ["add", "clamp"])
+def test_eps1_zero_is_rejected(eps1_mode):
+    """eps1 = 0 would give V = 0 on an all-zero gradient row, and an update 0/0 = NaN."""
+    with pytest.raises(ValueError, match="eps1 must be > 0"):
+        Adafactor([torch.nn.Parameter(torch.zeros(4, 4))], eps1=0.0, eps1_mode=eps1_mode)
+
+
+@pytest.mark.parametrize("preset", ["adafactor_v2", "hf", "torch", "t5"])
+def test_all_zero_gradient_rows_stay_finite(preset):
+    p = torch.nn.Parameter(torch.randn(6, 5))
+    opt = Adafactor([p], preset=preset, min_dim_size_to_factor=2, beta1=None)
+    before = p.detach().clone()
+    for _ in range(3):
+        g = torch.randn(6, 5)
+        g[2] = 0.0  # a row (e.g. an unused embedding) and a column without gradient
+        g[:, 3] = 0.0
+        p.grad = g
+        opt.step()
+    assert torch.isfinite(p).all()
+    assert torch.equal(p.detach()[2], before[2]) and torch.equal(p.detach()[:, 3], before[:, 3])
+
+
+def test_decay_rate_must_be_positive_as_documented():
+    assert "c > 0" in Adafactor.__doc__
+    for value in (0.0, -0.8):
+        with pytest.raises(ValueError, match="decay_rate must be > 0"):
+            Adafactor([torch.nn.Parameter(torch.zeros(2, 2))], decay_rate=value)
+    Adafactor([torch.nn.Parameter(torch.zeros(2, 2))], decay_rate=1e-3)
+
+
+def test_flat_partitions_swapped_in_after_construction_are_refused_at_the_first_step():
+    """DeepSpeed ZeRO-1/2 build the optimizer on the model's parameters, then replace each group's params by one
+    flat fp32 1-D partition: the first step must raise the construction-time error, not silently run unfactored."""
+    w, b = torch.nn.Parameter(torch.randn(256, 256)), torch.nn.Parameter(torch.randn(256))
+    opt = Adafactor([w, b], lr=1e-3)
+    flat = torch.nn.Parameter(torch.cat([w.detach().flatten(), b.detach()])[: (w.numel() + b.numel()) // 2])
+    opt.param_groups[0]["params"] = [flat]  # what stage_1_and_2.py does with single_partition_of_fp32_groups
+    flat.grad = torch.randn_like(flat)
+    with pytest.raises(ValueError, match="cannot factor its second moment"):
+        opt.step()
+    assert not opt.state.get(flat)
+
+    ds = torch.nn.Parameter(torch.zeros(64))
+    ds.ds_id = 7  # a ZeRO-3 parameter swapped in later: the same check as at construction
+    opt = Adafactor([torch.nn.Parameter(torch.randn(4, 4))], lr=1e-3)
+    opt.param_groups[0]["params"] = [ds]
+    ds.grad = torch.ones(64)
+    with pytest.raises(ValueError, match="DeepSpeed"):
+        opt.step()
+
+
+def test_groups_of_vectors_and_unfactored_groups_are_not_refused():
+    vec = torch.nn.Parameter(torch.randn(300))
+    opt = Adafactor([vec], lr=1e-3)  # never had a matrix: nothing was lost
+    vec.grad = torch.randn(300)
+    opt.step()
+    w = torch.nn.Parameter(torch.randn(256, 256))
+    opt = Adafactor([w], lr=1e-3, factored=False)
+    flat = torch.nn.Parameter(w.detach().flatten().clone())
+    opt.param_groups[0]["params"] = [flat]
+    flat.grad = torch.randn_like(flat)
+    opt.step()  # factored=False is the documented way to run on flat partitions
+    assert "exp_avg_sq" in opt.state[flat]
+
+
+def test_class_docstring_states_update_rule_references_and_bf16_rounding():
+    doc = Adafactor.__doc__
+    assert r"\begin{aligned}" in doc and "References" in doc and "Shazeer & Stern 2018" in doc
+    assert "round-to-nearest" in doc and "stochastic_rounding" in doc

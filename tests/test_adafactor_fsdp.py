@@ -1,4 +1,5 @@
-"""Adafactor under FSDP2 and DDP: two CPU processes (gloo) equal a single process within 1e-6 after 20 steps."""
+"""Adafactor under FSDP2 and DDP: two CPU processes (gloo) equal a single process within 1e-6 after 20 steps, and the
+FSDP2 step communicates only O(rows + cols) values per matrix (see tests/dist/adafactor_fsdp.py)."""
 
 from __future__ import annotations
 
@@ -23,5 +24,7 @@ def test_fsdp2_and_ddp_equal_single_process():
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith(("OK", "FAIL"))]
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    # One line per configuration: factored with/without (bf16) momentum, parameter scaling, last-two dims.
-    assert len(lines) == 4 and all(line.startswith("OK") for line in lines), lines
+    # One line per configuration (factored with/without (bf16) momentum, parameter scaling, last-two dims), each
+    # also checking that the FSDP2 step communicates only O(rows + cols) values per matrix; one line for the probe.
+    assert len(lines) == 5 and all(line.startswith("OK") for line in lines), lines
+    assert sum("step_comm_max=" in line for line in lines) == 4 and "full_tensor" in lines[-1], lines

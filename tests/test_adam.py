@@ -102,8 +102,11 @@ def formula(dtype, *, betas=(0.9, 0.999), eps=1e-8, wd=0.0, mode="coupled", eps_
 
 
 def assert_close(actual, expected, dtype):
+    """Absolute tolerance only (``rtol=0``): 1e-12 in float64, 1e-6 in float32. The parameters stay below ~4 in
+    magnitude, where an fp32 ulp is <= 4.8e-7, so 1e-6 is >= 2 ulps everywhere; measured worst over this file:
+    4.8e-7 (fp32, one ulp at 3.7) and 4.4e-16 (fp64)."""
     for a, e in zip(actual, expected, strict=True):
-        torch.testing.assert_close(a, e, atol=TOL[dtype], rtol=TOL[dtype])
+        torch.testing.assert_close(a, e, atol=TOL[dtype], rtol=0)
 
 
 TORCH_IMPLS = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
@@ -208,8 +211,9 @@ def test_radam_equals_torch_radam_every_step(dtype, impl, decoupled):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("impl", ["for-loop", "foreach"])
-@pytest.mark.parametrize("a_b", [(1.27, 1.0), (1.0, 2.0)])
+@pytest.mark.parametrize("a_b", [(1.27, 1.0), (1.0, 2.0), (1.27, 0.0)])
 def test_adam_atan2_equals_formula(dtype, impl, a_b):
+    """b = 0 included: a·atan2(m̂, 0) = a·π/2·sign(m̂), not RAdam's plain momentum step a·m."""
     a, b = a_b
     actual = run(lambda ps: hf_optim.AdamAtan2(ps, lr=LR, weight_decay=0.1, a=a, b=b, implementation=impl), dtype)
     assert_close(actual, formula(dtype, wd=0.1, mode="coupled", atan2=(a, b)), dtype)
@@ -291,3 +295,89 @@ def test_complex_params_equal_torch(impl):
 def test_adam_atan2_rejects_bad_constants(name, value):
     with pytest.raises(ValueError, match=f"^{name} must be"):
         hf_optim.AdamAtan2([torch.zeros(2)], **{name: value})
+
+
+@pytest.mark.parametrize("impl", ["for-loop", "foreach"])
+def test_adam_atan2_b_zero_is_a_sign_step_not_a_momentum_step(impl):
+    """One step from zero state: m̂ = g, so the update is exactly lr·a·π/2·sign(g) (whatever |g|)."""
+    p = torch.tensor([1.0, -2.0, 3.0, 0.5], dtype=torch.float64, requires_grad=True)
+    g = torch.tensor([0.3, -1e-3, 20.0, 0.0], dtype=torch.float64)
+    opt = hf_optim.AdamAtan2([p], lr=0.1, a=1.27, b=0.0, weight_decay=0.0, implementation=impl)
+    p.grad = g
+    opt.step()
+    expected = torch.tensor([1.0, -2.0, 3.0, 0.5], dtype=torch.float64) - 0.1 * 1.27 * (math.pi / 2) * g.sign()
+    torch.testing.assert_close(p.detach(), expected, atol=1e-15, rtol=0)
+
+
+def _fused_calls(monkeypatch) -> list[set[tuple[torch.device, torch.dtype]]]:
+    """Spy on torch's fused Adam kernels: record the (device, dtype) set of each call's parameters."""
+    calls: list[set[tuple[torch.device, torch.dtype]]] = []
+    for name in ("_fused_adam_", "_fused_adamw_"):
+        original = getattr(torch, name)
+
+        def spy(params, *args, _original=original, **kwargs):
+            calls.append({(p.device, p.dtype) for p in params})
+            return _original(params, *args, **kwargs)
+
+        monkeypatch.setattr(torch, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("mode, eps_mode", [("coupled", "torch"), ("l2", "tf"), ("independent", "tf")])
+def test_fused_groups_tensors_by_device_and_dtype(monkeypatch, mode, eps_mode):
+    """A group mixing fp64, fp32 and bf16 (fp32 maths) parameters: each fused call gets one (device, dtype), as
+    torch's kernels require (CUDA's multi-tensor apply does; the CPU kernel happens to loop), and the result equals
+    the for-loop reference of each dtype."""
+    def params():
+        gen = torch.Generator().manual_seed(5)
+        return [torch.randn(7, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True)
+                for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float64)]
+
+    def train(implementation):
+        ps = params()
+        opt = hf_optim.AdamW(ps, lr=LR, eps=1e-3, weight_decay=0.05 if mode != "independent" else 1e-4,
+                             weight_decay_mode=mode, eps_mode=eps_mode, implementation=implementation)
+        gen = torch.Generator().manual_seed(6)
+        for _ in range(5):
+            for p in ps:
+                p.grad = torch.randn(7, generator=gen, dtype=torch.float64).to(p.dtype)
+            opt.step()
+        return ps
+
+    calls = _fused_calls(monkeypatch)
+    fused = train("fused")
+    assert calls and all(len(devices_dtypes) == 1 for devices_dtypes in calls), calls
+    assert {next(iter(c))[1] for c in calls} == {torch.float32, torch.float64}
+    for a, e in zip(fused, train("for-loop")):
+        # bf16: both paths do fp32 maths, but fused and for-loop round differently in fp32, which may move a value
+        # across a bf16 rounding boundary: one bf16 ulp (2^-7 relative) is the bound there.
+        atol = {torch.float64: TOL[torch.float64], torch.float32: TOL[torch.float32]}.get(
+            a.dtype, 2.0**-7 * e.abs().max().item())
+        torch.testing.assert_close(a, e, atol=atol, rtol=0)
+
+
+def test_fused_mixed_dtypes_equal_torch_fused_adamw():
+    """The same mixed fp32/fp64 group through torch.optim.AdamW(fused=True), which groups by device and dtype."""
+    def go(factory):
+        gen = torch.Generator().manual_seed(7)
+        ps = [torch.randn(9, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True)
+              for dtype in (torch.float32, torch.float64, torch.float32)]
+        opt = factory(ps)
+        for _ in range(6):
+            for p in ps:
+                p.grad = torch.randn(9, generator=gen, dtype=torch.float64).to(p.dtype)
+            opt.step()
+        return ps
+
+    ours = go(lambda ps: hf_optim.AdamW(ps, lr=LR, weight_decay=0.1, implementation="fused"))
+    ref = go(lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=0.1, fused=True))
+    for a, e in zip(ours, ref):
+        assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("cls", [hf_optim.Adam, hf_optim.AdamW, hf_optim.RAdam, hf_optim.AdamAtan2])
+def test_class_docstring_states_update_rule_and_references(cls):
+    """help(hf_optim.AdamW) must show the rule itself (an algorithm box as torch.optim's), not a pointer elsewhere."""
+    doc = cls.__doc__
+    assert r"\begin{aligned}" in doc and r"\end{aligned}" in doc
+    assert r"\hat m_t" in doc and "References" in doc

@@ -1,71 +1,207 @@
 """Property test: random configurations and shapes either train (finite results) or fail with a clear error.
 
-"Clear" means a ``ValueError``/``TypeError`` raised while constructing the optimizer, whose message names the
-argument that was wrong; a crash inside ``step()`` or a non-finite parameter is a bug.
+Every knob of every optimizer is fuzzed with values of the right type (floats for numbers, bools for flags, strings
+for choices), drawn from the knob's valid domain or, sometimes, from just outside it. "Clear" means a ``ValueError``
+raised while constructing the optimizer whose message names one of the knobs drawn invalid (or, for a combination
+rule such as ``nesterov`` needing momentum, the knob that states the rule). A ``TypeError``, a crash inside
+``step()`` or a non-finite parameter is a bug.
+
+Adafactor takes ``**knobs``: its knob names and their types come from ``KNOBS`` / ``PRESETS`` (a choice knob's valid
+values are those the presets use), and :data:`ADAFACTOR_NUMBERS` gives the numeric domains; a knob missing from both
+fails :func:`test_every_adafactor_knob_is_fuzzed`. ``min_dim_size_to_factor`` is drawn small (1-3), so the small
+fuzzed shapes are factored. ``implementation="compiled"`` is left out: each new shape costs seconds of compilation,
+and test_compiled.py checks it against the for-loop.
 """
 
 from __future__ import annotations
 
-import inspect
+import math
+import re
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from optimizer_cases import CASES
+import hf_optim
+from hf_optim._adafactor_presets import KNOBS, PRESETS
+from hf_optim.decay import WEIGHT_DECAY_MODES
 
-MODES = ["l2", "coupled", "independent", "corrected"]
-SEARCHED = ("lr", "weight_decay", "weight_decay_mode", "eps", "eps_mode", "betas", "maximize", "implementation")
+#: (valid values, invalid values or None): both strategies draw values of the knob's type.
+Domain = tuple[st.SearchStrategy, "st.SearchStrategy | None"]
 
-shape = st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple)
-magnitude = st.one_of(st.just(0.0), st.floats(1e-6, 10.0), st.floats(-1.0, -1e-9))
-beta = st.one_of(st.floats(0.0, 0.999), st.sampled_from([-0.1, 1.0, 1.5]))
+
+def floats(lo: float, hi: float) -> st.SearchStrategy:
+    return st.floats(lo, hi, allow_nan=False, allow_infinity=False)
+
+
+NEGATIVE = st.one_of(floats(-1.0, -1e-9), st.just(-math.inf))
+UNIT = floats(0.0, 0.999)  # [0, 1)
+OUTSIDE_UNIT = st.one_of(floats(-1.0, -1e-9), floats(1.0, 2.0))
+
+
+def choice(valid: list[str]) -> Domain:
+    return st.sampled_from(valid), st.sampled_from(["no-such-choice", valid[0].upper()])
+
+
+def common(cls: type) -> dict[str, Domain]:
+    impls = ["auto", *(i for i in cls.implementations if i != "compiled")]
+    return {
+        "lr": (st.one_of(st.just(0.0), floats(1e-6, 1.0)), NEGATIVE),
+        "weight_decay": (st.one_of(st.just(0.0), floats(1e-6, 0.1)), NEGATIVE),
+        "weight_decay_mode": choice(list(WEIGHT_DECAY_MODES)),
+        "maximize": (st.booleans(), None),
+        "implementation": choice(impls),
+    }
+
+
+BETAS: Domain = (
+    st.tuples(UNIT, UNIT),
+    st.one_of(st.tuples(OUTSIDE_UNIT, UNIT), st.tuples(UNIT, OUTSIDE_UNIT)),
+)
+EPS: Domain = (st.one_of(st.just(0.0), floats(1e-12, 1e-2)), NEGATIVE)
+
+DOMAINS: dict[str, Callable[[], dict[str, Domain]]] = {
+    "Adam": lambda: {**common(hf_optim.Adam), "betas": BETAS, "eps": EPS, "eps_mode": choice(["torch", "tf"])},
+    "AdamW": lambda: {**common(hf_optim.AdamW), "betas": BETAS, "eps": EPS, "eps_mode": choice(["torch", "tf"])},
+    "RAdam": lambda: {**common(hf_optim.RAdam), "betas": BETAS, "eps": EPS, "eps_mode": choice(["torch", "tf"])},
+    "AdamAtan2": lambda: {
+        **common(hf_optim.AdamAtan2), "betas": BETAS,
+        "a": (floats(1e-3, 3.0), st.one_of(st.just(0.0), NEGATIVE)),
+        "b": (st.one_of(st.just(0.0), floats(1e-3, 3.0)), NEGATIVE),
+    },
+    "SGDW": lambda: {
+        **common(hf_optim.SGDW),
+        "momentum": (st.one_of(st.just(0.0), floats(0.0, 0.99)), NEGATIVE),
+        "dampening": (floats(0.0, 1.0), st.one_of(NEGATIVE, floats(1.001, 2.0))),
+        "nesterov": (st.booleans(), None),
+    },
+    "AdaGrad": lambda: {
+        **common(hf_optim.AdaGrad),
+        "lr_decay": (floats(0.0, 1.0), NEGATIVE),
+        "initial_accumulator_value": (floats(0.0, 1.0), NEGATIVE),
+        "eps": EPS,
+    },
+    "RMSProp": lambda: {
+        **common(hf_optim.RMSProp),
+        "alpha": (UNIT, OUTSIDE_UNIT),
+        "eps": EPS,
+        "momentum": (floats(0.0, 0.99), NEGATIVE),
+        "centered": (st.booleans(), None),
+    },
+    "Adafactor": lambda: adafactor_domains(),
+}
+
+#: Numeric Adafactor knobs: (valid, invalid). ``None`` is a valid value where the knob documents it.
+ADAFACTOR_NUMBERS: dict[str, Domain] = {
+    "lr": (st.one_of(st.just(0.0), floats(1e-6, 1.0)), NEGATIVE),
+    "min_dim_size_to_factor": (st.integers(1, 3), st.integers(-2, 0)),
+    "beta1": (st.one_of(st.none(), UNIT), OUTSIDE_UNIT),
+    "decay_rate": (floats(0.05, 1.5), st.one_of(st.just(0.0), NEGATIVE)),
+    "beta2_cap": (st.one_of(st.none(), floats(0.01, 1.0)), st.one_of(st.just(0.0), NEGATIVE, floats(1.001, 2.0))),
+    "eps1": (st.one_of(st.none(), floats(1e-30, 1e-3)), st.one_of(st.just(0.0), NEGATIVE)),
+    "eps2": (st.one_of(st.just(0.0), floats(1e-6, 1e-2)), NEGATIVE),
+    "clip_threshold": (st.one_of(st.none(), floats(0.1, 2.0)), st.one_of(st.just(0.0), NEGATIVE)),
+    "rho_max": (floats(1e-3, 1.0), st.one_of(st.just(0.0), NEGATIVE)),
+    "weight_decay": (st.one_of(st.just(0.0), floats(1e-6, 0.1), st.just("lr")), NEGATIVE),
+}
+#: Values a choice knob takes besides those the presets use.
+ADAFACTOR_EXTRA_CHOICES: dict[str, list[str]] = {
+    "weight_decay_mode": list(WEIGHT_DECAY_MODES),
+    "implementation": [i for i in hf_optim.Adafactor.implementations if i != "compiled"],
+    "momentum_dtype": ["fp32", "bf16"],
+}
+
+
+def adafactor_domains() -> dict[str, Domain]:
+    domains: dict[str, Domain] = {"preset": choice(sorted(PRESETS))}
+    for knob in KNOBS:
+        values = [preset[knob] for preset in PRESETS.values()]
+        if knob in ADAFACTOR_NUMBERS:
+            domains[knob] = ADAFACTOR_NUMBERS[knob]
+        elif all(isinstance(value, bool) for value in values):
+            domains[knob] = (st.booleans(), None)
+        elif all(isinstance(value, str) for value in values):
+            domains[knob] = choice(sorted({*values, *ADAFACTOR_EXTRA_CHOICES.get(knob, [])}))
+    return domains
+
+
+#: Knobs that state a rule about a combination: their error may fire even when every single value is valid.
+COMBINATION_RULES = {"SGDW": {"nesterov"}, "Adafactor": {"warmup_init"}}
 
 
 @st.composite
 def configurations(draw):
-    case = draw(st.sampled_from([c for c in CASES if c.available]))
-    accepted = inspect.signature(case.cls.__init__).parameters
-    knobs = {
-        "lr": draw(magnitude),
-        "weight_decay": draw(st.one_of(magnitude, st.floats(0.0, 1e-3))),
-        "weight_decay_mode": draw(st.sampled_from([*MODES, "l3"])),
-        "eps": draw(st.one_of(st.floats(1e-12, 1e-2), st.floats(-1.0, -1e-12))),
-        "eps_mode": draw(st.sampled_from(["torch", "tf", "keras"])),
-        "betas": (draw(beta), draw(beta)),
-        "maximize": draw(st.booleans()),
-        "implementation": draw(st.sampled_from(["auto", *case.cls.implementations, "fastest"])),
-    }
-    chosen = draw(st.lists(st.sampled_from(SEARCHED), unique=True, max_size=len(SEARCHED)))
-    overrides = {k: knobs[k] for k in chosen if k in accepted}
+    cls_name = draw(st.sampled_from(sorted(DOMAINS)))
+    domains = DOMAINS[cls_name]()
+    chosen = draw(st.lists(st.sampled_from(sorted(domains)), unique=True, max_size=len(domains)))
+    knobs: dict[str, Any] = {}
+    invalid: set[str] = set()
+    for name in chosen:
+        valid, bad = domains[name]
+        if bad is not None and draw(st.integers(0, 9)) == 0:  # ~10% of knobs outside their domain
+            knobs[name] = draw(bad)
+            invalid.add(name)
+        else:
+            knobs[name] = draw(valid)
+    if cls_name == "Adafactor":
+        knobs.setdefault("min_dim_size_to_factor", 2)  # the presets' 128 would never factor these shapes
+    shape = st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple)
     shapes = draw(st.lists(shape, min_size=1, max_size=3))
     dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
-    return case, overrides, shapes, dtype
+    return cls_name, knobs, invalid, shapes, dtype
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def names_in(message: str, names: set[str]) -> bool:
+    return any(re.search(rf"(?<![\w.]){re.escape(name)}\b", message) for name in names)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(configurations(), st.integers(0, 2**16))
 def test_random_configurations_train_or_fail_clearly(config, seed):
-    case, overrides, shapes, dtype = config
+    cls_name, knobs, invalid, shapes, dtype = config
+    cls = getattr(hf_optim, cls_name)
     gen = torch.Generator().manual_seed(seed)
     params = [torch.randn(s, generator=gen).to(dtype).requires_grad_(True) for s in shapes]
+    rules = COMBINATION_RULES.get(cls_name, set()) & set(knobs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # e.g. the independent-decay magnitude warning
         try:
-            opt = case.build(params, **overrides)
-        except (ValueError, TypeError) as error:
-            assert any(name in str(error) for name in overrides), f"{error} does not name one of {list(overrides)}"
+            opt = cls(params, **knobs)
+        except ValueError as error:
+            assert names_in(str(error), invalid | rules), (
+                f"{error!s} names none of the invalid knobs {sorted(invalid)} (combination rules: {sorted(rules)})"
+            )
             return
+        assert not invalid, f"{cls_name} accepted invalid {({k: knobs[k] for k in invalid})}"
         for _ in range(3):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen).to(dtype)
             opt.step()
     for p in params:
-        assert torch.isfinite(p).all(), (case.id, overrides, shapes, dtype)
+        assert torch.isfinite(p).all(), (cls_name, knobs, shapes, dtype)
 
 
-def test_fuzz_table_has_rows():
-    if not any(c.available for c in CASES):
-        pytest.fail("no optimizer of the central table is importable")
+def test_every_adafactor_knob_is_fuzzed():
+    """A knob added to the presets without a fuzzing domain fails here."""
+    assert set(KNOBS) <= set(adafactor_domains()), sorted(set(KNOBS) - set(adafactor_domains()))
+
+
+def test_every_optimizer_is_fuzzed():
+    public = {name for name in hf_optim.__all__ if isinstance(getattr(hf_optim, name, None), type)
+              and issubclass(getattr(hf_optim, name), torch.optim.Optimizer)}
+    assert public == set(DOMAINS)
+
+
+@pytest.mark.parametrize("cls_name", sorted(DOMAINS))
+def test_every_constructor_argument_is_fuzzed(cls_name: str):
+    """Named constructor arguments (besides params and param_overrides) all have a domain."""
+    import inspect
+
+    cls = getattr(hf_optim, cls_name)
+    named = {n for n, p in inspect.signature(cls.__init__).parameters.items()
+             if p.kind is not inspect.Parameter.VAR_KEYWORD} - {"self", "params", "param_overrides"}
+    assert named <= set(DOMAINS[cls_name]()), sorted(named - set(DOMAINS[cls_name]()))
