@@ -18,7 +18,7 @@ Per matrix :math:`g \in \mathbb{R}^{R \times C}` (row-major), with :math:`w = 1 
       x \leftarrow x - r\,x - \alpha_t\,m
     \end{aligned}
 
-This is the algorithm of :mod:`hf_optim.adafactor` for ``eps1_mode="add"`` and no L2 term; anything else (bf16
+This is the algorithm of :class:`hf_optim.Adafactor` (the box in its docstring; rules in :mod:`hf_optim._adafactor_rule`) for ``eps1_mode="add"`` and no L2 term; anything else (bf16
 parameters, unfactored tensors, FSDP2 shards, clamp epsilon) stays on the other paths. The library is compiled
 once per machine with the system C compiler (~0.3 s) into ``$HF_OPTIM_CACHE`` (default ``~/.cache/hf_optim``) and
 loaded with :mod:`ctypes`; no compiler means the other paths are used, with one warning.
