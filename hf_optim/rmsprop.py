@@ -84,6 +84,12 @@ class RMSProp(ElementwiseOptimizer):
         v.check_non_negative("eps", group["eps"])
         v.check_non_negative("momentum", group["momentum"])
         v.check_bool("centered", group["centered"])
+        if group["centered"] and group["alpha"] == 0:
+            raise ValueError(
+                "alpha=0 with centered=True: the centered second moment E[g^2] - E[g]^2 is then g^2 - g^2 = 0 for "
+                "every coordinate at every step, so the update divides by eps alone (NaN for eps=0). Use alpha > 0 "
+                "or centered=False."
+            )
 
     def _init_state(self, group: dict[str, Any], state: State, param: torch.Tensor) -> None:
         state["square_avg"] = zeros_like(param)

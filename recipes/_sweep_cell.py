@@ -1,4 +1,4 @@
-r"""One sweep cell: build a small LLaMA (SP or muP), train it with a lean loop, report final train/val loss.
+r"""One sweep cell: build a small LLaMA or OLMo-2 (SP or muP), train it with a lean loop, report final train/val loss.
 
 The loop is plain PyTorch on purpose: hundreds of cells of a few seconds each cannot afford the Trainer's set-up.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 import time
 import warnings
 from typing import Any
@@ -28,32 +29,55 @@ from ._sweep_data import CharData, vocab_size
 from .schedules import cosine_to_floor
 
 
-def llama_config(cell: Cell, width: int):
-    from transformers import LlamaConfig
+#: The hidden matrices (``train.decay: hidden``): attention q/k/v/o and MLP gate/up/down of every block. Same names in
+#: LLaMA and OLMo-2 (and kept by the muP surgery).
+HIDDEN_MATRIX = re.compile(r"(^|\.)layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+
+
+def model_config(cell: Cell, width: int):
+    """A ``LlamaConfig`` or ``Olmo2Config`` for ``cell.model`` at ``width`` (built locally: nothing is downloaded).
+
+    OLMo-2 differs from LLaMA by normalising q and k (QK-norm over the whole projection) and each block's *output*
+    (``post_attention_layernorm`` / ``post_feedforward_layernorm`` before the residual add, no pre-norm): the
+    function no longer depends on the norms of W_q, W_k, of the product W_o·W_v or of W_down·W_up, which is the
+    scale-invariant setting of the rotational-equilibrium analysis of decoupled weight decay.
+    """
+    from transformers import LlamaConfig, Olmo2Config
 
     m = cell.model
     heads = width // m.head_dim
-    return LlamaConfig(
+    common = dict(
         vocab_size=vocab_size(), hidden_size=width, intermediate_size=m.ffn_mult * width,
         num_hidden_layers=m.layers, num_attention_heads=heads, num_key_value_heads=heads,
         max_position_embeddings=m.seq_len, tie_word_embeddings=False, initializer_range=m.init_std,
     )
+    if m.norm_eps is not None:
+        common["rms_norm_eps"] = m.norm_eps
+    if m.arch == "llama":
+        return LlamaConfig(**common)
+    # OLMo-2's default special tokens (pad 1, eos 50279) belong to its 100k vocabulary; the character vocabulary
+    # has none, and generation is never used here.
+    return Olmo2Config(**common, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+
+
+def _model_class(arch: str):
+    from transformers import LlamaForCausalLM, Olmo2ForCausalLM
+
+    return {"llama": LlamaForCausalLM, "olmo2": Olmo2ForCausalLM}[arch]
 
 
 def build_model(cell: Cell) -> tuple[torch.nn.Module, dict[torch.Tensor, dict[str, Any]] | None]:
     """The model and the optimizer's per-parameter overrides (``None`` under SP)."""
-    from transformers import LlamaForCausalLM
-
     torch.manual_seed(cell.seed)
-    config = llama_config(cell, cell.width)
+    config = model_config(cell, cell.width)
     if cell.parametrization == "sp":
-        return LlamaForCausalLM(config), None
+        return _model_class(cell.model.arch)(config), None
     from mup_integration.groups import param_overrides
     from mup_integration.surgery import make_mup_model
 
     from hf_optim.registry import get_spec
 
-    model = make_mup_model(config, llama_config(cell, cell.model.base_width))
+    model = make_mup_model(config, model_config(cell, cell.model.base_width), model_cls=_model_class(cell.model.arch))
     family = get_spec(cell.optimizer).mup_family  # Adam-like: hidden lr / width_mult; SGD: as mup.MuSGD
     return model, dict(param_overrides(model, family=family, wd_rule=cell.wd_rule))
 
@@ -65,16 +89,35 @@ def lr_multiplier(step: int, cell: Cell) -> float:
     return cosine_to_floor(step, num_warmup_steps=t.warmup_steps, decay_steps=t.steps, floor=floor)
 
 
+def decayed(name: str, param: torch.Tensor, decay: str) -> bool:
+    """Whether weight decay applies to ``param`` under ``train.decay``.
+
+    ``all``: every >= 2-D tensor (norm gains excluded, as the HF Trainer does), so the embedding and lm_head too. Those
+    two are not scale-invariant (the readout norm is a logit temperature), and there coherent Adam updates settle at
+    |w| ≈ 1/λ for coupled decay whatever the lr, which makes the best coupled λ flat in lr (docs/experiments).
+    ``hidden``: only the attention and MLP matrices (:data:`HIDDEN_MATRIX`), the tensors the equilibrium argument for
+    decoupled decay is about.
+    """
+    if decay == "all":
+        return param.ndim >= 2
+    return bool(HIDDEN_MATRIX.search(name))
+
+
 def build_optimizer(model: torch.nn.Module, cell: Cell, overrides) -> torch.optim.Optimizer:
-    """The cell's registered optimizer (default hf_optim's AdamW); weight decay on matrices only (norm gains
-    excluded, as the HF Trainer does); Adam-like optimizers get the settings' betas and eps."""
+    """The cell's registered optimizer (default hf_optim's AdamW); weight decay on the tensors that ``train.decay``
+    selects (:func:`decayed`); Adam-like optimizers get the settings' betas and eps."""
     from hf_optim.registry import get_spec
 
     spec = get_spec(cell.optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if decayed(n, p, cell.train.decay)]
+    if not decay and cell.weight_decay > 0:
+        raise ValueError(f"train.decay={cell.train.decay!r} selects no parameter of {type(model).__name__}; "
+                         f"parameter names: {[n for n, _ in named][:8]} ...")
+    decay_ids = {id(p) for p in decay}
     groups = [
-        {"params": [p for p in params if p.ndim >= 2]},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": decay},
+        {"params": [p for _, p in named if id(p) not in decay_ids], "weight_decay": 0.0},
     ]
     cls = spec.resolve()
     kwargs: dict[str, Any] = dict(spec.defaults)
@@ -106,6 +149,17 @@ def evaluate(model: torch.nn.Module, batches, device: torch.device) -> float:
 def run_cell(cell: Cell, device: str = "cpu") -> dict[str, Any]:
     """Train one cell and return its result row (losses are ``nan`` when the run diverged)."""
     torch.set_num_threads(1)
+    # Strong decay drives some weights and Adam moments into subnormal floats, which x86 CPUs process ~10-100x
+    # slower (a 2000-step cell took 145 s instead of 25 s); flushing them to zero does not change the losses.
+    # Process-wide in torch, so switched back off (torch's default; it has no getter) for a caller's later work.
+    torch.set_flush_denormal(True)
+    try:
+        return _train(cell, device)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _train(cell: Cell, device: str) -> dict[str, Any]:
     start = time.perf_counter()
     t = cell.train
     data = CharData(cell.model.seq_len, cell.model.batch_size, train_chars=t.train_chars)

@@ -3,8 +3,8 @@
 A configuration file looks like::
 
     name: quick
-    model: {layers: 2, head_dim: 32, ffn_mult: 2, seq_len: 64, batch_size: 8, base_width: 64}
-    train: {steps: 150, warmup_steps: 15, schedule: cosine, min_lr_ratio: 0.1, eval_batches: 8}
+    model: {arch: llama, layers: 2, head_dim: 32, ffn_mult: 2, seq_len: 64, batch_size: 8, base_width: 64}
+    train: {steps: 150, warmup_steps: 15, schedule: cosine, min_lr_ratio: 0.1, eval_batches: 8, decay: all}
     grids:
       - name: width_transfer
         width: [64, 128]
@@ -21,6 +21,16 @@ default ``adamw_v2``; ``hf-optim list``), fixed constructor ``args``, a ``weight
 Under muP the optimizer's registered muP family (Adam-like or SGD) picks the learning-rate rule. A grid may override any
 ``model``/``train`` key (e.g. ``train: {train_chars: 20000}``). A cell's key is a hash of everything that affects its
 result, which is what makes sweeps resumable.
+
+``model.arch`` picks the architecture: ``llama`` (pre-norm LLaMA) or ``olmo2`` (OLMo-2: QK-norm on q and k and an
+RMSNorm on each block's output before the residual add, which makes the hidden matrices scale-invariant).
+``train.decay`` picks the decayed tensors: ``all`` (every >= 2-D tensor, embedding and lm_head included) or
+``hidden`` (only the attention q/k/v/o and MLP gate/up/down matrices). See docs/experiments/README.md for why this
+decides which decay mode keeps the best λ in place.
+
+Every value is type-checked at load (YAML 1.1 reads ``1e-1`` without a dot as a *string*: write ``1.0e-1``), and
+integers (widths, seeds, steps) must be integers: ``48.9`` is an error, not 48. A weight decay of 0 is the same run
+in every decay mode, so it is expanded once (as ``coupled``) and shared by every mode's heat-map.
 """
 
 from __future__ import annotations
@@ -38,17 +48,22 @@ import yaml
 from hf_optim import _validation as v
 from hf_optim.decay import WEIGHT_DECAY_MODES
 from hf_optim.registry import get_spec
+from mup_integration.groups import WD_RULES
 
 DEFAULT_OPTIMIZER = "adamw_v2"
 # Set by the sweep itself (or by the grid's lr / weight_decay axes), so not allowed in an entry's ``args``.
 _RESERVED_ARGS = {"params", "lr", "weight_decay", "weight_decay_mode", "param_overrides"}
+ARCHS = ("llama", "olmo2")
+DECAY_SETS = ("all", "hidden")
+SCHEDULES = ("cosine", "constant")
 
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """A small LLaMA: width = hidden size; heads = width / head_dim (fixed head size, so muP's attention scale is
-    a constant); MLP width = ffn_mult × width."""
+    """A small LLaMA (or OLMo-2): width = hidden size; heads = width / head_dim (fixed head size, so muP's attention
+    scale is a constant); MLP width = ffn_mult × width."""
 
+    arch: str = "llama"  # "llama" | "olmo2"; left out of the cell key at its default (see Cell.key)
     layers: int = 2
     head_dim: int = 32
     ffn_mult: int = 2
@@ -56,6 +71,10 @@ class ModelSettings:
     batch_size: int = 8
     base_width: int = 64  # muP base shape
     init_std: float = 0.02  # LlamaConfig.initializer_range
+    # RMSNorm eps (on the mean square); None = the architecture's default (LLaMA 1e-6, OLMo-2 1e-5). It bounds how
+    # far a normalised branch is scale-invariant: a branch whose mean square is ~eps is damped, not normalised, and a
+    # width-64 block of 0.02-std matrices (or a strongly decayed one) outputs a mean square of 1e-5..1e-7.
+    norm_eps: float | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +90,84 @@ class TrainSettings:
     eval_batches: int = 8
     train_chars: int | None = None
     diverge_loss: float = 10.0  # a training loss above this (or NaN/inf) stops the cell as diverged
+    # Which tensors weight decay applies to: "all" >= 2-D tensors (embedding and lm_head included, the committed
+    # width/LR x WD sweeps) or only the "hidden" attention/MLP matrices. Left out of the cell key at its default.
+    decay: str = "all"
+
+
+# Per-field checks beyond the type: (predicate, what is allowed). Types come from the dataclass annotations.
+_LIMITS: dict[str, tuple[Any, str]] = {
+    "arch": (lambda x: x in ARCHS, f"one of {list(ARCHS)}"),
+    "layers": (lambda x: x >= 1, ">= 1"), "head_dim": (lambda x: x >= 1, ">= 1"),
+    "ffn_mult": (lambda x: x >= 1, ">= 1"), "seq_len": (lambda x: x >= 1, ">= 1"),
+    "batch_size": (lambda x: x >= 1, ">= 1"), "base_width": (lambda x: x >= 1, ">= 1"),
+    "init_std": (lambda x: x > 0, "> 0"), "norm_eps": (lambda x: x is None or x > 0, "> 0 or null"),
+    "steps": (lambda x: x >= 1, ">= 1"), "warmup_steps": (lambda x: x >= 0, ">= 0"),
+    "schedule": (lambda x: x in SCHEDULES, f"one of {list(SCHEDULES)}"),
+    "min_lr_ratio": (lambda x: 0 <= x <= 1, "in [0, 1]"),
+    "beta1": (lambda x: 0 <= x < 1, "in [0, 1)"), "beta2": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "eps": (lambda x: x >= 0, ">= 0"), "grad_clip": (lambda x: x >= 0, ">= 0"),
+    "eval_batches": (lambda x: x >= 1, ">= 1"), "train_chars": (lambda x: x is None or x >= 1, ">= 1 or null"),
+    "diverge_loss": (lambda x: x > 0, "> 0"),
+    "decay": (lambda x: x in DECAY_SETS, f"one of {list(DECAY_SETS)}"),
+}
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {"arch": ARCHS, "schedule": SCHEDULES, "decay": DECAY_SETS}
+
+
+def _yaml_string_hint(value: Any) -> str:
+    """Why a number arrived as a string: PyYAML follows YAML 1.1, where ``1e-1`` (no dot) is not a float."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return " (YAML 1.1 reads exponents without a dot, like 1e-1, as strings: write 1.0e-1 or 0.1)"
+    return ""
+
+
+def as_int(where: str, value: Any) -> int:
+    """``value`` as an int; a ValueError for bools, strings and non-integral numbers (no silent truncation)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or isinstance(value, float) and (
+            not math.isfinite(value) or not value.is_integer()):
+        raise ValueError(f"{where} must be an integer, got {value!r}{_yaml_string_hint(value)}.")
+    return int(value)
+
+
+def as_float(where: str, value: Any) -> float:
+    """``value`` as a finite float; a ValueError for bools, strings (see ``_yaml_string_hint``) and NaN/inf."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where} must be a finite number, got {value!r}{_yaml_string_hint(value)}.")
+    return float(value)
+
+
+def _checked(cls: type, raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """``raw`` with every value type-checked against ``cls``'s annotations, coerced (int -> float where a float is
+    expected, so ``1`` and ``1.0`` give the same cell key) and range-checked; errors name ``where.key``."""
+    out: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in raw:
+            continue
+        value, name = raw[f.name], f"{where}.{f.name}"
+        kind = str(f.type).replace(" ", "")
+        if kind in ("int|None", "float|None") and value is None:
+            pass
+        elif kind in ("int", "int|None"):
+            value = as_int(name, value)
+        elif kind in ("float", "float|None"):
+            value = as_float(name, value)
+        elif kind == "str":
+            if not isinstance(value, str):
+                raise ValueError(f"{name} must be a string, got {value!r}.")
+        else:  # a new field with an unhandled annotation must not slip through unchecked
+            raise TypeError(f"{cls.__name__}.{f.name}: no check for annotation {f.type!r}.")
+        ok, allowed = _LIMITS[f.name]
+        if not ok(value):
+            hint = v.closest(value, _CHOICES.get(f.name, ())) if isinstance(value, str) else ""
+            raise ValueError(f"{name} must be {allowed}, got {value!r}.{hint}")
+        out[f.name] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -99,13 +196,24 @@ class Cell:
             del payload["optimizer"]
         if not payload["optimizer_args"]:
             del payload["optimizer_args"]
+        # Same for the architecture, norm-eps and decayed-set options: the committed llama / decay-all results keep
+        # their keys.
+        if payload["model"]["arch"] == "llama":
+            del payload["model"]["arch"]
+        if payload["model"]["norm_eps"] is None:
+            del payload["model"]["norm_eps"]
+        if payload["train"]["decay"] == "all":
+            del payload["train"]["decay"]
         return hashlib.sha1(json.dumps(payload, sort_keys=True, default=float).encode()).hexdigest()[:16]
 
     def describe(self) -> str:
         args = "".join(f" {k}={value:g}" if isinstance(value, float) else f" {k}={value}"
                        for k, value in self.optimizer_args)
-        return (f"{self.grid} {self.parametrization} w={self.width} lr=2^{math.log2(self.lr):.1f} "
-                f"{self.optimizer}{args} {self.weight_decay_mode} wd={self.weight_decay:g} seed={self.seed}")
+        arch = "" if self.model.arch == "llama" else f" {self.model.arch}"
+        decay = "" if self.train.decay == "all" else f" decay={self.train.decay}"
+        mode = "no-decay" if self.weight_decay == 0 else self.weight_decay_mode
+        return (f"{self.grid}{arch} {self.parametrization} w={self.width} lr=2^{math.log2(self.lr):.1f} "
+                f"{self.optimizer}{args} {mode} wd={self.weight_decay:g}{decay} seed={self.seed}")
 
 
 @dataclass(frozen=True)
@@ -114,12 +222,14 @@ class SweepConfig:
     cells: list[Cell]
 
 
-def _settings(cls: type, raw: dict[str, Any], where: str) -> Any:
+def _settings(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be a mapping of settings, got {raw!r}.")
     allowed = {f.name for f in fields(cls)}
     for key in raw:
         if key not in allowed:
             raise ValueError(f"{where}: unknown key {key!r}; allowed: {sorted(allowed)}.{v.closest(key, allowed)}")
-    return cls(**raw)
+    return cls(**_checked(cls, raw, where))
 
 
 def _override(settings: Any, raw: Any, where: str) -> Any:
@@ -142,11 +252,12 @@ def _learning_rates(grid: dict[str, Any], where: str) -> list[float]:
     if ("lr" in grid) == ("log2_lr" in grid):
         raise ValueError(f"{where}: give exactly one of 'lr' or 'log2_lr', got keys {sorted(grid)}.")
     if "lr" in grid:
-        lrs = [float(x) for x in _list(grid, "lr", where)]
+        lrs = [as_float(f"{where}: lr", x) for x in _list(grid, "lr", where)]
     else:
-        lrs = [2.0 ** float(x) for x in _list(grid, "log2_lr", where)]
+        lrs = [2.0 ** as_float(f"{where}: log2_lr", x) for x in _list(grid, "log2_lr", where)]
     for lr in lrs:
-        v.check_positive(f"{where}: lr", lr)
+        if lr <= 0:
+            raise ValueError(f"{where}: lr must be > 0, got {lr!r}.")
     return lrs
 
 
@@ -159,8 +270,10 @@ def _expand_grid(grid: dict[str, Any], model: ModelSettings, train: TrainSetting
             raise ValueError(f"{where}: unknown key {key!r}; allowed: {sorted(known)}.{v.closest(key, known)}")
     model = _override(model, grid.get("model", {}), f"{where}.model")
     train = _override(train, grid.get("train", {}), f"{where}.train")
-    widths = [int(w) for w in _list(grid, "width", where)]
+    widths = [as_int(f"{where}: width", w) for w in _list(grid, "width", where)]
     for w in widths:
+        if w < model.head_dim:
+            raise ValueError(f"{where}: width {w} is smaller than head_dim={model.head_dim}.")
         if w % model.head_dim:
             raise ValueError(f"{where}: width {w} is not a multiple of head_dim={model.head_dim}.")
     params = _list(grid, "parametrization", where, ["sp"])
@@ -187,10 +300,18 @@ def _expand_grid(grid: dict[str, Any], model: ModelSettings, train: TrainSetting
         wds = wds if isinstance(wds, list) else [wds]
         # muP's weight-decay rule (mup_integration.groups): 'independent' keeps the per-step decay width-free.
         wd_rule = opt.get("wd_rule", "independent")
+        v.check_choice(f"{where}: wd_rule", wd_rule, WD_RULES)
         for wd in wds:
-            v.check_non_negative(f"{where}: weight_decay", wd)
-            opt_variants.append((opt_name, tuple(sorted(args.items())), mode, float(wd), wd_rule))
-    seeds = [int(s) for s in _list(grid, "seed", where, [0])]
+            wd = as_float(f"{where}: weight_decay", wd)
+            if wd < 0:
+                raise ValueError(f"{where}: weight_decay must be >= 0, got {wd!r}.")
+            # λ = 0 is one run whatever the mode (or muP wd rule): expand it once, as the default 'coupled', so
+            # an LR x WD grid does not train the no-decay column twice; the heat-maps share it between modes.
+            if wd == 0:
+                opt_variants.append((opt_name, tuple(sorted(args.items())), "coupled", 0.0, "independent"))
+            else:
+                opt_variants.append((opt_name, tuple(sorted(args.items())), mode, wd, wd_rule))
+    seeds = [as_int(f"{where}: seed", s) for s in _list(grid, "seed", where, [0])]
     lrs = _learning_rates(grid, where)
     return [
         Cell(name, w, lr, p, mode, wd, rule, s, model, train, optimizer=opt, optimizer_args=args)
@@ -214,9 +335,8 @@ def load_config(path: str | Path) -> SweepConfig:
     if unknown:
         raise ValueError(f"config {str(path)!r}: unknown top-level keys {sorted(unknown)}; "
                          "allowed: name, model, train, grids.")
-    model = _settings(ModelSettings, raw.get("model", {}), "model")
-    train = _settings(TrainSettings, raw.get("train", {}), "train")
-    v.check_choice("train.schedule", train.schedule, ("cosine", "constant"))
+    model = _settings(ModelSettings, raw.get("model") or {}, "model")
+    train = _settings(TrainSettings, raw.get("train") or {}, "train")
     grids = raw.get("grids")
     if not isinstance(grids, list) or not grids:
         raise ValueError(f"config {str(path)!r}: 'grids' must be a non-empty list of grid mappings.")

@@ -10,7 +10,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ._sweep_results import curves, heatmaps
+from hf_optim.decay import decay_rate
+
+from ._sweep_results import curves, heatmaps, per_step_decay
 
 
 def _plt():
@@ -80,17 +82,61 @@ def plot_width_transfer(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]
     return written
 
 
+def _plot_best_decay(ax, maps: dict[tuple, dict[float, dict[float, float]]], family: tuple, modes: list[str],
+                     pooled: dict[str, Any] | None = None) -> None:
+    """The best per-step decay d* (fraction of each decayed weight removed per step at the peak lr: α·λ coupled, λ
+    independent) against the lr, one line per mode: the coordinate in which both modes are one update rule, and in
+    which the rotational-equilibrium picture predicts a flat line (coupled λ* ∝ 1/α) and the |w| ≈ 1/λ picture a
+    slope of 1 (coupled λ* flat). A λ = 0 optimum is drawn as a triangle on the bottom edge. ``pooled``: the
+    :func:`~recipes._sweep_results.per_step_decay` entry (both modes' cells on one log2 d axis, parabola vertex per
+    lr), drawn in black with a slope-1 guide through its mean."""
+    markers = {"coupled": "o-", "independent": "s--"}
+    lows, lines = [], {}
+    for mode in modes:
+        by_wd = maps[(*family, mode)]
+        lrs = sorted({lr for per in by_wd.values() for lr in per})
+        best = {lr: min(by_wd, key=lambda wd: (by_wd[wd].get(lr, math.inf), wd)) for lr in lrs}
+        lines[mode] = [(math.log2(lr), decay_rate(mode, best[lr], lr, lr)) for lr in lrs]
+        lows += [math.log2(decay_rate(mode, wd, lr, lr)) for wd in by_wd if wd > 0 for lr in lrs]
+    floor = (min(lows) - 1) if lows else -20.0
+    for mode, points in lines.items():
+        xs = [x for x, _ in points]
+        ys = [math.log2(d) if d > 0 else floor for _, d in points]
+        ax.plot(xs, ys, markers.get(mode, "^-"), label=mode, ms=7, mfc="none" if mode == "independent" else None)
+        zero = [(x, floor) for (x, d) in points if d == 0]
+        if zero:
+            ax.plot(*zip(*zero), "v", color="k", ms=9)
+    if pooled is not None:
+        fitted = {float(k): v for k, v in pooled["fitted_log2_d_per_log2_lr"].items()}
+        xs = sorted(fitted)
+        ax.plot(xs, [fitted[x] for x in xs], "kD-", ms=5, lw=2,
+                label=f"both modes pooled, fit (slope {pooled['slope_fitted_log2_d_vs_log2_lr']:.2f})")
+        mx, my = sum(xs) / len(xs), sum(fitted.values()) / len(xs)
+        ax.plot(xs, [my + x - mx for x in xs], ":", color="grey", label="slope 1 (coupled λ* lr-free)")
+    ax.set_xlabel("log2(learning rate)")
+    ax.set_ylabel("log2(best per-step decay d*)  (▼ = λ = 0 best)")
+    ax.set_title("best per-step decay: flat = lr-free d*")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def plot_lr_wd(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """One PNG per (grid, optimizer, parametrization, width): a val-loss heat-map per decay mode, best λ per lr
-    marked."""
+    marked, and (with both decoupled modes) the best per-step decay against the lr."""
     plt = _plt()
     maps = heatmaps(rows, "val_loss")
+    pooled = {(e["grid"], e["optimizer"], e["parametrization"], e["width"]): e for e in per_step_decay(rows)}
     families: dict[tuple, list[str]] = {}
     for grid, opt, param, width, mode in maps:
         families.setdefault((grid, opt, param, width), []).append(mode)
     written = []
     for (grid, opt, param, width), modes in sorted(families.items()):
-        fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.8), squeeze=False)
+        decoupled = sorted(m for m in modes if m in ("coupled", "independent"))
+        panels = len(modes) + (len(decoupled) == 2)
+        fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.8), squeeze=False)
+        if len(decoupled) == 2:
+            _plot_best_decay(axes[0][-1], maps, (grid, opt, param, width), decoupled,
+                             pooled.get((grid, opt, param, width)))
         for ax, mode in zip(axes[0], sorted(modes)):
             by_wd = maps[(grid, opt, param, width, mode)]
             wds = sorted(by_wd)

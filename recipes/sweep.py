@@ -6,11 +6,13 @@ Runs, on a CPU in minutes, the two experiments behind muP and decoupled weight d
   loss-minimising learning rate moves as the model widens; under muP it stays put;
 - *LR × WD* (Loshchilov & Hutter 2019, Fig. 2; MosaicML Composer): whether the best weight decay moves with the
   learning rate under PyTorch's lr-coupled AdamW decay and under lr-independent decay. Which of the two stays put
-  depends on the regime (docs/experiments/README.md: in a short, overfitting run it is the coupled one).
+  depends on which weights are decayed (docs/experiments/README.md): decaying the embedding and readout of a short,
+  overfitting run keeps the coupled λ put; decaying only scale-invariant hidden matrices (``model.arch: olmo2``,
+  ``train.decay: hidden``) is the regime of the published picture.
 
-Each cell trains a small ``LlamaForCausalLM`` built from a config (no download) on the bundled character-level tiny
-Shakespeare with a registered optimizer (default :class:`hf_optim.adam.AdamW`) and, for muP, the overrides of
-:mod:`mup_integration.groups` for that optimizer's muP family.
+Each cell trains a small ``LlamaForCausalLM`` (or ``Olmo2ForCausalLM``) built from a config (no download) on the
+bundled character-level tiny Shakespeare with a registered optimizer (default :class:`hf_optim.adam.AdamW`) and, for
+muP, the overrides of :mod:`mup_integration.groups` for that optimizer's muP family.
 
 Outputs in ``--out``: ``results.jsonl`` (append-only log; re-running skips every cell whose key is in it),
 ``results.csv``, ``results.json``, ``summary.json`` (best lr per width and its shift, best λ per lr) and PNG plots.
@@ -122,13 +124,15 @@ def run_sweep(config_path: str, out_dir: Path, *, jobs: int = 1, device: str = "
     for entry in summary["lr_wd"]:
         log(f"{entry['grid']} {entry['optimizer']} {entry['parametrization']} w={entry['width']} "
             f"{entry['weight_decay_mode']}: best wd per log2 lr {entry['best_weight_decay_per_log2_lr']}; "
-            f"range near optimum {entry['best_wd_range_grid_steps_near_optimum']} grid steps")
+            f"range near optimum {entry['best_wd_range_grid_steps_near_optimum']} grid steps, "
+            f"move over all lrs {entry['best_wd_move_grid_steps_all_lrs']:+d}")
     return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-optim sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", help="sweep YAML, or a bundled name: quick, full_width_transfer, full_lr_wd, lr_wd_long")
+    bundled = sorted(p.stem for p in (Path(__file__).parent / "sweeps").glob("*.yaml"))
+    parser.add_argument("config", help=f"sweep YAML, or a bundled name: {', '.join(bundled)}")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: sweep_out/<config name>)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel worker processes (default 1)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

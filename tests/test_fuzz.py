@@ -130,7 +130,7 @@ def adafactor_domains() -> dict[str, Domain]:
 
 
 #: Knobs that state a rule about a combination: their error may fire even when every single value is valid.
-COMBINATION_RULES = {"SGDW": {"nesterov"}, "Adafactor": {"warmup_init"}}
+COMBINATION_RULES = {"SGDW": {"nesterov"}, "Adafactor": {"warmup_init"}, "RMSProp": {"centered"}}
 
 
 @st.composite

@@ -289,6 +289,7 @@ def test_state_keys_and_grads_untouched(cls: str, knobs: dict, keys: set) -> Non
         ("RMSProp", dict(alpha=-0.1), "alpha"),
         ("RMSProp", dict(momentum=-0.5), "momentum"),
         ("RMSProp", dict(eps=-1.0), "eps"),
+        ("RMSProp", dict(alpha=0.0, centered=True), "alpha=0 with centered=True"),
         ("RMSProp", dict(weight_decay_mode="decoupled"), "weight_decay_mode"),
     ],
 )
