@@ -76,6 +76,14 @@ void af_sums(const float* g, float* row, float* cs, float* ts, long R, long C, f
     for (long i = 0; i < q; i++) {
         const float *g0 = g + i * C, *g1 = g0 + q * C, *g2 = g1 + q * C, *g3 = g2 + q * C;
         float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+        if (i + 1 < q) {
+            /* Ask for each stream's next row now: the hardware prefetcher alone leaves this pass at ~11 GB/s,
+               below the ~17 GB/s four read streams reach (measured 20.5 -> 18.5 ms on the 58M set). */
+            for (long j = 0; j < C; j += 16) {
+                __builtin_prefetch(g0 + C + j); __builtin_prefetch(g1 + C + j);
+                __builtin_prefetch(g2 + C + j); __builtin_prefetch(g3 + C + j);
+            }
+        }
         for (long j = 0; j < C; j++) {
             float q0 = g0[j] * g0[j], q1 = g1[j] * g1[j], q2 = g2[j] * g2[j], q3 = g3[j] * g3[j];
             s0 += q0; s1 += q1; s2 += q2; s3 += q3; cs[j] += (q0 + q1) + (q2 + q3);
@@ -115,6 +123,19 @@ double af_finalize(float* row, float* col, const float* cs, const float* ts, int
     return sumsq * mean;
 }
 
+/* adafactor_v2's momentum update over n elements of one row (bf16 momentum before the lr, decay x - r*x). */
+#define AF_CHUNK 64
+static inline void af_bf16_momentum_chunk(float* restrict x, const float* restrict g, uint16_t* restrict m,
+                                          const float* restrict b, long n, float ai, float alpha, float w1, float r) {
+    for (long j = 0; j < n; j++) {
+        const float u = g[j] * ai * b[j];
+        const float old = bf16_to_f32(m[j]);
+        const float mj = fmaf(w1, u - old, old);  /* lerp(old, u, w1) for w1 < 0.5, as torch */
+        m[j] = f32_to_bf16(mj);
+        x[j] = fmaf(-r, x[j], x[j]) - alpha * mj;
+    }
+}
+
 /* Write-back. scale = +-clip factor; mode 0: no momentum, 1: momentum before lr, 2: momentum after lr.
    m32 or m16 holds the momentum (one of them NULL). decay: x - r*x, or x*(1-r) with factor != 0. */
 void af_apply(float* x, const float* g, const float* a, const float* b, long R, long C, float scale, float alpha,
@@ -123,8 +144,7 @@ void af_apply(float* x, const float* g, const float* a, const float* b, long R, 
     const float keep = 1.0f - r, w1 = 1.0f - beta1;
     long first = 0;
     if (!factor && mode == 0) {
-        /* No momentum: two far-apart rows per inner loop (twice the concurrent streams, as af_sums). With bf16
-           momentum the same trick measured 3x slower (the loop no longer vectorises well), so it is not used. */
+        /* No momentum: two far-apart rows per inner loop (twice the concurrent streams, as af_sums). */
         const long half = R / 2;
         for (long i = 0; i < half; i++) {
             const float *g0 = g + i * C, *g1 = g + (i + half) * C;
@@ -137,6 +157,23 @@ void af_apply(float* x, const float* g, const float* a, const float* b, long R, 
             }
         }
         first = 2 * half;  /* an odd last row, if any, takes the general loop */
+    }
+    if (!factor && mode == 1 && m16 && w1 < 0.5f) {
+        /* adafactor_v2's case (bf16 momentum before the lr): two far-apart rows, alternating in chunks of 64
+           elements. One loop over both rows does not vectorise (the bf16 conversions of two streams); chunks keep
+           both streams in flight and each chunk loop vectorises: measured 49 -> 42 ms on the 58M set. */
+        const long half = R / 2;
+        for (long i = 0; i < half; i++) {
+            const long i1 = i + half;
+            const float a0 = a[i] * scale, a1 = a[i1] * scale;
+            for (long j0 = 0; j0 < C; j0 += AF_CHUNK) {
+                const long n = C - j0 < AF_CHUNK ? C - j0 : AF_CHUNK;
+                af_bf16_momentum_chunk(x + i * C + j0, g + i * C + j0, m16 + i * C + j0, b + j0, n, a0, alpha, w1, r);
+                af_bf16_momentum_chunk(x + i1 * C + j0, g + i1 * C + j0, m16 + i1 * C + j0, b + j0, n, a1, alpha, w1,
+                                       r);
+            }
+        }
+        first = 2 * half;
     }
     for (long i = first; i < R; i++) {
         const float* gi = g + i * C; float* xi = x + i * C;
@@ -157,15 +194,8 @@ void af_apply(float* x, const float* g, const float* a, const float* b, long R, 
                 float xv = factor ? xi[j] * keep : fmaf(-r, xi[j], xi[j]);
                 xi[j] = xv - (mode == 1 ? alpha * m : m);
             }
-        } else if (mode == 1 && !factor && w1 < 0.5f) {  /* adafactor_v2's case, without loop-invariant selects */
-            uint16_t* mi = m16 + i * C;
-            for (long j = 0; j < C; j++) {
-                float u = gi[j] * ai * b[j];
-                float old = bf16_to_f32(mi[j]);
-                float m = fmaf(w1, u - old, old);
-                mi[j] = f32_to_bf16(m);
-                xi[j] = fmaf(-r, xi[j], xi[j]) - alpha * m;
-            }
+        } else if (mode == 1 && !factor && w1 < 0.5f) {  /* an odd last row of adafactor_v2's case */
+            af_bf16_momentum_chunk(xi, gi, m16 + i * C, b, C, ai, alpha, w1, r);
         } else {
             uint16_t* mi = m16 + i * C;
             for (long j = 0; j < C; j++) {
