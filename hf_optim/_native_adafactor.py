@@ -1,27 +1,31 @@
 r"""A hand-written C kernel for the hot case of Adafactor on the CPU: a factored fp32 matrix.
 
-Why C and not ``torch.compile``: the factored step is three streaming passes over the gradient (statistics, the RMS
-for update clipping, the write-back), and the statistics pass must produce row *and* column sums of :math:`g^2` in
-one sweep. Inductor emits the column sum as a separate strided reduction and re-reads the gradient for each stage
-(about four reads, see ``docs/benchmarks.md``); this kernel does exactly three, each a unit-stride loop that the C
-compiler vectorises, and for the layer-sized matrices of an LLM (a few MB) passes two and three hit the cache.
+Why C and not ``torch.compile``: a factored step needs the row *and* column sums of :math:`g^2` before any update,
+and the RMS of the update for clipping; Inductor emits the column sum as a separate strided reduction and re-reads
+the gradient for each stage (about four reads, see ``docs/benchmarks.md``). This kernel reads it twice, each time in
+a unit-stride loop that the C compiler vectorises; for the layer-sized matrices of an LLM (a few MB) the second read
+comes from cache.
 
 Per matrix :math:`g \in \mathbb{R}^{R \times C}` (row-major), with :math:`w = 1 - \beta_{2,t}`:
 
 .. math::
     \begin{aligned}
     &\text{pass 1: } s_i = \textstyle\sum_j g_{ij}^2,\ t_j = \sum_i g_{ij}^2;\quad
-      R_i \leftarrow R_i + w\,(s_i/C + \epsilon_1 - R_i),\ C_j \leftarrow C_j + w\,(t_j/R + \epsilon_1 - C_j) \\
-    &a_i = (R_i / \bar R)^{-1/2},\quad b_j = C_j^{-1/2},\quad U_{ij} = \pm g_{ij}\,a_i b_j \\
-    &\text{pass 2 (clipping): } c = 1/\max\big(1, \mathrm{RMS}(U)/d\big) \\
-    &\text{pass 3: } m \leftarrow \mathrm{lerp}(m, cU, 1-\beta_1) \text{ (before or after } \alpha_t\text{)},\quad
+      R_i \leftarrow R_i + w\,(s_i/C + \epsilon_1 - R_i),\ C_j \leftarrow C_j + w\,(t_j/R + \epsilon_1 - C_j),\\
+    &\qquad \tau_j = \textstyle\sum_i g_{ij}^2 / R_i \ \text{(row } i \text{ again, from L1)}\\
+    &a_i = (R_i / \bar R)^{-1/2},\quad b_j = C_j^{-1/2},\quad U_{ij} = \pm g_{ij}\,a_i b_j,\quad
+      \textstyle\sum_{ij} U_{ij}^2 = \bar R \sum_j \tau_j / C_j,\quad c = 1/\max\big(1, \mathrm{RMS}(U)/d\big) \\
+    &\text{pass 2: } m \leftarrow \mathrm{lerp}(m, cU, 1-\beta_1) \text{ (before or after } \alpha_t\text{)},\quad
       x \leftarrow x - r\,x - \alpha_t\,m
     \end{aligned}
 
-This is the algorithm of :class:`hf_optim.Adafactor` (the box in its docstring; rules in :mod:`hf_optim._adafactor_rule`) for ``eps1_mode="add"`` and no L2 term; anything else (bf16
-parameters, unfactored tensors, FSDP2 shards, clamp epsilon) stays on the other paths. The library is compiled
-once per machine with the system C compiler (~0.3 s) into ``$HF_OPTIM_CACHE`` (default ``~/.cache/hf_optim``) and
-loaded with :mod:`ctypes`; no compiler means the other paths are used, with one warning.
+This is the algorithm of :class:`hf_optim.Adafactor` (the box in its docstring; the eager rules in
+:mod:`hf_optim._adafactor_rule`) for ``eps1_mode="add"`` and no L2 term; anything else (bf16 parameters, unfactored
+tensors, FSDP2 shards, clamp epsilon) stays on the other paths. The C source is ``_native_adafactor.c`` next to this
+module; it is compiled once per machine and CPU with the system C compiler (~0.3 s) into ``$HF_OPTIM_CACHE``
+(default ``~/.cache/hf_optim``) and loaded with :mod:`ctypes`; no compiler means the other paths are used, with one
+warning. On one thread every matrix of a group is stepped in a single C call (:func:`adafactor_steps`); with
+several threads a large matrix is split into row blocks, one per thread (:func:`adafactor_step`).
 """
 
 from __future__ import annotations
@@ -40,177 +44,8 @@ from typing import Any
 
 import torch
 
-_SOURCE = r"""
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t bits = ((uint32_t)h) << 16; float f; memcpy(&f, &bits, 4); return f;
-}
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch */
-    uint32_t bits; memcpy(&bits, &f, 4);
-    /* No NaN special case: arithmetic produces quiet NaNs (0x7fc00000 and up), which this keeps NaN. */
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
-/* torch's lerp (ATen lerp_vec): one fused multiply-add from the nearer end, so results round as torch's. */
-static inline float lerpf(float start, float end, float w) {
-    return w < 0.5f ? fmaf(w, end - start, start) : fmaf(w - 1.0f, end - start, end);
-}
-
-/* Statistics pass over rows [0, R) of a block. Updates the row statistics in place and writes two column vectors:
-   cs_j = sum_i g_ij^2 and ts_j = sum_i g_ij^2 / row_i (row_i already updated). The second needs row i's sum first,
-   so each row is swept twice, the second time from L1 cache: this replaces a whole pass over g for clipping, since
-   sum_ij U_ij^2 = mean(row) * sum_j ts_j / col_j. */
-static inline float af_row_update(float* row_i, float s, long C, float w, float eps1) {
-    *row_i = lerpf(*row_i, s / (float)C + eps1, w);
-    return 1.0f / *row_i;
-}
-
-void af_sums(const float* g, float* row, float* cs, float* ts, long R, long C, float w, float eps1) {
-    for (long j = 0; j < C; j++) { cs[j] = 0.0f; ts[j] = 0.0f; }
-    /* Four far-apart rows at a time: four concurrent sequential streams read faster than one on a single core
-       (measured 16.7 vs 12.5 GB/s), and cs/ts are loaded and stored once per four rows. */
-    const long q = R / 4;
-    for (long i = 0; i < q; i++) {
-        const float *g0 = g + i * C, *g1 = g0 + q * C, *g2 = g1 + q * C, *g3 = g2 + q * C;
-        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-        if (i + 1 < q) {
-            /* Ask for each stream's next row now: the hardware prefetcher alone leaves this pass at ~11 GB/s,
-               below the ~17 GB/s four read streams reach (measured 20.5 -> 18.5 ms on the 58M set). */
-            for (long j = 0; j < C; j += 16) {
-                __builtin_prefetch(g0 + C + j); __builtin_prefetch(g1 + C + j);
-                __builtin_prefetch(g2 + C + j); __builtin_prefetch(g3 + C + j);
-            }
-        }
-        for (long j = 0; j < C; j++) {
-            float q0 = g0[j] * g0[j], q1 = g1[j] * g1[j], q2 = g2[j] * g2[j], q3 = g3[j] * g3[j];
-            s0 += q0; s1 += q1; s2 += q2; s3 += q3; cs[j] += (q0 + q1) + (q2 + q3);
-        }
-        const float i0 = af_row_update(row + i, s0, C, w, eps1), i1 = af_row_update(row + i + q, s1, C, w, eps1),
-                    i2 = af_row_update(row + i + 2 * q, s2, C, w, eps1),
-                    i3 = af_row_update(row + i + 3 * q, s3, C, w, eps1);
-        for (long j = 0; j < C; j++)
-            ts[j] += (g0[j] * g0[j] * i0 + g1[j] * g1[j] * i1) + (g2[j] * g2[j] * i2 + g3[j] * g3[j] * i3);
-    }
-    for (long i = 4 * q; i < R; i++) {  /* the last R % 4 rows */
-        const float* gi = g + i * C;
-        float s = 0.0f;
-        for (long j = 0; j < C; j++) { float v = gi[j] * gi[j]; s += v; cs[j] += v; }
-        const float inv = af_row_update(row + i, s, C, w, eps1);
-        for (long j = 0; j < C; j++) ts[j] += gi[j] * gi[j] * inv;
-    }
-}
-
-/* Column statistics from nparts partial sums (C apart), the factors a_i = (R_i / mean R)^-1/2 and b_j = C_j^-1/2;
-   returns sum_ij U_ij^2 (U = g a b, before clipping). */
-double af_finalize(float* row, float* col, const float* cs, const float* ts, int nparts, float* a, float* b, long R,
-                   long C, float w, float eps1) {
-    double total = 0.0;
-    for (long i = 0; i < R; i++) total += row[i];
-    const float mean = (float)(total / (double)R);
-    for (long i = 0; i < R; i++) a[i] = 1.0f / sqrtf(row[i] / mean);
-    double sumsq = 0.0;
-    for (long j = 0; j < C; j++) {
-        float c = cs[j];
-        double t = ts[j];
-        for (int k = 1; k < nparts; k++) { c += cs[k * C + j]; t += ts[k * C + j]; }
-        col[j] = lerpf(col[j], c / (float)R + eps1, w);
-        b[j] = 1.0f / sqrtf(col[j]);
-        sumsq += t / col[j];
-    }
-    return sumsq * mean;
-}
-
-/* adafactor_v2's momentum update over n elements of one row (bf16 momentum before the lr, decay x - r*x). */
-#define AF_CHUNK 64
-static inline void af_bf16_momentum_chunk(float* restrict x, const float* restrict g, uint16_t* restrict m,
-                                          const float* restrict b, long n, float ai, float alpha, float w1, float r) {
-    for (long j = 0; j < n; j++) {
-        const float u = g[j] * ai * b[j];
-        const float old = bf16_to_f32(m[j]);
-        const float mj = fmaf(w1, u - old, old);  /* lerp(old, u, w1) for w1 < 0.5, as torch */
-        m[j] = f32_to_bf16(mj);
-        x[j] = fmaf(-r, x[j], x[j]) - alpha * mj;
-    }
-}
-
-/* Write-back. scale = +-clip factor; mode 0: no momentum, 1: momentum before lr, 2: momentum after lr.
-   m32 or m16 holds the momentum (one of them NULL). decay: x - r*x, or x*(1-r) with factor != 0. */
-void af_apply(float* x, const float* g, const float* a, const float* b, long R, long C, float scale, float alpha,
-              int mode, float beta1, float* m32, uint16_t* m16, float r, int factor) {
-    /* decay: x - r*x as torch's add_(x, alpha=-r), a fused multiply-add */
-    const float keep = 1.0f - r, w1 = 1.0f - beta1;
-    long first = 0;
-    if (!factor && mode == 0) {
-        /* No momentum: two far-apart rows per inner loop (twice the concurrent streams, as af_sums). */
-        const long half = R / 2;
-        for (long i = 0; i < half; i++) {
-            const float *g0 = g + i * C, *g1 = g + (i + half) * C;
-            float *x0 = x + i * C, *x1 = x + (i + half) * C;
-            const float a0 = a[i] * scale, a1 = a[i + half] * scale;
-            for (long j = 0; j < C; j++) {
-                float u0 = g0[j] * a0 * b[j], u1 = g1[j] * a1 * b[j];
-                x0[j] = fmaf(-r, x0[j], x0[j]) - alpha * u0;
-                x1[j] = fmaf(-r, x1[j], x1[j]) - alpha * u1;
-            }
-        }
-        first = 2 * half;  /* an odd last row, if any, takes the general loop */
-    }
-    if (!factor && mode == 1 && m16 && w1 < 0.5f) {
-        /* adafactor_v2's case (bf16 momentum before the lr): two far-apart rows, alternating in chunks of 64
-           elements. One loop over both rows does not vectorise (the bf16 conversions of two streams); chunks keep
-           both streams in flight and each chunk loop vectorises: measured 49 -> 42 ms on the 58M set. */
-        const long half = R / 2;
-        for (long i = 0; i < half; i++) {
-            const long i1 = i + half;
-            const float a0 = a[i] * scale, a1 = a[i1] * scale;
-            for (long j0 = 0; j0 < C; j0 += AF_CHUNK) {
-                const long n = C - j0 < AF_CHUNK ? C - j0 : AF_CHUNK;
-                af_bf16_momentum_chunk(x + i * C + j0, g + i * C + j0, m16 + i * C + j0, b + j0, n, a0, alpha, w1, r);
-                af_bf16_momentum_chunk(x + i1 * C + j0, g + i1 * C + j0, m16 + i1 * C + j0, b + j0, n, a1, alpha, w1,
-                                       r);
-            }
-        }
-        first = 2 * half;
-    }
-    for (long i = first; i < R; i++) {
-        const float* gi = g + i * C; float* xi = x + i * C;
-        const float ai = a[i] * scale;
-        if (mode == 0) {
-            for (long j = 0; j < C; j++) {
-                float u = gi[j] * ai * b[j];
-                float xv = factor ? xi[j] * keep : fmaf(-r, xi[j], xi[j]);
-                xi[j] = xv - alpha * u;
-            }
-        } else if (m32) {
-            float* mi = m32 + i * C;
-            for (long j = 0; j < C; j++) {
-                float u = gi[j] * ai * b[j];
-                float target = mode == 1 ? u : alpha * u;
-                float m = lerpf(mi[j], target, w1);
-                mi[j] = m;
-                float xv = factor ? xi[j] * keep : fmaf(-r, xi[j], xi[j]);
-                xi[j] = xv - (mode == 1 ? alpha * m : m);
-            }
-        } else if (mode == 1 && !factor && w1 < 0.5f) {  /* an odd last row of adafactor_v2's case */
-            af_bf16_momentum_chunk(xi, gi, m16 + i * C, b, C, ai, alpha, w1, r);
-        } else {
-            uint16_t* mi = m16 + i * C;
-            for (long j = 0; j < C; j++) {
-                float u = gi[j] * ai * b[j];
-                float target = mode == 1 ? u : alpha * u;
-                float old = bf16_to_f32(mi[j]);
-                float m = lerpf(old, target, w1);
-                mi[j] = f32_to_bf16(m);
-                float xv = factor ? xi[j] * keep : fmaf(-r, xi[j], xi[j]);
-                xi[j] = xv - (mode == 1 ? alpha * m : m);
-            }
-        }
-    }
-}
-"""
+#: The kernel's C source, shipped next to this module (package data), compiled at first use.
+_SOURCE_PATH = Path(__file__).with_name("_native_adafactor.c")
 
 # -ffp-contract=off: no implicit FMA contraction; the kernel uses fmaf exactly where torch's kernels fuse, so it
 # rounds as the eager path does. -fassociative-math lets the compiler
@@ -225,6 +60,10 @@ _broken: str | None = None
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("HF_OPTIM_CACHE", Path.home() / ".cache" / "hf_optim"))
+
+
+def _source() -> str:
+    return _SOURCE_PATH.read_text()
 
 
 def _cpu_signature() -> str:
@@ -245,13 +84,13 @@ def _build() -> Any:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    key = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + compiler + _cpu_signature()).encode()).hexdigest()[:16]
+    key = hashlib.sha256((_source() + " ".join(_FLAGS) + compiler + _cpu_signature()).encode()).hexdigest()[:16]
     target = _cache_dir() / f"adafactor_{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             src = Path(tmp, "adafactor.c")
-            src.write_text(_SOURCE)
+            src.write_text(_source())
             out = Path(tmp, "adafactor.so")
             subprocess.run([compiler, *_FLAGS, str(src), "-o", str(out), "-lm"], check=True, capture_output=True)
             os.replace(out, target)  # atomic: concurrent processes (DDP ranks, test workers) may race here
@@ -263,6 +102,8 @@ def _build() -> Any:
     lib.af_finalize.restype = ctypes.c_double
     lib.af_apply.argtypes = [p, p, p, p, n, n, f, f, i, f, p, p, f, i]
     lib.af_apply.restype = None
+    lib.af_step_batch.argtypes = [n, p, p, p, p, f, f, i, i, f, i]
+    lib.af_step_batch.restype = None
     return lib
 
 
@@ -312,6 +153,43 @@ def _map(fn: Any, blocks: list[tuple[int, int, int]]) -> list[Any]:
     if _pool is None or _pool._max_workers < len(blocks):  # resize when torch's thread count grew
         _pool = ThreadPoolExecutor(max_workers=len(blocks), thread_name_prefix="hf_optim_adafactor")
     return list(_pool.map(lambda block: fn(*block), blocks))
+
+
+#: One matrix of a step: ``(x, g, state, beta2, alpha, decay)``.
+Job = tuple[torch.Tensor, torch.Tensor, dict[str, Any], float, float, float]
+
+
+def adafactor_steps(jobs: list[Job], *, eps1: float, clip: float | None, decay_as_factor: bool, maximize: bool,
+                    beta1: float | None, momentum_before_lr: bool) -> None:
+    """Step every matrix of ``jobs`` in place: matrices large enough for several threads one at a time in row
+    blocks (:func:`adafactor_step`), all the others in a single C call."""
+    threads = torch.get_num_threads()
+    one_by_one = [j for j in jobs if threads > 1 and j[0].numel() >= PARALLEL_MIN_NUMEL]
+    group_knobs = dict(eps1=eps1, clip=clip, decay_as_factor=decay_as_factor, maximize=maximize, beta1=beta1,
+                       momentum_before_lr=momentum_before_lr)
+    for x, g, state, beta2, alpha, decay in one_by_one:
+        adafactor_step(x, g, state, beta2=beta2, alpha=alpha, decay=decay, **group_knobs)
+    batch = [j for j in jobs if not (threads > 1 and j[0].numel() >= PARALLEL_MIN_NUMEL)]
+    if not batch:
+        return
+    mode = 0 if beta1 is None else (1 if momentum_before_lr else 2)
+    ptrs, dims, vals = [], [], []
+    for x, g, state, beta2, alpha, decay in batch:
+        m = state.get("exp_avg") if beta1 is not None else None
+        m32 = m.data_ptr() if m is not None and m.dtype == torch.float32 else 0
+        m16 = m.data_ptr() if m is not None and m.dtype == torch.bfloat16 else 0
+        ptrs += [x.data_ptr(), g.data_ptr(), state["exp_avg_sq_row"].data_ptr(), state["exp_avg_sq_col"].data_ptr(),
+                 m32, m16]
+        dims += x.shape
+        vals += [1.0 - beta2, alpha, decay]
+    # The tables are float32 / int64 tensors, so the kernel sees exactly the float32 scalars adafactor_step passes.
+    ptr_table = torch.tensor(ptrs, dtype=torch.int64)
+    dim_table = torch.tensor(dims, dtype=torch.long)
+    val_table = torch.tensor(vals, dtype=torch.float32)
+    scratch = torch.empty(max(x.shape[0] + 3 * x.shape[1] for x, *_ in batch), dtype=torch.float32)
+    _lib.af_step_batch(len(batch), ptr_table.data_ptr(), dim_table.data_ptr(), val_table.data_ptr(),
+                       scratch.data_ptr(), eps1, 0.0 if clip is None else clip, int(maximize), mode,
+                       0.0 if beta1 is None else beta1, int(decay_as_factor))
 
 
 def adafactor_step(x: torch.Tensor, g: torch.Tensor, state: dict[str, Any], *, beta2: float, eps1: float,

@@ -314,8 +314,8 @@ def _adafactor_group(opt: Adafactor, params: list[torch.Tensor], group: dict[str
     if impl in ("auto", "fused") and _native.supports_group(group) and _native.library() is not None:
         # The C kernel takes every factored fp32 CPU matrix (on the CPU it beats the other paths at every size).
         native = [it for it in items if shard_spec(it[5]) is None and _native.supports_tensor(it[0], it[1], it[3])]
-        for x, g, state, _, (beta2, rho), _ in native:
-            _native_step(x, g, state, beta2, rho, group)
+        if native:
+            _native_steps(native, group)
         native_ids = {id(it) for it in native}
         items = [it for it in items if id(it) not in native_ids]
         took_native = bool(native)
@@ -340,20 +340,21 @@ def _adafactor_group(opt: Adafactor, params: list[torch.Tensor], group: dict[str
         eager_step(items, group, impl == "foreach", opt._scratch_for)
 
 
-def _native_step(x: torch.Tensor, g: torch.Tensor, state: dict[str, Any], beta2: float, rho: float,
-                 group: dict[str, Any]) -> None:
-    """Step sizes as :func:`hf_optim._adafactor_rule.apply_update` computes them, then the C kernel."""
-    alpha = rho
-    if group["scale_parameter"]:  # max(eps2, RMS(x_{t-1})) · ρ_t
-        alpha = max(group["eps2"], torch.linalg.vector_norm(x).item() / math.sqrt(x.numel())) * rho
-    rate = 0.0
-    if group["weight_decay"]:
-        decay_lr = alpha if group["weight_decay_lr"] == "step" else group["lr"]
-        rate = decay_rate(group["weight_decay_mode"], group["weight_decay"], decay_lr, group["lr_peak"])
-    _native.adafactor_step(
-        x, g, state, beta2=beta2, eps1=group["eps1"], clip=group["clip_threshold"], alpha=alpha, decay=rate,
-        decay_as_factor=group["decay_as_factor"], maximize=group["maximize"], beta1=group["beta1"],
-        momentum_before_lr=group["momentum_before_lr"],
+def _native_steps(items: list[tuple[Any, ...]], group: dict[str, Any]) -> None:
+    """Step sizes and decay as :func:`hf_optim._adafactor_rule.apply_update` computes them, then the C kernel."""
+    jobs = []
+    for x, g, state, _, (beta2, rho), _ in items:
+        alpha = rho
+        if group["scale_parameter"]:  # max(eps2, RMS(x_{t-1})) · ρ_t
+            alpha = max(group["eps2"], torch.linalg.vector_norm(x).item() / math.sqrt(x.numel())) * rho
+        rate = 0.0
+        if group["weight_decay"]:
+            decay_lr = alpha if group["weight_decay_lr"] == "step" else group["lr"]
+            rate = decay_rate(group["weight_decay_mode"], group["weight_decay"], decay_lr, group["lr_peak"])
+        jobs.append((x, g, state, beta2, alpha, rate))
+    _native.adafactor_steps(
+        jobs, eps1=group["eps1"], clip=group["clip_threshold"], decay_as_factor=group["decay_as_factor"],
+        maximize=group["maximize"], beta1=group["beta1"], momentum_before_lr=group["momentum_before_lr"],
     )
 
 

@@ -154,6 +154,7 @@ def test_wheel_puts_the_pth_at_the_root_of_site_packages(tmp_path):
         record = next(n for n in names if n.endswith(".dist-info/RECORD"))
         assert any(line.startswith(f"{PTH.name},sha256=") for line in zf.read(record).decode().splitlines())
     assert [n for n in names if "/" not in n] == [PTH.name]  # nothing else at the top level of site-packages
+    assert "hf_optim/_native_adafactor.c" in names  # the Adafactor kernel's source, compiled at first use
 
 
 def test_startup_benchmark_reports_and_the_hook_imports_nothing():

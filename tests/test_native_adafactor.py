@@ -93,10 +93,32 @@ def test_kernel_matches_float64_formula_on_one_step():
 
 def test_auto_uses_the_kernel_for_factored_fp32_matrices(monkeypatch):
     calls = []
-    original = native.adafactor_step
-    monkeypatch.setattr(native, "adafactor_step", lambda x, *a, **k: (calls.append(tuple(x.shape)), original(x, *a, **k)))
+    original = native.adafactor_steps
+
+    def spy(jobs, **knobs):
+        calls.extend(tuple(job[0].shape) for job in jobs)
+        return original(jobs, **knobs)
+
+    monkeypatch.setattr(native, "adafactor_steps", spy)
     run("auto", steps=1)
     assert sorted(calls) == sorted([(300, 200), (130, 128), (200, 140), (131, 129)])
+
+
+@pytest.mark.parametrize("name", ["v2-bf16-momentum", "v2-no-momentum", "v2-independent-decay-maximize"])
+def test_batched_call_equals_row_blocks_on_threads(monkeypatch, name):
+    """One thread: every matrix in one C call; several threads: large matrices in row blocks, one per thread (their
+    column sums are added up per block, so the summation order differs: equal to fp32 rounding)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        batched, _ = run("fused", **CONFIGS[name])
+        torch.set_num_threads(2)
+        monkeypatch.setattr(native, "PARALLEL_MIN_NUMEL", 1)  # every matrix takes the row-block path
+        blocks, _ = run("fused", **CONFIGS[name])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(batched, blocks):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5 if name == "v2-bf16-momentum" else 1e-6)
 
 
 def test_state_dict_round_trip_between_fused_and_for_loop():
