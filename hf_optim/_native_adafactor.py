@@ -164,12 +164,15 @@ def adafactor_steps(jobs: list[Job], *, eps1: float, clip: float | None, decay_a
     """Step every matrix of ``jobs`` in place: matrices large enough for several threads one at a time in row
     blocks (:func:`adafactor_step`), all the others in a single C call."""
     threads = torch.get_num_threads()
-    one_by_one = [j for j in jobs if threads > 1 and j[0].numel() >= PARALLEL_MIN_NUMEL]
     group_knobs = dict(eps1=eps1, clip=clip, decay_as_factor=decay_as_factor, maximize=maximize, beta1=beta1,
                        momentum_before_lr=momentum_before_lr)
-    for x, g, state, beta2, alpha, decay in one_by_one:
-        adafactor_step(x, g, state, beta2=beta2, alpha=alpha, decay=decay, **group_knobs)
-    batch = [j for j in jobs if not (threads > 1 and j[0].numel() >= PARALLEL_MIN_NUMEL)]
+    batch = []
+    for job in jobs:
+        if threads > 1 and job[0].numel() >= PARALLEL_MIN_NUMEL:
+            x, g, state, beta2, alpha, decay = job
+            adafactor_step(x, g, state, beta2=beta2, alpha=alpha, decay=decay, **group_knobs)
+        else:
+            batch.append(job)
     if not batch:
         return
     mode = 0 if beta1 is None else (1 if momentum_before_lr else 2)
