@@ -29,6 +29,7 @@ from . import _validation as v
 from ._adafactor_presets import KNOBS, PRESETS, WEIGHT_DECAY_IS_LR
 from ._adafactor_rule import eager_step, step_scalars
 from ._base import BaseOptimizer, ParamOverrides
+from ._state_loading import STEP, StateSpec
 from ._distributed import check_factorable, factoring_impossible, local, shard_spec
 from .decay import decay_rate
 
@@ -111,6 +112,10 @@ class Adafactor(BaseOptimizer):
     """
 
     implementations: ClassVar[tuple[str, ...]] = ("for-loop", "foreach", "compiled", "fused")
+    interop_formats: ClassVar[tuple[str, ...]] = ("torch.optim.Adafactor", "transformers Adafactor")
+    #: Like torch.optim.Adafactor: the factored statistics of a complex tensor have no meaning.
+    supports_complex: ClassVar[bool] = False
+    eps_knobs: ClassVar[tuple[str, ...]] = ("eps1",)
 
     def __init__(
         self,
@@ -202,6 +207,33 @@ class Adafactor(BaseOptimizer):
                 f"(got relative_step={group['relative_step']!r}, relative_step_lr={group['relative_step_lr']!r})."
             )
 
+    @classmethod
+    def knob_names(cls) -> tuple[str, ...]:
+        return (*KNOBS, "preset")
+
+    def _check_group_params(self, group: dict[str, Any], params: Any) -> None:
+        super()._check_group_params(group, params)
+        eps1 = group["eps1"]
+        if group["eps1_mode"] == "clamp" and isinstance(eps1, float) and eps1 * eps1 < torch.finfo(torch.float32).tiny \
+                and any(p.dtype != torch.float64 for p in params):
+            # clamp mode bounds V below by eps1²: a square that underflows in fp32 leaves V = 0 (0/0 for zero rows).
+            raise ValueError(
+                f"eps1={eps1!r} with eps1_mode='clamp': eps1**2 = {eps1 * eps1:.3g} underflows in float32 (the compute "
+                f"dtype), so a zero gradient gives 0/0 = NaN. Use eps1 >= {math.sqrt(torch.finfo(torch.float32).tiny):.3g}"
+                " or None (the dtype's machine epsilon, torch's default).")
+
+    def _state_specs(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
+        shape = tuple(local(p).shape)
+        dims = factor_dims(p.shape, group)  # from the global shape, as _init_state
+        specs = {"step": STEP, "exp_avg": StateSpec(shape, like_param=True)}
+        if dims is None:
+            specs["exp_avg_sq"] = StateSpec(shape)
+        else:
+            row, col = dims
+            specs["exp_avg_sq_row"] = StateSpec(shape[:col] + shape[col + 1:])
+            specs["exp_avg_sq_col"] = StateSpec(shape[:row] + shape[row + 1:])
+        return specs
+
     def _check_still_factorable(self, index: int, group: dict[str, Any]) -> None:
         """Run when a group first creates state: the checks of construction, on the tensors the group holds *now*.
 
@@ -275,6 +307,7 @@ class Adafactor(BaseOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._prepare_step()
         for index, group in enumerate(self.param_groups):
             params = list(self._params_with_grad(group))
             if not params:
