@@ -191,6 +191,17 @@ def _atan2_nonneg_x(y: Tensor, x: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 # Buckets, compilation, fallback
 # --------------------------------------------------------------------------------------------------------------------
+def inductor_ok(t: Tensor) -> bool:
+    """False for the tensors Inductor steps wrongly, which the callers keep on the eager path.
+
+    Measured (torch 2.13, CPU; ``tests/test_compiled.py::test_inductor_corner_stays_eager``): **0-d float64**
+    parameters come back unchanged from the Adam-family graph and NaN from the Adafactor graph, while 0-d float32 and
+    bfloat16, and float64 of shape ``(1,)`` or ``(3,)``, match the eager for-loop. They are scalars: the eager path
+    costs nothing measurable there.
+    """
+    return not (t.dim() == 0 and t.dtype == torch.float64)
+
+
 def buckets(tensors: Sequence[Tensor], extra_keys: Sequence[Any] | None = None) -> list[list[int]]:
     """Indices of ``tensors`` grouped into compiled calls: one per (shape, dtype, device, extra key), small tensors
     of one (dtype, device, extra key) together; each group split into chunks of :data:`CHUNK`."""

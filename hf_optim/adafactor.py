@@ -360,9 +360,9 @@ def _adafactor_group(opt: Adafactor, params: list[torch.Tensor], group: dict[str
         impl = "foreach" if sum(it[0].numel() for it in items) < _compiled.AUTO_MIN_NUMEL else "auto"
     impl = _resolve(impl, [it[5] for it in items])
     if impl == "compiled":
-        # FSDP2 shards need cross-rank reductions, empty tensors have nothing to fuse, and stochastic rounding draws
-        # eager random bits: those stay on the eager path.
-        fast = [it for it in items if shard_spec(it[5]) is None and it[0].numel() > 0
+        # FSDP2 shards need cross-rank reductions, empty tensors have nothing to fuse, stochastic rounding draws
+        # eager random bits, and Inductor mishandles 0-d float64 (_compiled.inductor_ok): those stay eager.
+        fast = [it for it in items if shard_spec(it[5]) is None and it[0].numel() > 0 and _compiled.inductor_ok(it[0])
                 and not (group["stochastic_rounding"] and it[0].dtype == torch.bfloat16)]
         if fast:
             _compiled.adafactor_group([it[:5] for it in fast], group,
