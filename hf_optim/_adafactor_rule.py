@@ -151,7 +151,8 @@ def apply_update(
     # Step size α_t: measured on x_{t-1}, before any decay (as transformers and torch).
     alphas: list[Any] = [rho for _, rho in scalars]
     if group["scale_parameter"]:
-        alphas = [torch.clamp(rms(x, s), min=group["eps2"]) * rho for x, s, rho in zip(x32s, specs, alphas)]
+        alphas = [python_max(rms(x, s), group["max_ignores_nan"], group["eps2"]) * rho
+                  for x, s, rho in zip(x32s, specs, alphas)]
 
     # Preconditioned direction (per tensor: its statistics are reductions over its own dims).
     updates = []
@@ -164,9 +165,10 @@ def apply_update(
         d = group["clip_threshold"]
         if foreach and not any(specs):
             numels = [math.sqrt(u.numel()) * d for u in updates]
-            clips = [n.div_(c).clamp_(min=1.0).reciprocal_() for n, c in zip(torch._foreach_norm(updates), numels)]
+            ratios = [n.div_(c) for n, c in zip(torch._foreach_norm(updates), numels)]
         else:
-            clips = [(rms(u, s) / d).clamp_(min=1.0).reciprocal_() for u, s in zip(updates, specs)]
+            ratios = [rms(u, s) / d for u, s in zip(updates, specs)]
+        clips = [python_max(r, group["max_ignores_nan"]).reciprocal_() for r in ratios]
 
     deltas = deltas_with_momentum(updates, alphas, clips, states, group, foreach)
 
@@ -181,6 +183,17 @@ def apply_update(
             subtract_decay_(x32s, rates, foreach)
     foreach_or_loop(foreach, "sub_", x32s, deltas)
     write_back_(xs, x32s, group["stochastic_rounding"])
+
+
+def python_max(x: torch.Tensor, ignores_nan: bool, floor: float = 1.0) -> torch.Tensor:
+    """``max(floor, x)`` for the clip divisor ``max(1, RMS(U)/d)`` and the parameter scale ``max(eps2, RMS(x))``.
+
+    ``ignores_nan``: as Python's ``max(floor, x)`` in ``torch.optim.Adafactor``, a NaN ``x`` gives ``floor`` (no
+    clipping, scale eps2), so a NaN gradient entry poisons only what it reaches, not the whole tensor; otherwise
+    (transformers, optax) NaN propagates. ``+inf`` stays ``+inf`` in both."""
+    if ignores_nan:
+        return torch.where(x > floor, x, torch.full_like(x, floor))
+    return x.clamp_(min=floor)
 
 
 def deltas_with_momentum(

@@ -94,16 +94,16 @@ def _adafactor_one(
         update = gf * inv_v.sqrt()
         if k["clip"] is not None:
             # RMS(U)² = mean(g²/V) as a pure reduction, so U is never stored and re-read.
-            update = update / torch.clamp((gf * gf * inv_v).mean().sqrt() / k["clip"], min=1.0)
+            update = update / _python_max((gf * gf * inv_v).mean().sqrt() / k["clip"], k["max_ignores_nan"])
     else:
         assert v is not None
         v.lerp_(g2, one_minus_beta2)
         update = gf * (torch.clamp(v, min=eps1 * eps1) if clamp else v).rsqrt()
         if k["clip"] is not None:
-            update = update / torch.clamp(update.square().mean().sqrt() / k["clip"], min=1.0)
+            update = update / _python_max(update.square().mean().sqrt() / k["clip"], k["max_ignores_nan"])
     step_size = lr
     if k["param_scale_eps2"] is not None:  # α_t from x_{t-1}, before decay
-        step_size = lr * torch.clamp(pf.square().mean().sqrt(), min=k["param_scale_eps2"])
+        step_size = lr * _python_max(pf.square().mean().sqrt(), k["max_ignores_nan"], k["param_scale_eps2"])
     if k["beta1"] is None:
         delta = step_size * update
     elif k["momentum_before_lr"]:
@@ -119,6 +119,12 @@ def _adafactor_one(
     rate = decay if k["decay_power"] == 0 else decay * step_size ** k["decay_power"]
     decayed = pf * (1.0 - rate) if k["decay_as_factor"] else pf - rate * pf
     p.copy_(decayed - delta)
+
+
+def _python_max(x: Tensor, ignores_nan: bool, floor: float = 1.0) -> Tensor:
+    """``max(floor, x)``; with ``ignores_nan`` a NaN ``x`` gives ``floor``, as Python's ``max`` in
+    torch.optim.Adafactor (see :func:`hf_optim._adafactor_rule.python_max`)."""
+    return torch.where(x > floor, x, torch.full_like(x, floor)) if ignores_nan else torch.clamp(x, min=floor)
 
 
 def adafactor_step(
@@ -290,7 +296,8 @@ def adafactor_group(items: Sequence[AdafactorItem], group: dict[str, Any],
     beta1 = group["beta1"]
     base = dict(
         maximize=group["maximize"], l2=l2_coefficient(mode, wd), clamp=group["eps1_mode"] == "clamp",
-        clip=group["clip_threshold"], param_scale_eps2=group["eps2"] if group["scale_parameter"] else None,
+        clip=group["clip_threshold"], max_ignores_nan=group["max_ignores_nan"],
+        param_scale_eps2=group["eps2"] if group["scale_parameter"] else None,
         beta1=beta1, momentum_before_lr=group["momentum_before_lr"], decay_power=power,
         decay_as_factor=group["decay_as_factor"],
     )

@@ -123,7 +123,7 @@ def library() -> Any | None:
 
 def supports_group(group: dict[str, Any]) -> bool:
     """Knobs the kernel implements (the others are per-tensor conditions, see :func:`supports_tensor`)."""
-    return group["eps1_mode"] == "add" and group["eps1"] is not None and not (
+    return group["eps1_mode"] == "add" and group["eps1"] is not None and not group["max_ignores_nan"] and not (
         group["weight_decay"] and group["weight_decay_mode"] == "l2")
 
 

@@ -104,6 +104,8 @@ class Adafactor(BaseOptimizer):
             (``"float32"``/``"bfloat16"``), ``momentum_before_lr``, ``decay_rate`` (c > 0 in ``1 - t^-c``),
             ``beta2_cap`` (in (0, 1], None = no cap), ``eps1`` (> 0; None = the parameter dtype's machine epsilon),
             ``eps2`` (>= 0), ``eps1_mode`` (``"add"``/``"clamp"``), ``clip_threshold`` (> 0, None = no clipping),
+            ``max_ignores_nan`` (a NaN RMS(U) or RMS(x) gives the floor 1 or eps2, as torch's Python ``max``;
+            default: NaN propagates),
             ``relative_step``, ``rho_max`` (> 0), ``relative_step_lr``, ``warmup_init``, ``scale_parameter``,
             ``weight_decay`` (>= 0, or ``"lr"``: the group's peak lr, PaLM), ``weight_decay_mode``,
             ``weight_decay_lr`` (``"group"``: decay uses the group lr; ``"step"``: the effective step ``s_t``,
@@ -170,7 +172,7 @@ class Adafactor(BaseOptimizer):
         group["momentum_dtype"] = _DTYPE_ALIASES.get(group["momentum_dtype"], group["momentum_dtype"])
         super()._check_group(group)
         for name in ("factored", "decay_as_factor", "momentum_before_lr", "relative_step", "warmup_init",
-                     "scale_parameter", "stochastic_rounding"):
+                     "scale_parameter", "stochastic_rounding", "max_ignores_nan"):
             v.check_bool(name, group[name])
         v.check_choice("factor_dims", group["factor_dims"], ("last_two", "largest_two"))
         size = group["min_dim_size_to_factor"]
