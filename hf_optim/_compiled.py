@@ -274,25 +274,20 @@ def _is_compile_error(exc: Exception) -> bool:
 #: (``docs/benchmarks.md``), which a small model never earns back (and unit tests stay eager).
 AUTO_MIN_NUMEL = 1 << 20
 
-AdafactorItem = tuple[Tensor, Tensor, dict[str, Any], "tuple[int, int] | None", tuple[float, float]]
-
-
 def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.tensor(value, dtype=dtype, device=device)
 
 
-def adafactor_group(items: Sequence[AdafactorItem], group: dict[str, Any],
-                    eager: Callable[[list[AdafactorItem]], None]) -> None:
-    """Step ``items`` = ``(x, g, state, factor_dims, (beta2_t, rho_t))`` of one Adafactor group (state ``step``
-    already incremented); ``eager(sub_items)`` is the fallback when compilation fails."""
-    from .decay import decay_rate, l2_coefficient
+def adafactor_group(items: Sequence[Any], group: dict[str, Any], eager: Callable[[list[Any]], None]) -> None:
+    """Step ``items`` (:class:`hf_optim._adafactor_rule.Item`: tensors, state, factored dims and the step's
+    :class:`~hf_optim._adafactor_rule.StepScalars`) of one Adafactor group, ``step`` already incremented;
+    ``eager(sub_items)`` is the fallback when compilation fails. The decay rate is ``c·α_t^k`` from the scalars:
+    with parameter scaling α_t is known only in the graph, so ``c`` enters as a 0-d tensor and ``k`` as a constant."""
+    from .decay import l2_coefficient
 
-    mode, wd, lr_peak = group["weight_decay_mode"], group["weight_decay"], group["lr_peak"]
-    decoupled = bool(wd) and mode != "l2"
-    # With parameter scaling and decay at the effective step, r = c·α_t^power needs α_t, known only in the graph.
-    power = 0
-    if decoupled and group["weight_decay_lr"] == "step" and group["scale_parameter"]:
-        power = 2 if mode == "corrected" else 1
+    mode, wd = group["weight_decay_mode"], group["weight_decay"]
+    # k is fixed by the group's knobs, so every item of the group has the same one.
+    power = items[0].scalars.decay_power if items else 0
     beta1 = group["beta1"]
     base = dict(
         maximize=group["maximize"], l2=l2_coefficient(mode, wd), clamp=group["eps1_mode"] == "clamp",
@@ -301,31 +296,25 @@ def adafactor_group(items: Sequence[AdafactorItem], group: dict[str, Any],
         beta1=beta1, momentum_before_lr=group["momentum_before_lr"], decay_power=power,
         decay_as_factor=group["decay_as_factor"],
     )
-    xs = [it[0] for it in items]
-    moms = [it[2].get("exp_avg") if beta1 is not None else None for it in items]
-    extra = [(it[3], it[4], None if m is None else m.dtype) for it, m in zip(items, moms)]
+    xs = [it.x for it in items]
+    moms = [it.state.get("exp_avg") if beta1 is not None else None for it in items]
+    extra = [(it.dims, it.scalars, None if m is None else m.dtype) for it, m in zip(items, moms)]
     for idx in buckets(xs, extra):
-        x0, _, _, _, (beta2, rho) = items[idx[0]]
+        x0, sc = items[idx[0]].x, items[idx[0]].scalars
         cd, dev = compute_dtype(x0.dtype), x0.device
-        if not decoupled:
-            c = 0.0
-        elif power == 0:
-            c = decay_rate(mode, wd, rho if group["weight_decay_lr"] == "step" else group["lr"], lr_peak)
-        else:
-            c = wd if mode == "coupled" else (wd / lr_peak if lr_peak > 0 else 0.0)
         k = {**base, "eps1": group["eps1"] if group["eps1"] is not None else torch.finfo(x0.dtype).eps}
-        states = [items[i][2] for i in idx]
-        dims = tuple(items[i][3] for i in idx)
+        states = [items[i].state for i in idx]
+        dims = tuple(items[i].dims for i in idx)
         args = (
-            [xs[i] for i in idx], [items[i][1] for i in idx],
+            [xs[i] for i in idx], [items[i].g for i in idx],
             [s.get("exp_avg_sq_row") if d is not None else None for s, d in zip(states, dims)],
             [s.get("exp_avg_sq_col") if d is not None else None for s, d in zip(states, dims)],
             [s.get("exp_avg_sq") if d is None else None for s, d in zip(states, dims)],
             [moms[i] for i in idx],
-            _scalar(rho, cd, dev), _scalar(beta2, cd, dev), _scalar(c, cd, dev), dims, k,
+            _scalar(sc.rho, cd, dev), _scalar(sc.beta2, cd, dev), _scalar(sc.decay_coef, cd, dev), dims, k,
         )
         # Not the step scalars (they are tensor arguments): one graph serves every step.
-        key = (tuple((tuple(xs[i].shape), xs[i].dtype, items[i][1].dtype, extra[i][0], extra[i][2]) for i in idx),
+        key = (tuple((tuple(xs[i].shape), xs[i].dtype, items[i].g.dtype, extra[i][0], extra[i][2]) for i in idx),
                str(dev),
                tuple(sorted(k.items())))
         run_or_fallback(adafactor_step, key, dev.type, args, lambda idx=idx: eager([items[i] for i in idx]))

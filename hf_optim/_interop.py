@@ -81,9 +81,9 @@ def _adam_group(saved: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, 
             "no counterpart), so continuing would change the update. Continue with torch.optim.Adam(amsgrad=True)."
         )
     betas = tuple(_float(b) for b in saved["betas"])
-    return dict(lr=_float(saved["lr"]), betas=betas, eps=saved["eps"], weight_decay=saved["weight_decay"],
-                weight_decay_mode=_l2_or_decoupled(saved, live), eps_mode="torch",
-                maximize=saved.get("maximize", False))
+    return {"lr": _float(saved["lr"]), "betas": betas, "eps": saved["eps"], "weight_decay": saved["weight_decay"],
+            "weight_decay_mode": _l2_or_decoupled(saved, live), "eps_mode": "torch",
+            "maximize": saved.get("maximize", False)}
 
 
 def _radam_group(saved: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
@@ -92,21 +92,21 @@ def _radam_group(saved: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str,
 
 
 def _sgd_group(saved: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
-    return dict(lr=_float(saved["lr"]), momentum=saved["momentum"], dampening=saved["dampening"],
-                nesterov=saved["nesterov"], weight_decay=saved["weight_decay"], weight_decay_mode="l2",
-                maximize=saved.get("maximize", False))
+    return {"lr": _float(saved["lr"]), "momentum": saved["momentum"], "dampening": saved["dampening"],
+            "nesterov": saved["nesterov"], "weight_decay": saved["weight_decay"], "weight_decay_mode": "l2",
+            "maximize": saved.get("maximize", False)}
 
 
 def _adagrad_group(saved: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
-    return dict(lr=_float(saved["lr"]), lr_decay=saved["lr_decay"], eps=saved["eps"],
-                initial_accumulator_value=saved["initial_accumulator_value"], weight_decay=saved["weight_decay"],
-                weight_decay_mode="l2", maximize=saved.get("maximize", False))
+    return {"lr": _float(saved["lr"]), "lr_decay": saved["lr_decay"], "eps": saved["eps"],
+            "initial_accumulator_value": saved["initial_accumulator_value"], "weight_decay": saved["weight_decay"],
+            "weight_decay_mode": "l2", "maximize": saved.get("maximize", False)}
 
 
 def _rmsprop_group(saved: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
-    return dict(lr=_float(saved["lr"]), alpha=saved["alpha"], eps=saved["eps"], momentum=saved["momentum"],
-                centered=saved["centered"], weight_decay=saved["weight_decay"], weight_decay_mode="l2",
-                maximize=saved.get("maximize", False))
+    return {"lr": _float(saved["lr"]), "alpha": saved["alpha"], "eps": saved["eps"], "momentum": saved["momentum"],
+            "centered": saved["centered"], "weight_decay": saved["weight_decay"], "weight_decay_mode": "l2",
+            "maximize": saved.get("maximize", False)}
 
 
 #: Adafactor knobs that are not part of the maths a saved dict defines: they keep the live optimizer's values.

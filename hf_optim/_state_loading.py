@@ -64,9 +64,9 @@ def prepare(opt: BaseOptimizer, state_dict: Any) -> dict[str, Any]:
             if pid not in saved_state:
                 continue
             entry = saved_state[pid]
-            if not isinstance(entry, Mapping):
-                raise ValueError(f"state_dict['state'][{pid!r}] must be a dict of state values, got "
-                                 f"{type(entry).__name__}.")
+            if not isinstance(entry, Mapping):  # a malformed state dict: ValueError like every other mismatch
+                raise ValueError(  # noqa: TRY004
+                    f"state_dict['state'][{pid!r}] must be a dict of state values, got {type(entry).__name__}.")
             entry = fmt.state(dict(entry)) if fmt is not None else dict(entry)
             _check_entry(opt, gi, pi, p, group, entry, saved_groups, saved_state)
             state[pid] = entry
@@ -193,7 +193,7 @@ def _check_entry(opt: BaseOptimizer, gi: int, pi: int, p: torch.Tensor, group: d
 
 def _check_step(where: str, value: Any) -> None:
     if torch.is_tensor(value):
-        ok = value.numel() == 1 and not value.is_complex() and not value.dtype == torch.bool
+        ok = value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
         number = value.item() if ok else None
     else:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -27,11 +27,10 @@ from . import _compiled
 from . import _native_adafactor as _native
 from . import _validation as v
 from ._adafactor_presets import KNOBS, PRESETS, WEIGHT_DECAY_IS_LR
-from ._adafactor_rule import eager_step, step_scalars
+from ._adafactor_rule import Item, eager_step, step_scalars
 from ._base import BaseOptimizer, ParamOverrides
-from ._state_loading import STEP, StateSpec
 from ._distributed import check_factorable, factoring_impossible, local, shard_spec
-from .decay import decay_rate
+from ._state_loading import STEP, StateSpec
 
 __all__ = ["Adafactor", "PRESETS", "check_factorable", "factor_dims"]
 
@@ -344,11 +343,11 @@ def _adafactor_group(opt: Adafactor, params: list[torch.Tensor], group: dict[str
         state = opt._init_state(p, g, group)
         state["step"] += 1
         # `step` lives on the CPU: no device sync
-        items.append((x, g, state, factor_dims(p.shape, group), step_scalars(state["step"].item(), group), p))
+        items.append(Item(x, g, state, factor_dims(p.shape, group), step_scalars(state["step"].item(), group), p))
     took_native = False
     if impl in ("auto", "fused") and _native.supports_group(group) and _native.library() is not None:
         # The C kernel takes every factored fp32 CPU matrix (on the CPU it beats the other paths at every size).
-        native = [it for it in items if shard_spec(it[5]) is None and _native.supports_tensor(it[0], it[1], it[3])]
+        native = [it for it in items if shard_spec(it.param) is None and _native.supports_tensor(it.x, it.g, it.dims)]
         if native:
             _native_steps(native, group)
         native_ids = {id(it) for it in native}
@@ -359,15 +358,15 @@ def _adafactor_group(opt: Adafactor, params: list[torch.Tensor], group: dict[str
     if impl == "fused" or took_native:
         # What the kernel leaves is usually a handful of norm vectors: one multi-tensor pass beats a Python loop
         # (17 norm vectors of the 58M set: ~3 ms for-loop, ~0.5 ms foreach).
-        impl = "foreach" if sum(it[0].numel() for it in items) < _compiled.AUTO_MIN_NUMEL else "auto"
-    impl = _resolve(impl, [it[5] for it in items])
+        impl = "foreach" if sum(it.x.numel() for it in items) < _compiled.AUTO_MIN_NUMEL else "auto"
+    impl = _resolve(impl, [it.param for it in items])
     if impl == "compiled":
         # FSDP2 shards need cross-rank reductions, empty tensors have nothing to fuse, stochastic rounding draws
         # eager random bits, and Inductor mishandles 0-d float64 (_compiled.inductor_ok): those stay eager.
-        fast = [it for it in items if shard_spec(it[5]) is None and it[0].numel() > 0 and _compiled.inductor_ok(it[0])
-                and not (group["stochastic_rounding"] and it[0].dtype == torch.bfloat16)]
+        fast = [it for it in items if shard_spec(it.param) is None and it.x.numel() > 0 and _compiled.inductor_ok(it.x)
+                and not (group["stochastic_rounding"] and it.x.dtype == torch.bfloat16)]
         if fast:
-            _compiled.adafactor_group([it[:5] for it in fast], group,
+            _compiled.adafactor_group(fast, group,
                                       lambda sub: eager_step(sub, group, False, opt._scratch_for))
             fast_ids = {id(it) for it in fast}
             items = [it for it in items if id(it) not in fast_ids]
@@ -375,18 +374,15 @@ def _adafactor_group(opt: Adafactor, params: list[torch.Tensor], group: dict[str
         eager_step(items, group, impl == "foreach", opt._scratch_for)
 
 
-def _native_steps(items: list[tuple[Any, ...]], group: dict[str, Any]) -> None:
+def _native_steps(items: list[Item], group: dict[str, Any]) -> None:
     """Step sizes and decay as :func:`hf_optim._adafactor_rule.apply_update` computes them, then the C kernel."""
     jobs = []
-    for x, g, state, _, (beta2, rho), _ in items:
-        alpha = rho
+    for it in items:
+        sc = it.scalars
+        alpha = sc.rho
         if group["scale_parameter"]:  # max(eps2, RMS(x_{t-1})) · ρ_t
-            alpha = max(group["eps2"], torch.linalg.vector_norm(x).item() / math.sqrt(x.numel())) * rho
-        rate = 0.0
-        if group["weight_decay"]:
-            decay_lr = alpha if group["weight_decay_lr"] == "step" else group["lr"]
-            rate = decay_rate(group["weight_decay_mode"], group["weight_decay"], decay_lr, group["lr_peak"])
-        jobs.append((x, g, state, beta2, alpha, rate))
+            alpha = max(group["eps2"], torch.linalg.vector_norm(it.x).item() / math.sqrt(it.x.numel())) * sc.rho
+        jobs.append(_native.Job(it.x, it.g, it.state, sc.beta2, alpha, float(sc.decay_rate(alpha))))
     _native.adafactor_steps(
         jobs, eps1=group["eps1"], clip=group["clip_threshold"], decay_as_factor=group["decay_as_factor"],
         maximize=group["maximize"], beta1=group["beta1"], momentum_before_lr=group["momentum_before_lr"],

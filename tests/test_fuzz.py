@@ -225,7 +225,7 @@ def _mutated(saved: dict, mutation: str, rng: torch.Generator) -> dict:
     ids = saved["param_groups"][0]["params"]
     entries = [saved["state"][i] for i in ids if i in saved["state"]]
     tensors = [(e, k) for e in entries for k, v in e.items() if torch.is_tensor(v) and v.dim() > 0]
-    pick = lambda n: int(torch.randint(n, (1,), generator=rng))  # noqa: E731
+    pick = lambda n: int(torch.randint(n, (1,), generator=rng))
     if mutation == "permute_params":
         saved["param_groups"][0]["params"] = [ids[i] for i in torch.randperm(len(ids), generator=rng).tolist()]
     elif mutation == "swap_entries" and len(entries) >= 2:

@@ -107,7 +107,7 @@ def test_continue_complex_parameters(make_torch, make_ours):
 def test_complex_from_scratch_equals_torch(cls):
     torch_cls = {hf_optim.SGDW: torch.optim.SGD, hf_optim.AdaGrad: torch.optim.Adagrad,
                  hf_optim.RMSProp: torch.optim.RMSprop}[cls]
-    kwargs = dict(lr=1e-2, momentum=0.9) if cls is not hf_optim.AdaGrad else dict(lr=1e-2)
+    kwargs = {"lr": 1e-2, "momentum": 0.9} if cls is not hf_optim.AdaGrad else {"lr": 1e-2}
     ref, ours = _params(complex_=True), _params(complex_=True)
     _run(torch_cls(ref, **kwargs), ref, range(N))
     _run(cls(ours, weight_decay_mode="l2", **kwargs), ours, range(N))
