@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from ._distributed import local
 from ._interop import FORMATS, NATIVE_MARKERS, PASSTHROUGH, Format, find_format
 
-if TYPE_CHECKING:
-    from ._base import BaseOptimizer
+#: The optimizer the functions below check against: a :class:`hf_optim._base.BaseOptimizer` (not imported here:
+#: ``_base`` imports this module, and imports point one way).
+BaseOptimizer = Any
 
 
 class StateSpec(NamedTuple):
