@@ -9,19 +9,29 @@ from collections.abc import Sequence
 
 # sub-command -> (module with `main(argv) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("recipes.train", "train a model with a recipe (default: the bundled CPU demo)"),
+    "train": ("hf_optim.runner.train", "train a model with a recipe (default: the bundled CPU demo)"),
     "bench": ("hf_optim.bench", "time optimizer steps and measure state bytes against fused AdamW"),
     "bench-startup": ("hf_optim.bench_startup", "what the .pth import hook adds to Python start-up"),
-    "sweep": ("recipes.sweep", "width x learning-rate x weight-decay sweeps (muP / decay-mode experiments)"),
+    "sweep": ("hf_optim.runner.sweep", "width x learning-rate x weight-decay sweeps (muP / decay-mode experiments)"),
     "coord-check": ("mup_integration.coord_check", "muP coordinate check: activation size per width, SP vs muP"),
-    "list": ("hf_optim.cli", "list the registered optimizers"),
+    "list": ("hf_optim.cli", "list the registered optimizers (--recipes: the bundled recipes and sweeps)"),
 }
 
 
 def list_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hf-optim list", description="List the registered optimizers, or with "
+                                     "--recipes the bundled recipes and sweeps.")
+    parser.add_argument("--recipes", action="store_true", help="list the bundled recipes (hf-optim train NAME) and "
+                        "sweep configs (hf-optim sweep NAME) instead")
+    args = parser.parse_args(argv)
+    if args.recipes:
+        from .runner.schema import describe_bundled
+
+        for kind, name, title in describe_bundled():
+            print(f"{kind:7s} {name:32s} {title}")
+        return 0
     from .registry import list_optimizers
 
-    argparse.ArgumentParser(prog="hf-optim list", description="List registered optimizers.").parse_args(argv)
     for spec in list_optimizers():
         print(f"{spec.name:14s} {spec.description}")
     return 0
