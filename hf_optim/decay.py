@@ -95,10 +95,11 @@ def warn_lr_above_peak(index: int, group: dict[str, Any]) -> bool:
     if mode not in ("independent", "corrected") or not _is_number(wd) or wd <= 0 or not _is_number(lr) \
             or peak <= 0 or lr <= peak * (1.0 + 1e-9):
         return False
+    ratio = decay_rate(mode, wd, lr, peak) / decay_rate(mode, wd, peak, peak)  # lr/peak, or (lr/peak)² (corrected)
     warnings.warn(
         f"param_groups[{index}]: lr={lr:.6g} exceeds the group's peak lr lr_peak={peak:.6g}, so "
-        f"weight_decay_mode={mode!r} decays {decay_rate(mode, wd, lr, peak) / wd:.3g}x weight_decay per step (its rate "
-        "is lambda at the peak). Build the optimizer with the peak lr, let the scheduler record it (OneCycleLR's "
+        f"weight_decay_mode={mode!r} decays {ratio:.3g}x more per step than at the peak (where 'independent' removes "
+        "exactly weight_decay). Build the optimizer with the peak lr, let the scheduler record it (OneCycleLR's "
         "max_lr), or set group['lr_peak'] to it. Warned once per group.",
         UserWarning,
         stacklevel=4,
