@@ -207,10 +207,20 @@ class BaseOptimizer(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(saved_id, {}).items():
-                if key == "step" or not torch.is_tensor(value) or not value.is_floating_point():
+                if key == "step":  # every class counts in a float32 0-d tensor (transformers saves an int)
+                    step = self.state[p][key]
+                    if not torch.is_tensor(step) or step.dtype != torch.float32 or step.dim():
+                        self.state[p][key] = torch.as_tensor(step).to(torch.float32).reshape(())
+                    continue
+                if not torch.is_tensor(value) or not value.is_floating_point():
                     continue
                 if self.state[p][key].dtype != value.dtype:
                     self.state[p][key] = value.to(device=p.device, copy=True)
+        self._normalize_state_dtypes()
+
+    def _normalize_state_dtypes(self) -> None:
+        """After loading: cast state the class keeps in a fixed dtype (other dtypes were checked to be compatible
+        real floating-point ones). Classes that cast on use (the element-wise ones) keep this no-op."""
 
     def _params_with_grad(self, group: dict[str, Any]) -> Iterator[torch.Tensor]:
         """Parameters of ``group`` that have a gradient; sparse gradients raise a clear error."""

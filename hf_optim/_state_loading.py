@@ -41,13 +41,14 @@ class StateSpec(NamedTuple):
     shape: tuple[int, ...] | None  # None: the step counter (a number or a 1-element tensor)
     like_param: bool = False  # a moment in the parameter's own space: complex exactly when the parameter is
     optional: bool = False  # may be None (torch.optim.SGD writes momentum_buffer=None without momentum)
+    required: bool = False  # a non-empty state must hold it (the class does not create it lazily)
 
 
 STEP = StateSpec(None)
 
 
-def like(p: torch.Tensor, optional: bool = False) -> StateSpec:
-    return StateSpec(tuple(local(p).shape), like_param=True, optional=optional)
+def like(p: torch.Tensor, optional: bool = False, required: bool = False) -> StateSpec:
+    return StateSpec(tuple(local(p).shape), like_param=True, optional=optional, required=required)
 
 
 def prepare(opt: BaseOptimizer, state_dict: Any) -> dict[str, Any]:
@@ -167,6 +168,10 @@ def _check_entry(opt: BaseOptimizer, gi: int, pi: int, p: torch.Tensor, group: d
     name = type(opt).__name__
     where = f"{name}.load_state_dict: param_groups[{gi}] parameter {pi}"
     specs = opt._state_specs(p, group)
+    missing = sorted(k for k, s in specs.items() if s.required and k not in entry)
+    if entry and missing:
+        raise ValueError(f"{where}: the state lacks {missing} (a {name} state holds "
+                         f"{sorted(k for k, s in specs.items() if s.required)}).")
     for key, value in entry.items():
         spec = specs.get(key)
         if spec is None:

@@ -58,7 +58,7 @@ from . import _compiled
 from . import _validation as v
 from ._adam_kernels import KERNELS, Rule
 from ._base import BaseOptimizer, ParamOverrides
-from ._state_loading import STEP, StateSpec, like
+from ._state_loading import StateSpec, like
 
 __all__ = ["Adam", "AdamW", "AdamAtan2", "RAdam"]
 
@@ -75,7 +75,17 @@ class _AdamFamily(BaseOptimizer):
     eps_knobs: ClassVar[tuple[str, ...]] = ("eps",)
 
     def _state_specs(self, p: Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
-        return {"step": STEP, "exp_avg": like(p), "exp_avg_sq": like(p)}
+        # _step_group creates all three at once, only for an empty state: a partial state cannot be stepped.
+        return {"step": StateSpec(None, required=True), "exp_avg": like(p, required=True),
+                "exp_avg_sq": like(p, required=True)}
+
+    def _normalize_state_dtypes(self) -> None:
+        # The kernels (fused ones above all) take the moments in the dtype _step_group creates them in.
+        for p, state in self.state.items():
+            dtype = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+            for key in ("exp_avg", "exp_avg_sq"):
+                if torch.is_tensor(state.get(key)) and state[key].dtype != dtype:
+                    state[key] = state[key].to(dtype)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)

@@ -129,8 +129,10 @@ def _adamw_saved():
     (lambda s: s["param_groups"].append(dict(s["param_groups"][0])), "2 parameter group(s)"),
     (lambda s: s["param_groups"][0].__setitem__("params", [0, 0]), "parameter(s)"),
     (lambda s: s.pop("state"), "'state' and 'param_groups'"),
+    (lambda s: s["state"][0].pop("exp_avg_sq"), "lacks ['exp_avg_sq']"),
 ], ids=["transposed", "flat", "unknown-key", "complex", "int", "list", "negative-step", "nan-step", "vector-step",
-        "entry-not-dict", "bad-knob", "unsupported-implementation", "extra-group", "param-count", "no-state"])
+        "entry-not-dict", "bad-knob", "unsupported-implementation", "extra-group", "param-count", "no-state",
+        "partial-state"])
 def test_malformed_state_dicts_raise_value_error(mutate, pattern):
     p, saved = _adamw_saved()
     mutate(saved)
@@ -162,3 +164,22 @@ def test_caller_state_dict_is_not_modified():
     keys = set(saved["state"][0])
     hf_optim.Adafactor([torch.nn.Parameter(p.detach().clone())]).load_state_dict(saved)
     assert set(saved["state"][0]) == keys and "row_var" in keys
+
+
+@pytest.mark.parametrize("implementation", ["for-loop", "foreach", "fused"])
+def test_moments_saved_in_another_float_dtype_are_cast_to_the_class_dtype(implementation):
+    """A compatible dtype (bf16 or fp64 moments for an fp32 parameter) loads, and the fused kernels, which need one
+    dtype per call, get the moments in the parameter's dtype; the step counter becomes float32."""
+    p, saved = _adamw_saved()
+    saved["state"][0]["exp_avg"] = saved["state"][0]["exp_avg"].to(torch.bfloat16)
+    saved["state"][0]["exp_avg_sq"] = saved["state"][0]["exp_avg_sq"].double()
+    saved["state"][0]["step"] = 2
+    q = torch.nn.Parameter(p.detach().clone())
+    opt = hf_optim.AdamW([q], implementation=implementation)
+    opt.load_state_dict(saved)
+    state = opt.state[q]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+    assert state["step"].dtype == torch.float32 and int(state["step"]) == 2
+    q.grad = torch.ones_like(q)
+    opt.step()
+    assert torch.isfinite(q).all() and int(state["step"]) == 3
