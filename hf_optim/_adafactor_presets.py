@@ -32,7 +32,10 @@ Sources of the other presets:
   ``lr=None``), so schedulers compose instead of crashing.
 * ``torch``: ``torch.optim.Adafactor`` (torch >= 2.5): no momentum, ``ρ_t = min(lr, 1/sqrt(t))`` (the lr is the cap),
   parameter scaling always on, eps1 as a clamp (``max(mean R, eps1)`` and ``max(sqrt(V), eps1)``, with ``eps1=None``
-  meaning the machine epsilon of the parameter dtype), decay ``x *= 1 - lr·λ`` with the group lr.
+  meaning the machine epsilon of the parameter dtype), decay ``x *= 1 - lr·λ`` with the group lr, and the two maxima
+  ``max(1, RMS(U)/d)`` and ``max(eps2, RMS(x))`` taken with Python's ``max`` (``max_ignores_nan``: a NaN RMS gives
+  the floor, so one NaN gradient entry of an unfactored tensor poisons that entry only, where the other presets
+  poison the whole tensor, as transformers does).
 * ``palm``: Chowdhery et al. 2022 (PaLM, sec. 5): Adafactor without factorization (≈ Adam with parameter scaling),
   ``β1 = 0.9``, ``β2 = 1 - k^{-0.8}`` (no cap), update clipping 1.0, lr 1e-2 (then ``1e-2·sqrt(1e4/k)`` from a
   scheduler), dynamic weight decay ``lr_t²`` = mode ``corrected`` with ``λ = lr_peak`` (``weight_decay="lr"`` below is
@@ -64,6 +67,7 @@ _ADAFACTOR_V2: dict[str, Any] = dict(
     eps2=1e-3,
     eps1_mode="add",
     clip_threshold=1.0,
+    max_ignores_nan=False,
     relative_step=False,
     rho_max=1e-2,
     relative_step_lr="multiplier",
@@ -104,6 +108,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "beta2_cap": None,
         "eps1": None,
         "eps1_mode": "clamp",
+        "max_ignores_nan": True,
         "relative_step": True,
         "relative_step_lr": "cap",
         "scale_parameter": True,

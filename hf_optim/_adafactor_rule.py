@@ -1,7 +1,8 @@
 r"""Adafactor's update rule (the algorithm box of :class:`hf_optim.adafactor.Adafactor`), as functions over lists of
 local tensors: the eager ``for-loop`` and ``foreach`` paths. One function per stage, each implemented once:
 
-* :func:`step_scalars`: :math:`(\beta_{2,t}, \rho_t)` for a step;
+* :func:`step_scalars`: the per-step scalars :math:`\beta_{2,t}`, :math:`\rho_t` and the decay rate's coefficient
+  (:class:`StepScalars`), computed once per step and used by every implementation (eager, compiled, C);
 * :func:`preconditioned_gradient`: update the second-moment statistics, return :math:`U = g/\sqrt{V}`;
 * :func:`deltas_with_momentum`: clipping, the learning rate and β1 momentum (before or after the lr);
 * :func:`subtract_decay_`: the decoupled weight decay :math:`x \leftarrow x - r x`;
@@ -16,32 +17,81 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from ._distributed import ShardSpec, all_reduce_sum_, mean_over, shard_spec
-from .decay import decay_rate, l2_coefficient
+from .decay import coupled_equivalent, decay_rate, l2_coefficient
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
-#: ``(x, g, state, factor dims, (β2_t, ρ_t)[, the parameter])``: one tensor's work item, ``step`` already counted.
-Item = tuple[Any, ...]
 ScratchFor = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 
-def step_scalars(t: float, group: dict[str, Any]) -> tuple[float, float]:
-    """(β2_t, ρ_t) for 1-based step ``t``: ρ_t is the step size before parameter scaling."""
+class StepScalars(NamedTuple):
+    r"""The per-step scalars of one group at step ``t``, computed once (:func:`step_scalars`) for every path.
+
+    The decay rate is :math:`r_t = c\,\alpha_t^{k}` (:meth:`decay_rate`) with :math:`\alpha_t` the step size
+    after parameter scaling: ``k = 0`` when the decay does not depend on :math:`\alpha_t` (``weight_decay_lr=
+    "group"``, or no parameter scaling, where :math:`\alpha_t = \rho_t` is known here), else ``k = 1`` (coupled,
+    independent) or ``2`` (corrected), because :math:`\alpha_t = \rho_t \max(\epsilon_2, \mathrm{RMS}(x))` is known
+    only per tensor (in the compiled graph: only inside it).
+    """
+
+    beta2: float  # β2_t = min(β̂, 1 - t^-c)
+    rho: float  # ρ_t: the step size before parameter scaling
+    decay_coef: float  # c in r_t = c·α_t^k (0: no decoupled decay)
+    decay_power: int  # k
+
+    def decay_rate(self, alpha: Any) -> Any:
+        """:math:`r_t` for the step size ``alpha`` (a float, or a 0-d tensor under parameter scaling)."""
+        return self.decay_coef if self.decay_power == 0 else self.decay_coef * alpha**self.decay_power
+
+
+class Item(NamedTuple):
+    """One tensor's work in a step (its ``step`` already counted)."""
+
+    x: torch.Tensor  # the local parameter tensor (the shard under FSDP2)
+    g: torch.Tensor  # its local gradient
+    state: dict[str, Any]
+    dims: tuple[int, int] | None  # factored dims, or None
+    scalars: StepScalars
+    param: Any = None  # the parameter itself (a DTensor under FSDP2), for shard specs
+
+
+def relative_step(t: float, group: dict[str, Any]) -> float:
+    """ρ_t for 1-based step ``t``: the step size before parameter scaling."""
+    lr = group["lr"]
+    if not group["relative_step"]:
+        return lr
+    if group["relative_step_lr"] == "cap":  # torch.optim.Adafactor: the lr caps 1/sqrt(t)
+        return min(lr, 1.0 / math.sqrt(t))
+    ceiling = 1e-6 * t if group["warmup_init"] else group["rho_max"]
+    return lr * min(ceiling, 1.0 / math.sqrt(t))
+
+
+def _decay(group: dict[str, Any], rho: float) -> tuple[float, int]:
+    """``(c, k)`` of the decay rate ``r_t = c·α_t^k`` (see :class:`StepScalars`); the decay formula itself is
+    :func:`hf_optim.decay.decay_rate` / :func:`hf_optim.decay.coupled_equivalent`, written once there."""
+    mode, wd, lr_peak = group["weight_decay_mode"], group["weight_decay"], group["lr_peak"]
+    if not wd or mode == "l2":
+        return 0.0, 0
+    if group["weight_decay_lr"] == "group":
+        return decay_rate(mode, wd, group["lr"], lr_peak), 0
+    if not group["scale_parameter"]:  # α_t = ρ_t
+        return decay_rate(mode, wd, rho, lr_peak), 0
+    # r = α·coupled_equivalent(α): λ·α (coupled), (λ/α_peak)·α (independent), (λ/α_peak)·α² (corrected)
+    return coupled_equivalent(mode, wd, 1.0, lr_peak), (2 if mode == "corrected" else 1)
+
+
+def step_scalars(t: float, group: dict[str, Any]) -> StepScalars:
+    """The scalars of 1-based step ``t`` for ``group`` (see :class:`StepScalars`)."""
     beta2 = 1.0 - math.pow(t, -group["decay_rate"])
     if group["beta2_cap"] is not None:
         beta2 = min(group["beta2_cap"], beta2)
-    lr = group["lr"]
-    if not group["relative_step"]:
-        return beta2, lr
-    if group["relative_step_lr"] == "cap":  # torch.optim.Adafactor: the lr caps 1/sqrt(t)
-        return beta2, min(lr, 1.0 / math.sqrt(t))
-    ceiling = 1e-6 * t if group["warmup_init"] else group["rho_max"]
-    return beta2, lr * min(ceiling, 1.0 / math.sqrt(t))
+    rho = relative_step(t, group)
+    return StepScalars(beta2, rho, *_decay(group, rho))
 
 
 def _sum_of_squares(x: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
@@ -120,7 +170,7 @@ def eager_step(items: Sequence[Item], group: dict[str, Any], foreach: bool, scra
     """
     xs, x32s, gs, specs, states, dims_list, scalars = [], [], [], [], [], [], []
     l2 = l2_coefficient(group["weight_decay_mode"], group["weight_decay"])
-    for x, g, state, dims, scalar, *param in items:
+    for x, g, state, dims, scalar, param in items:
         xs.append(x)
         x32s.append(x.float() if x.dtype in LOW_PRECISION else x)
         g32 = g.float() if g.dtype in LOW_PRECISION else g
@@ -129,7 +179,7 @@ def eager_step(items: Sequence[Item], group: dict[str, Any], foreach: bool, scra
         if l2:
             g32 = g32.add(x32s[-1], alpha=l2)
         gs.append(g32)
-        specs.append(shard_spec(param[0]) if param else None)
+        specs.append(shard_spec(param) if param is not None else None)
         states.append(state)
         dims_list.append(dims)
         scalars.append(scalar)
@@ -144,43 +194,54 @@ def eager_step(items: Sequence[Item], group: dict[str, Any], foreach: bool, scra
 
 def apply_update(
     xs: list[torch.Tensor], x32s: list[torch.Tensor], gs: list[torch.Tensor], specs: list[ShardSpec | None],
-    states: list[dict[str, Any]], dims_list: list[Any], scalars: list[tuple[float, float]], group: dict[str, Any],
+    states: list[dict[str, Any]], dims_list: list[Any], scalars: list[StepScalars], group: dict[str, Any],
     foreach: bool, scratch: torch.Tensor | None,
 ) -> None:
     """Steps 2-6 of the algorithm for a list of tensors: step size, direction, clipping, momentum, decay, write."""
     # Step size α_t: measured on x_{t-1}, before any decay (as transformers and torch).
-    alphas: list[Any] = [rho for _, rho in scalars]
+    alphas: list[Any] = [s.rho for s in scalars]
     if group["scale_parameter"]:
-        alphas = [torch.clamp(rms(x, s), min=group["eps2"]) * rho for x, s, rho in zip(x32s, specs, alphas)]
+        alphas = [python_max(rms(x, s), group["max_ignores_nan"], group["eps2"]) * rho
+                  for x, s, rho in zip(x32s, specs, alphas)]
 
     # Preconditioned direction (per tensor: its statistics are reductions over its own dims).
     updates = []
-    for x, g, state, dims, spec, (beta2, _) in zip(xs, gs, states, dims_list, specs, scalars):
+    for x, g, state, dims, spec, sc in zip(xs, gs, states, dims_list, specs, scalars):
         eps1 = group["eps1"] if group["eps1"] is not None else torch.finfo(x.dtype).eps  # torch: param dtype
-        updates.append(preconditioned_gradient(g, state, dims, beta2, eps1, group["eps1_mode"], spec, scratch))
+        updates.append(preconditioned_gradient(g, state, dims, sc.beta2, eps1, group["eps1_mode"], spec, scratch))
 
     clips = None  # 1 / max(1, RMS(U)/d), applied together with the learning rate (one pass over U)
     if group["clip_threshold"] is not None:
         d = group["clip_threshold"]
         if foreach and not any(specs):
             numels = [math.sqrt(u.numel()) * d for u in updates]
-            clips = [n.div_(c).clamp_(min=1.0).reciprocal_() for n, c in zip(torch._foreach_norm(updates), numels)]
+            ratios = [n.div_(c) for n, c in zip(torch._foreach_norm(updates), numels)]
         else:
-            clips = [(rms(u, s) / d).clamp_(min=1.0).reciprocal_() for u, s in zip(updates, specs)]
+            ratios = [rms(u, s) / d for u, s in zip(updates, specs)]
+        clips = [python_max(r, group["max_ignores_nan"]).reciprocal_() for r in ratios]
 
     deltas = deltas_with_momentum(updates, alphas, clips, states, group, foreach)
 
     # Weight decay x *= 1 - r_t, then x -= Δ.
-    lr_peak = group["lr_peak"]
-    if group["weight_decay"] and group["weight_decay_mode"] != "l2":
-        decay_lrs = alphas if group["weight_decay_lr"] == "step" else [group["lr"]] * len(xs)
-        rates = [decay_rate(group["weight_decay_mode"], group["weight_decay"], a, lr_peak) for a in decay_lrs]
+    if any(sc.decay_coef for sc in scalars):
+        rates = [sc.decay_rate(a) for sc, a in zip(scalars, alphas)]
         if group["decay_as_factor"]:  # torch.optim.Adafactor: x *= 1 - r, the factor rounded to fp32
             foreach_or_loop(foreach, "mul_", x32s, [1.0 - r for r in rates])
         else:
             subtract_decay_(x32s, rates, foreach)
     foreach_or_loop(foreach, "sub_", x32s, deltas)
     write_back_(xs, x32s, group["stochastic_rounding"])
+
+
+def python_max(x: torch.Tensor, ignores_nan: bool, floor: float = 1.0) -> torch.Tensor:
+    """``max(floor, x)`` for the clip divisor ``max(1, RMS(U)/d)`` and the parameter scale ``max(eps2, RMS(x))``.
+
+    ``ignores_nan``: as Python's ``max(floor, x)`` in ``torch.optim.Adafactor``, a NaN ``x`` gives ``floor`` (no
+    clipping, scale eps2), so a NaN gradient entry poisons only what it reaches, not the whole tensor; otherwise
+    (transformers, optax) NaN propagates. ``+inf`` stays ``+inf`` in both."""
+    if ignores_nan:
+        return torch.where(x > floor, x, torch.full_like(x, floor))
+    return x.clamp_(min=floor)
 
 
 def deltas_with_momentum(

@@ -207,6 +207,14 @@ def compiled(params, grads, exp_avgs, exp_avg_sqs, steps, rule: Rule) -> None:
     scalars ``(α_t, σ_t, ε_t)`` and the decay rate enter as 0-d tensors, so a graph is compiled once per bucket."""
     from . import _compiled
 
+    lists = (params, grads, exp_avgs, exp_avg_sqs, steps)
+    keep = [i for i, p in enumerate(params) if _compiled.inductor_ok(p)]
+    if len(keep) < len(params):  # tensors Inductor mishandles (0-d float64) take the eager for-loop
+        kept = set(keep)
+        for_loop(*([x[i] for i in range(len(params)) if i not in kept] for x in lists), rule)
+        params, grads, exp_avgs, exp_avg_sqs, steps = ([x[i] for i in keep] for x in lists)
+    if not params:
+        return
     counts = [s.item() + 1.0 for s in steps]  # `step` lives on the CPU: no device sync
     decay = rule.lr * rule.coupled_wd
     k = dict(maximize=rule.maximize, l2=rule.l2, beta1=rule.beta1, beta2=rule.beta2, atan2=rule.atan2 is not None)

@@ -8,13 +8,15 @@ that parameters with equal overrides share a group. The resulting groups hold on
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
 
+from . import _state_loading
 from . import _validation as v
-from .decay import check_lr_peak, check_weight_decay_mode
+from .decay import check_lr_peak, check_weight_decay_mode, resolve_lr_peak, warn_lr_above_peak
 
 #: Keys of ``param_overrides`` that multiply the group's value instead of replacing it.
 MULTIPLIER_KEYS: dict[str, str] = {"lr_mult": "lr", "weight_decay_mult": "weight_decay"}
@@ -51,6 +53,7 @@ def apply_param_overrides(
     if not overrides:
         return groups
     by_id = {id(p): dict(o) for p, o in overrides.items()}
+    _check_override_keys(by_id.values(), defaults)
     seen: set[int] = set()
     result: list[dict[str, Any]] = []
     for group in groups:
@@ -82,6 +85,18 @@ def apply_param_overrides(
     return result
 
 
+def _check_override_keys(overrides: Iterable[Mapping[str, Any]], defaults: Mapping[str, Any]) -> None:
+    """A key that is neither a multiplier nor a knob would be stored in the group and never read (``lr_mul``)."""
+    valid = sorted({*MULTIPLIER_KEYS, *defaults, "lr_peak"})
+    for override in overrides:
+        for key in override:
+            if key not in valid:
+                raise ValueError(
+                    f"param_overrides key {key!r} is neither a multiplier ({sorted(MULTIPLIER_KEYS)}) nor a knob of "
+                    f"this optimizer ({[k for k in valid if k not in MULTIPLIER_KEYS]}).{v.closest(str(key), valid)}"
+                )
+
+
 class BaseOptimizer(torch.optim.Optimizer):
     """Base class: validates every group (at construction and in ``add_param_group``) and records ``lr_peak``.
 
@@ -90,6 +105,12 @@ class BaseOptimizer(torch.optim.Optimizer):
 
     #: ``implementation`` values the subclass supports, besides ``"auto"``.
     implementations: ClassVar[tuple[str, ...]] = ("for-loop", "foreach")
+    #: Foreign state-dict formats :meth:`load_state_dict` translates (names of :data:`hf_optim._interop.FORMATS`).
+    interop_formats: ClassVar[tuple[str, ...]] = ()
+    #: Whether complex parameters are stepped (as real and imaginary coordinates, like torch); else refused up front.
+    supports_complex: ClassVar[bool] = True
+    #: Knobs that must stay > 0 in the compute dtype of every parameter of the group (0 divides 0 by 0).
+    eps_knobs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self, params: Iterable[Any], defaults: dict[str, Any], *, param_overrides: ParamOverrides | None = None
@@ -109,7 +130,9 @@ class BaseOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         try:
             self._check_group(group)
-            # The learning rate at creation is the peak for `independent`/`corrected` decay; schedulers only scale it.
+            self._check_group_params(group, group["params"])
+            # The learning rate at creation is the peak for `independent`/`corrected` decay; schedulers only scale it
+            # (a scheduler that records its own peak, OneCycleLR's `max_lr`, takes over at the next step).
             group.setdefault("lr_peak", group["lr"])
             v.check_non_negative("lr_peak", group["lr_peak"])
             if "weight_decay_mode" in group:
@@ -129,13 +152,56 @@ class BaseOptimizer(torch.optim.Optimizer):
         if "implementation" in group:
             v.check_choice("implementation", group["implementation"], ("auto", *self.implementations))
 
+    def _check_group_params(self, group: dict[str, Any], params: Iterable[torch.Tensor]) -> None:
+        """Checks that need the group's tensors: complex support, epsilons representable in each compute dtype."""
+        name = type(self).__name__
+        for p in params:
+            if p.is_complex() and not self.supports_complex:
+                raise TypeError(f"{name} does not support complex parameters (got one of dtype {p.dtype}, shape "
+                                f"{tuple(p.shape)}); use torch.view_as_real on it or another optimizer.")
+            # Maths run in fp32 for bf16/fp16/fp32 parameters, fp64 for fp64 (complex: their real dtype).
+            real = p.real.dtype if p.is_complex() else p.dtype
+            compute = torch.float64 if real == torch.float64 else torch.float32
+            for knob in self.eps_knobs:
+                value = group.get(knob)
+                if isinstance(value, (int, float)) and value > 0 and torch.tensor(value, dtype=compute).item() == 0:
+                    raise ValueError(
+                        f"{knob}={value!r} is 0 in {compute} (the compute dtype of a {p.dtype} parameter): a zero "
+                        f"gradient would give 0/0 = NaN. Use {knob} >= {torch.finfo(compute).tiny:.3g} (the smallest "
+                        f"normal {compute}).")
+
+    @classmethod
+    def knob_names(cls) -> tuple[str, ...]:
+        """The knobs a group of this class holds (the named constructor arguments)."""
+        skip = {"self", "params", "param_overrides"}
+        return tuple(n for n, p in inspect.signature(cls.__init__).parameters.items()
+                     if n not in skip and p.kind is not inspect.Parameter.VAR_KEYWORD)
+
+    def _state_specs(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, _state_loading.StateSpec]:
+        """The state entries this class keeps for ``p`` in ``group`` (keys, shapes): what loading accepts."""
+        raise NotImplementedError
+
+    def _prepare_step(self) -> None:
+        """Run first in every ``step``: the peak lr a scheduler recorded, and the warning when the lr exceeds it."""
+        warned = self.__dict__.setdefault("_warned_lr_above_peak", set())
+        for index, group in enumerate(self.param_groups):
+            group["lr_peak"] = resolve_lr_peak(group)
+            if index not in warned and warn_lr_above_peak(index, group):
+                warned.add(index)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """``Optimizer.load_state_dict``, keeping every state tensor in the dtype it was saved in.
+        """``Optimizer.load_state_dict`` after checking the whole state dict, keeping each state tensor's dtype.
+
+        Checked first (:mod:`hf_optim._state_loading`): the groups' knobs and every state tensor's shape and kind
+        against its parameter, so no implementation runs on state of the wrong shape (a ``ValueError`` naming the
+        group, the parameter and the likely cause instead). State dicts of the torch/transformers class a class
+        reproduces are translated (:mod:`hf_optim._interop`); knobs a saved group lacks keep the live values.
 
         torch casts floating state to its parameter's dtype on load. Our optimizers keep fp32 state for bf16
         parameters (and bf16 momentum for fp32 ones, in Adafactor), so that cast would round the state and break
         "save, load, continue == uninterrupted". The step counter is left as torch loads it.
         """
+        state_dict = _state_loading.prepare(self, state_dict)
         super().load_state_dict(state_dict)
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]

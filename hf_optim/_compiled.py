@@ -94,16 +94,16 @@ def _adafactor_one(
         update = gf * inv_v.sqrt()
         if k["clip"] is not None:
             # RMS(U)² = mean(g²/V) as a pure reduction, so U is never stored and re-read.
-            update = update / torch.clamp((gf * gf * inv_v).mean().sqrt() / k["clip"], min=1.0)
+            update = update / _python_max((gf * gf * inv_v).mean().sqrt() / k["clip"], k["max_ignores_nan"])
     else:
         assert v is not None
         v.lerp_(g2, one_minus_beta2)
         update = gf * (torch.clamp(v, min=eps1 * eps1) if clamp else v).rsqrt()
         if k["clip"] is not None:
-            update = update / torch.clamp(update.square().mean().sqrt() / k["clip"], min=1.0)
+            update = update / _python_max(update.square().mean().sqrt() / k["clip"], k["max_ignores_nan"])
     step_size = lr
     if k["param_scale_eps2"] is not None:  # α_t from x_{t-1}, before decay
-        step_size = lr * torch.clamp(pf.square().mean().sqrt(), min=k["param_scale_eps2"])
+        step_size = lr * _python_max(pf.square().mean().sqrt(), k["max_ignores_nan"], k["param_scale_eps2"])
     if k["beta1"] is None:
         delta = step_size * update
     elif k["momentum_before_lr"]:
@@ -119,6 +119,12 @@ def _adafactor_one(
     rate = decay if k["decay_power"] == 0 else decay * step_size ** k["decay_power"]
     decayed = pf * (1.0 - rate) if k["decay_as_factor"] else pf - rate * pf
     p.copy_(decayed - delta)
+
+
+def _python_max(x: Tensor, ignores_nan: bool, floor: float = 1.0) -> Tensor:
+    """``max(floor, x)``; with ``ignores_nan`` a NaN ``x`` gives ``floor``, as Python's ``max`` in
+    torch.optim.Adafactor (see :func:`hf_optim._adafactor_rule.python_max`)."""
+    return torch.where(x > floor, x, torch.full_like(x, floor)) if ignores_nan else torch.clamp(x, min=floor)
 
 
 def adafactor_step(
@@ -191,6 +197,17 @@ def _atan2_nonneg_x(y: Tensor, x: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 # Buckets, compilation, fallback
 # --------------------------------------------------------------------------------------------------------------------
+def inductor_ok(t: Tensor) -> bool:
+    """False for the tensors Inductor steps wrongly, which the callers keep on the eager path.
+
+    Measured (torch 2.13, CPU; ``tests/test_compiled.py::test_inductor_corner_stays_eager``): **0-d float64**
+    parameters come back unchanged from the Adam-family graph and NaN from the Adafactor graph, while 0-d float32 and
+    bfloat16, and float64 of shape ``(1,)`` or ``(3,)``, match the eager for-loop. They are scalars: the eager path
+    costs nothing measurable there.
+    """
+    return not (t.dim() == 0 and t.dtype == torch.float64)
+
+
 def buckets(tensors: Sequence[Tensor], extra_keys: Sequence[Any] | None = None) -> list[list[int]]:
     """Indices of ``tensors`` grouped into compiled calls: one per (shape, dtype, device, extra key), small tensors
     of one (dtype, device, extra key) together; each group split into chunks of :data:`CHUNK`."""
@@ -257,57 +274,47 @@ def _is_compile_error(exc: Exception) -> bool:
 #: (``docs/benchmarks.md``), which a small model never earns back (and unit tests stay eager).
 AUTO_MIN_NUMEL = 1 << 20
 
-AdafactorItem = tuple[Tensor, Tensor, dict[str, Any], "tuple[int, int] | None", tuple[float, float]]
-
-
 def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.tensor(value, dtype=dtype, device=device)
 
 
-def adafactor_group(items: Sequence[AdafactorItem], group: dict[str, Any],
-                    eager: Callable[[list[AdafactorItem]], None]) -> None:
-    """Step ``items`` = ``(x, g, state, factor_dims, (beta2_t, rho_t))`` of one Adafactor group (state ``step``
-    already incremented); ``eager(sub_items)`` is the fallback when compilation fails."""
-    from .decay import decay_rate, l2_coefficient
+def adafactor_group(items: Sequence[Any], group: dict[str, Any], eager: Callable[[list[Any]], None]) -> None:
+    """Step ``items`` (:class:`hf_optim._adafactor_rule.Item`: tensors, state, factored dims and the step's
+    :class:`~hf_optim._adafactor_rule.StepScalars`) of one Adafactor group, ``step`` already incremented;
+    ``eager(sub_items)`` is the fallback when compilation fails. The decay rate is ``c·α_t^k`` from the scalars:
+    with parameter scaling α_t is known only in the graph, so ``c`` enters as a 0-d tensor and ``k`` as a constant."""
+    from .decay import l2_coefficient
 
-    mode, wd, lr_peak = group["weight_decay_mode"], group["weight_decay"], group["lr_peak"]
-    decoupled = bool(wd) and mode != "l2"
-    # With parameter scaling and decay at the effective step, r = c·α_t^power needs α_t, known only in the graph.
-    power = 0
-    if decoupled and group["weight_decay_lr"] == "step" and group["scale_parameter"]:
-        power = 2 if mode == "corrected" else 1
+    mode, wd = group["weight_decay_mode"], group["weight_decay"]
+    # k is fixed by the group's knobs, so every item of the group has the same one.
+    power = items[0].scalars.decay_power if items else 0
     beta1 = group["beta1"]
     base = dict(
         maximize=group["maximize"], l2=l2_coefficient(mode, wd), clamp=group["eps1_mode"] == "clamp",
-        clip=group["clip_threshold"], param_scale_eps2=group["eps2"] if group["scale_parameter"] else None,
+        clip=group["clip_threshold"], max_ignores_nan=group["max_ignores_nan"],
+        param_scale_eps2=group["eps2"] if group["scale_parameter"] else None,
         beta1=beta1, momentum_before_lr=group["momentum_before_lr"], decay_power=power,
         decay_as_factor=group["decay_as_factor"],
     )
-    xs = [it[0] for it in items]
-    moms = [it[2].get("exp_avg") if beta1 is not None else None for it in items]
-    extra = [(it[3], it[4], None if m is None else m.dtype) for it, m in zip(items, moms)]
+    xs = [it.x for it in items]
+    moms = [it.state.get("exp_avg") if beta1 is not None else None for it in items]
+    extra = [(it.dims, it.scalars, None if m is None else m.dtype) for it, m in zip(items, moms)]
     for idx in buckets(xs, extra):
-        x0, _, _, _, (beta2, rho) = items[idx[0]]
+        x0, sc = items[idx[0]].x, items[idx[0]].scalars
         cd, dev = compute_dtype(x0.dtype), x0.device
-        if not decoupled:
-            c = 0.0
-        elif power == 0:
-            c = decay_rate(mode, wd, rho if group["weight_decay_lr"] == "step" else group["lr"], lr_peak)
-        else:
-            c = wd if mode == "coupled" else (wd / lr_peak if lr_peak > 0 else 0.0)
         k = {**base, "eps1": group["eps1"] if group["eps1"] is not None else torch.finfo(x0.dtype).eps}
-        states = [items[i][2] for i in idx]
-        dims = tuple(items[i][3] for i in idx)
+        states = [items[i].state for i in idx]
+        dims = tuple(items[i].dims for i in idx)
         args = (
-            [xs[i] for i in idx], [items[i][1] for i in idx],
+            [xs[i] for i in idx], [items[i].g for i in idx],
             [s.get("exp_avg_sq_row") if d is not None else None for s, d in zip(states, dims)],
             [s.get("exp_avg_sq_col") if d is not None else None for s, d in zip(states, dims)],
             [s.get("exp_avg_sq") if d is None else None for s, d in zip(states, dims)],
             [moms[i] for i in idx],
-            _scalar(rho, cd, dev), _scalar(beta2, cd, dev), _scalar(c, cd, dev), dims, k,
+            _scalar(sc.rho, cd, dev), _scalar(sc.beta2, cd, dev), _scalar(sc.decay_coef, cd, dev), dims, k,
         )
         # Not the step scalars (they are tensor arguments): one graph serves every step.
-        key = (tuple((tuple(xs[i].shape), xs[i].dtype, items[i][1].dtype, extra[i][0], extra[i][2]) for i in idx),
+        key = (tuple((tuple(xs[i].shape), xs[i].dtype, items[i].g.dtype, extra[i][0], extra[i][2]) for i in idx),
                str(dev),
                tuple(sorted(k.items())))
         run_or_fallback(adafactor_step, key, dev.type, args, lambda idx=idx: eager([items[i] for i in idx]))

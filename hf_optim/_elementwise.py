@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ._base import BaseOptimizer
+from ._state_loading import STEP, StateSpec, like
 from .decay import decay_rate, l2_coefficient
 
 #: Parameter dtypes whose maths and state run in float32.
@@ -94,6 +95,14 @@ class ElementwiseOptimizer(BaseOptimizer):
     implementations = ("for-loop", "foreach")
     #: Whether the class keeps ``state["step"]`` (a float32 0-d tensor, as torch). SGD does not, like torch.
     counts_steps: bool = True
+    #: The per-parameter state tensors a subclass may keep (all shaped like the parameter).
+    state_keys: tuple[str, ...] = ()
+    eps_knobs = ("eps",)
+
+    def _state_specs(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
+        # torch.optim.SGD stores momentum_buffer=None when it runs without momentum.
+        specs = {key: like(p, optional=True) for key in self.state_keys}
+        return {**specs, "step": STEP} if self.counts_steps else specs
 
     # --- what a subclass provides -------------------------------------------------------------------------------
     def _init_state(self, group: dict[str, Any], state: State, param: torch.Tensor) -> None:
@@ -122,16 +131,11 @@ class ElementwiseOptimizer(BaseOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._prepare_step()
         for group in self.param_groups:
             params = list(self._params_with_grad(group))
             if not params:
                 continue
-            for p in params:
-                if p.is_complex() or not p.is_floating_point():
-                    raise TypeError(
-                        f"{type(self).__name__} supports real floating-point parameters only, got one of dtype "
-                        f"{p.dtype}."
-                    )
             if choose_implementation(group["implementation"], params) == "foreach":
                 buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
                 for p in params:
@@ -154,6 +158,33 @@ class ElementwiseOptimizer(BaseOptimizer):
         for state, w in zip(states, work):
             if not state:
                 self._init_state(group, state, w)
+        if any(p.is_complex() for p in params):
+            self._step_complex(group, params, work, grads, states)
+            return
+        self._step_real(group, params, work, grads, states, low)
+
+    def _step_complex(self, group: dict[str, Any], params: list[torch.Tensor], work: list[torch.Tensor],
+                      grads: list[torch.Tensor], states: list[State]) -> None:
+        """Complex parameters as torch steps them: real and imaginary parts are independent coordinates. The rule
+        runs on real views; the state stays complex (as torch keeps it), so state dicts are interchangeable."""
+        as_real = [torch.view_as_real(x) if x.is_complex() else x for x in work]
+        real_grads = [torch.view_as_real(g) if g.is_complex() else g for g in grads]
+        views = [{k: torch.view_as_real(v) if torch.is_tensor(v) and v.is_complex() else v for k, v in s.items()}
+                 for s in states]
+        self._step_real(group, params, as_real, real_grads, views, [False] * len(params))
+        for p, state, view in zip(params, states, views):
+            for key, value in view.items():
+                if p.is_complex() and torch.is_tensor(value) and not value.is_complex() and value.dim() > 0 \
+                        and value.shape[-1] == 2 and key != "step":
+                    # a buffer created (or replaced) on the real view: store it complex again
+                    if not (torch.is_tensor(state.get(key)) and state[key].is_complex()
+                            and torch.view_as_real(state[key]).data_ptr() == value.data_ptr()):
+                        state[key] = torch.view_as_complex(value.contiguous())
+                else:
+                    state[key] = value
+
+    def _step_real(self, group: dict[str, Any], params: list[torch.Tensor], work: list[torch.Tensor],
+                   grads: list[torch.Tensor], states: list[State], low: list[bool]) -> None:
         steps: list[float] = [0.0] * len(params)
         if self.counts_steps:
             for s in states:

@@ -40,7 +40,7 @@ import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -123,7 +123,7 @@ def library() -> Any | None:
 
 def supports_group(group: dict[str, Any]) -> bool:
     """Knobs the kernel implements (the others are per-tensor conditions, see :func:`supports_tensor`)."""
-    return group["eps1_mode"] == "add" and group["eps1"] is not None and not (
+    return group["eps1_mode"] == "add" and group["eps1"] is not None and not group["max_ignores_nan"] and not (
         group["weight_decay"] and group["weight_decay_mode"] == "l2")
 
 
@@ -155,8 +155,15 @@ def _map(fn: Any, blocks: list[tuple[int, int, int]]) -> list[Any]:
     return list(_pool.map(lambda block: fn(*block), blocks))
 
 
-#: One matrix of a step: ``(x, g, state, beta2, alpha, decay)``.
-Job = tuple[torch.Tensor, torch.Tensor, dict[str, Any], float, float, float]
+class Job(NamedTuple):
+    """One matrix of a step, with its scalars (from :class:`hf_optim._adafactor_rule.StepScalars`)."""
+
+    x: torch.Tensor
+    g: torch.Tensor
+    state: dict[str, Any]
+    beta2: float  # β2_t
+    alpha: float  # the step size α_t (after parameter scaling)
+    decay: float  # the decay rate r_t
 
 
 def adafactor_steps(jobs: list[Job], *, eps1: float, clip: float | None, decay_as_factor: bool, maximize: bool,
@@ -168,7 +175,7 @@ def adafactor_steps(jobs: list[Job], *, eps1: float, clip: float | None, decay_a
                        momentum_before_lr=momentum_before_lr)
     batch = []
     for job in jobs:
-        if threads > 1 and job[0].numel() >= PARALLEL_MIN_NUMEL:
+        if threads > 1 and job.x.numel() >= PARALLEL_MIN_NUMEL:
             x, g, state, beta2, alpha, decay = job
             adafactor_step(x, g, state, beta2=beta2, alpha=alpha, decay=decay, **group_knobs)
         else:

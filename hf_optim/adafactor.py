@@ -27,10 +27,10 @@ from . import _compiled
 from . import _native_adafactor as _native
 from . import _validation as v
 from ._adafactor_presets import KNOBS, PRESETS, WEIGHT_DECAY_IS_LR
-from ._adafactor_rule import eager_step, step_scalars
+from ._adafactor_rule import Item, eager_step, step_scalars
 from ._base import BaseOptimizer, ParamOverrides
 from ._distributed import check_factorable, factoring_impossible, local, shard_spec
-from .decay import decay_rate
+from ._state_loading import STEP, StateSpec
 
 __all__ = ["Adafactor", "PRESETS", "check_factorable", "factor_dims"]
 
@@ -103,6 +103,8 @@ class Adafactor(BaseOptimizer):
             (``"float32"``/``"bfloat16"``), ``momentum_before_lr``, ``decay_rate`` (c > 0 in ``1 - t^-c``),
             ``beta2_cap`` (in (0, 1], None = no cap), ``eps1`` (> 0; None = the parameter dtype's machine epsilon),
             ``eps2`` (>= 0), ``eps1_mode`` (``"add"``/``"clamp"``), ``clip_threshold`` (> 0, None = no clipping),
+            ``max_ignores_nan`` (a NaN RMS(U) or RMS(x) gives the floor 1 or eps2, as torch's Python ``max``;
+            default: NaN propagates),
             ``relative_step``, ``rho_max`` (> 0), ``relative_step_lr``, ``warmup_init``, ``scale_parameter``,
             ``weight_decay`` (>= 0, or ``"lr"``: the group's peak lr, PaLM), ``weight_decay_mode``,
             ``weight_decay_lr`` (``"group"``: decay uses the group lr; ``"step"``: the effective step ``s_t``,
@@ -111,6 +113,10 @@ class Adafactor(BaseOptimizer):
     """
 
     implementations: ClassVar[tuple[str, ...]] = ("for-loop", "foreach", "compiled", "fused")
+    interop_formats: ClassVar[tuple[str, ...]] = ("torch.optim.Adafactor", "transformers Adafactor")
+    #: Like torch.optim.Adafactor: the factored statistics of a complex tensor have no meaning.
+    supports_complex: ClassVar[bool] = False
+    eps_knobs: ClassVar[tuple[str, ...]] = ("eps1",)
 
     def __init__(
         self,
@@ -165,7 +171,7 @@ class Adafactor(BaseOptimizer):
         group["momentum_dtype"] = _DTYPE_ALIASES.get(group["momentum_dtype"], group["momentum_dtype"])
         super()._check_group(group)
         for name in ("factored", "decay_as_factor", "momentum_before_lr", "relative_step", "warmup_init",
-                     "scale_parameter", "stochastic_rounding"):
+                     "scale_parameter", "stochastic_rounding", "max_ignores_nan"):
             v.check_bool(name, group[name])
         v.check_choice("factor_dims", group["factor_dims"], ("last_two", "largest_two"))
         size = group["min_dim_size_to_factor"]
@@ -201,6 +207,33 @@ class Adafactor(BaseOptimizer):
                 "warmup_init=True needs relative_step=True with relative_step_lr='multiplier' "
                 f"(got relative_step={group['relative_step']!r}, relative_step_lr={group['relative_step_lr']!r})."
             )
+
+    @classmethod
+    def knob_names(cls) -> tuple[str, ...]:
+        return (*KNOBS, "preset")
+
+    def _check_group_params(self, group: dict[str, Any], params: Any) -> None:
+        super()._check_group_params(group, params)
+        eps1 = group["eps1"]
+        if group["eps1_mode"] == "clamp" and isinstance(eps1, float) and eps1 * eps1 < torch.finfo(torch.float32).tiny \
+                and any(p.dtype != torch.float64 for p in params):
+            # clamp mode bounds V below by eps1²: a square that underflows in fp32 leaves V = 0 (0/0 for zero rows).
+            raise ValueError(
+                f"eps1={eps1!r} with eps1_mode='clamp': eps1**2 = {eps1 * eps1:.3g} underflows in float32 (the compute "
+                f"dtype), so a zero gradient gives 0/0 = NaN. Use eps1 >= {math.sqrt(torch.finfo(torch.float32).tiny):.3g}"
+                " or None (the dtype's machine epsilon, torch's default).")
+
+    def _state_specs(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
+        shape = tuple(local(p).shape)
+        dims = factor_dims(p.shape, group)  # from the global shape, as _init_state
+        specs = {"step": STEP, "exp_avg": StateSpec(shape, like_param=True)}
+        if dims is None:
+            specs["exp_avg_sq"] = StateSpec(shape)
+        else:
+            row, col = dims
+            specs["exp_avg_sq_row"] = StateSpec(shape[:col] + shape[col + 1:])
+            specs["exp_avg_sq_col"] = StateSpec(shape[:row] + shape[row + 1:])
+        return specs
 
     def _check_still_factorable(self, index: int, group: dict[str, Any]) -> None:
         """Run when a group first creates state: the checks of construction, on the tensors the group holds *now*.
@@ -275,6 +308,7 @@ class Adafactor(BaseOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._prepare_step()
         for index, group in enumerate(self.param_groups):
             params = list(self._params_with_grad(group))
             if not params:
@@ -309,11 +343,11 @@ def _adafactor_group(opt: Adafactor, params: list[torch.Tensor], group: dict[str
         state = opt._init_state(p, g, group)
         state["step"] += 1
         # `step` lives on the CPU: no device sync
-        items.append((x, g, state, factor_dims(p.shape, group), step_scalars(state["step"].item(), group), p))
+        items.append(Item(x, g, state, factor_dims(p.shape, group), step_scalars(state["step"].item(), group), p))
     took_native = False
     if impl in ("auto", "fused") and _native.supports_group(group) and _native.library() is not None:
         # The C kernel takes every factored fp32 CPU matrix (on the CPU it beats the other paths at every size).
-        native = [it for it in items if shard_spec(it[5]) is None and _native.supports_tensor(it[0], it[1], it[3])]
+        native = [it for it in items if shard_spec(it.param) is None and _native.supports_tensor(it.x, it.g, it.dims)]
         if native:
             _native_steps(native, group)
         native_ids = {id(it) for it in native}
@@ -324,15 +358,15 @@ def _adafactor_group(opt: Adafactor, params: list[torch.Tensor], group: dict[str
     if impl == "fused" or took_native:
         # What the kernel leaves is usually a handful of norm vectors: one multi-tensor pass beats a Python loop
         # (17 norm vectors of the 58M set: ~3 ms for-loop, ~0.5 ms foreach).
-        impl = "foreach" if sum(it[0].numel() for it in items) < _compiled.AUTO_MIN_NUMEL else "auto"
-    impl = _resolve(impl, [it[5] for it in items])
+        impl = "foreach" if sum(it.x.numel() for it in items) < _compiled.AUTO_MIN_NUMEL else "auto"
+    impl = _resolve(impl, [it.param for it in items])
     if impl == "compiled":
-        # FSDP2 shards need cross-rank reductions, empty tensors have nothing to fuse, and stochastic rounding draws
-        # eager random bits: those stay on the eager path.
-        fast = [it for it in items if shard_spec(it[5]) is None and it[0].numel() > 0
-                and not (group["stochastic_rounding"] and it[0].dtype == torch.bfloat16)]
+        # FSDP2 shards need cross-rank reductions, empty tensors have nothing to fuse, stochastic rounding draws
+        # eager random bits, and Inductor mishandles 0-d float64 (_compiled.inductor_ok): those stay eager.
+        fast = [it for it in items if shard_spec(it.param) is None and it.x.numel() > 0 and _compiled.inductor_ok(it.x)
+                and not (group["stochastic_rounding"] and it.x.dtype == torch.bfloat16)]
         if fast:
-            _compiled.adafactor_group([it[:5] for it in fast], group,
+            _compiled.adafactor_group(fast, group,
                                       lambda sub: eager_step(sub, group, False, opt._scratch_for))
             fast_ids = {id(it) for it in fast}
             items = [it for it in items if id(it) not in fast_ids]
@@ -340,18 +374,15 @@ def _adafactor_group(opt: Adafactor, params: list[torch.Tensor], group: dict[str
         eager_step(items, group, impl == "foreach", opt._scratch_for)
 
 
-def _native_steps(items: list[tuple[Any, ...]], group: dict[str, Any]) -> None:
+def _native_steps(items: list[Item], group: dict[str, Any]) -> None:
     """Step sizes and decay as :func:`hf_optim._adafactor_rule.apply_update` computes them, then the C kernel."""
     jobs = []
-    for x, g, state, _, (beta2, rho), _ in items:
-        alpha = rho
+    for it in items:
+        sc = it.scalars
+        alpha = sc.rho
         if group["scale_parameter"]:  # max(eps2, RMS(x_{t-1})) · ρ_t
-            alpha = max(group["eps2"], torch.linalg.vector_norm(x).item() / math.sqrt(x.numel())) * rho
-        rate = 0.0
-        if group["weight_decay"]:
-            decay_lr = alpha if group["weight_decay_lr"] == "step" else group["lr"]
-            rate = decay_rate(group["weight_decay_mode"], group["weight_decay"], decay_lr, group["lr_peak"])
-        jobs.append((x, g, state, beta2, alpha, rate))
+            alpha = max(group["eps2"], torch.linalg.vector_norm(it.x).item() / math.sqrt(it.x.numel())) * sc.rho
+        jobs.append(_native.Job(it.x, it.g, it.state, sc.beta2, alpha, float(sc.decay_rate(alpha))))
     _native.adafactor_steps(
         jobs, eps1=group["eps1"], clip=group["clip_threshold"], decay_as_factor=group["decay_as_factor"],
         maximize=group["maximize"], beta1=group["beta1"], momentum_before_lr=group["momentum_before_lr"],

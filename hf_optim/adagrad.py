@@ -56,6 +56,9 @@ class AdaGrad(ElementwiseOptimizer):
         (JMLR 12). Loshchilov & Hutter (2019), *Decoupled Weight Decay Regularization* (ICLR).
     """
 
+    state_keys = ("sum",)
+    interop_formats = ("torch.optim.Adagrad",)
+
     def __init__(
         self,
         params: Iterable[Any],

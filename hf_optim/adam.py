@@ -58,6 +58,7 @@ from . import _compiled
 from . import _validation as v
 from ._adam_kernels import KERNELS, Rule
 from ._base import BaseOptimizer, ParamOverrides
+from ._state_loading import STEP, StateSpec, like
 
 __all__ = ["Adam", "AdamW", "AdamAtan2", "RAdam"]
 
@@ -71,6 +72,10 @@ class _AdamFamily(BaseOptimizer):
 
     _rectify: ClassVar[bool] = False
     _atan2: ClassVar[bool] = False
+    eps_knobs: ClassVar[tuple[str, ...]] = ("eps",)
+
+    def _state_specs(self, p: Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
+        return {"step": STEP, "exp_avg": like(p), "exp_avg_sq": like(p)}
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -109,6 +114,7 @@ class _AdamFamily(BaseOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._prepare_step()
         for group in self.param_groups:
             self._step_group(group)
         return loss
@@ -220,6 +226,7 @@ class Adam(_AdamFamily):
     """
 
     implementations: ClassVar[tuple[str, ...]] = ("for-loop", "foreach", "fused")
+    interop_formats: ClassVar[tuple[str, ...]] = ("torch.optim.Adam/AdamW",)
 
     def __init__(
         self,
@@ -380,6 +387,7 @@ class RAdam(_AdamFamily):
 
     _rectify = True
     implementations: ClassVar[tuple[str, ...]] = ("for-loop", "foreach", "compiled")
+    interop_formats: ClassVar[tuple[str, ...]] = ("torch.optim.RAdam",)
 
     def __init__(
         self,

@@ -24,6 +24,13 @@ lr-coupled one (λ >= 1e-3) triggers a warning once, because it decays ~1000x fa
 NaN), and :func:`check_lr_peak` warns when such a group asks for λ > 0. A warning rather than an error, because
 ``lr=0`` groups are legitimate (frozen layers, an lr set by hand each step): create the optimizer with the peak lr
 (schedulers scale it from there) or set ``group["lr_peak"]`` explicitly.
+
+**Which peak** (:func:`resolve_lr_peak`, at every step): a torch scheduler that records a peak in the group wins:
+``max_lr`` (``OneCycleLR``), else the larger of ``initial_lr`` (every ``LRScheduler`` records the lr it scales) and
+the lr at creation. So ``OneCycleLR(max_lr=1e-2)`` on an optimizer built with ``lr=1e-3`` decays by λ at the peak
+step, not 10λ. ``CyclicLR`` keeps its ``max_lr`` on the scheduler only: build the optimizer with ``lr=max_lr`` (or
+set ``group["max_lr"]``). When the lr still exceeds the peak (raised by hand, or a scheduler without a record),
+:func:`warn_lr_above_peak` warns once per group: the decay per step then exceeds λ.
 """
 
 from __future__ import annotations
@@ -66,6 +73,38 @@ def check_lr_peak(mode: str, weight_decay: Any, lr_peak: float) -> None:
             UserWarning,
             stacklevel=4,
         )
+
+
+def resolve_lr_peak(group: dict[str, Any]) -> float:
+    """The peak lr of a group: a scheduler's ``max_lr`` if recorded, else max(``initial_lr``, ``lr_peak``)."""
+    peak = group.get("max_lr")
+    if _is_number(peak):
+        return float(peak)
+    peak = group.get("lr_peak", group["lr"])
+    initial = group.get("initial_lr")
+    return max(float(peak), float(initial)) if _is_number(initial) else peak
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def warn_lr_above_peak(index: int, group: dict[str, Any]) -> bool:
+    """Warn (and return True) when a mode that divides by the peak lr runs above it: the decay then exceeds λ."""
+    mode, wd, lr, peak = group.get("weight_decay_mode"), group.get("weight_decay"), group["lr"], group["lr_peak"]
+    if mode not in ("independent", "corrected") or not _is_number(wd) or wd <= 0 or not _is_number(lr) \
+            or peak <= 0 or lr <= peak * (1.0 + 1e-9):
+        return False
+    ratio = decay_rate(mode, wd, lr, peak) / decay_rate(mode, wd, peak, peak)  # lr/peak, or (lr/peak)² (corrected)
+    warnings.warn(
+        f"param_groups[{index}]: lr={lr:.6g} exceeds the group's peak lr lr_peak={peak:.6g}, so "
+        f"weight_decay_mode={mode!r} decays {ratio:.3g}x more per step than at the peak (where 'independent' removes "
+        "exactly weight_decay). Build the optimizer with the peak lr, let the scheduler record it (OneCycleLR's "
+        "max_lr), or set group['lr_peak'] to it. Warned once per group.",
+        UserWarning,
+        stacklevel=4,
+    )
+    return True
 
 
 def coupled_equivalent(mode: str, weight_decay: float, lr: float, lr_peak: float) -> float:

@@ -57,6 +57,9 @@ class RMSProp(ElementwiseOptimizer):
         Loshchilov & Hutter (2019), *Decoupled Weight Decay Regularization* (ICLR).
     """
 
+    state_keys = ("square_avg", "grad_avg", "momentum_buffer")
+    interop_formats = ("torch.optim.RMSprop",)
+
     def __init__(
         self,
         params: Iterable[Any],

@@ -60,6 +60,9 @@ class SGDW(ElementwiseOptimizer):
 
     counts_steps = False
 
+    state_keys = ("momentum_buffer",)
+    interop_formats = ("torch.optim.SGD",)
+
     def __init__(
         self,
         params: Iterable[Any],

@@ -170,3 +170,26 @@ def test_maths_errors_are_not_swallowed(monkeypatch):
     monkeypatch.setattr(_compiled, "compiled_for", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         run(lambda ps, impl: hf_optim.AdamAtan2(ps, implementation=impl), "compiled", steps=range(1))
+
+
+@pytest.mark.parametrize("cls, kwargs", [
+    (hf_optim.RAdam, {}), (hf_optim.AdamAtan2, {}), (hf_optim.Adafactor, dict(min_dim_size_to_factor=1)),
+], ids=["radam", "adam_atan2", "adafactor"])
+def test_inductor_corner_stays_eager(cls, kwargs):
+    """Inductor (torch 2.13, CPU) returns a 0-d float64 parameter unchanged from the Adam-family graph and NaN from
+    the Adafactor graph (0-d float32/bfloat16 and float64 of shape (1,) or (3,) are fine: measured, see
+    ``_compiled.inductor_ok``). Such tensors take the eager path, so ``compiled`` equals the for-loop on them."""
+    x0 = torch.tensor(1.5, dtype=torch.float64)
+    results = []
+    for impl in ("for-loop", "compiled"):
+        p = torch.nn.Parameter(x0.clone())
+        opt = cls([p], lr=1e-2, implementation=impl, **kwargs)
+        for t in range(3):
+            p.grad = torch.tensor(0.5 + t, dtype=torch.float64)
+            opt.step()
+        results.append(p.detach())
+    assert not torch.equal(results[1], x0) and torch.isfinite(results[1])
+    torch.testing.assert_close(results[1], results[0], atol=1e-12, rtol=0)
+    assert not _compiled.inductor_ok(torch.zeros((), dtype=torch.float64))
+    assert _compiled.inductor_ok(torch.zeros((), dtype=torch.float32))
+    assert _compiled.inductor_ok(torch.zeros((1,), dtype=torch.float64))

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import hf_optim
@@ -205,3 +205,80 @@ def test_every_constructor_argument_is_fuzzed(cls_name: str):
     named = {n for n, p in inspect.signature(cls.__init__).parameters.items()
              if p.kind is not inspect.Parameter.VAR_KEYWORD} - {"self", "params", "param_overrides"}
     assert named <= set(DOMAINS[cls_name]()), sorted(named - set(DOMAINS[cls_name]()))
+
+
+MUTATIONS = ("permute_params", "swap_entries", "reshape", "add_dim", "rename_key", "retype", "permute_model")
+
+
+@st.composite
+def loading_cases(draw):
+    cls_name = draw(st.sampled_from(sorted(DOMAINS)))
+    shape = st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple)
+    shapes = draw(st.lists(shape, min_size=2, max_size=4))
+    implementation = draw(st.sampled_from(["auto", *(i for i in getattr(hf_optim, cls_name).implementations
+                                                     if i != "compiled")]))
+    return cls_name, shapes, implementation, draw(st.sampled_from(MUTATIONS)), draw(st.integers(0, 2**16))
+
+
+def _mutated(saved: dict, mutation: str, rng: torch.Generator) -> dict:
+    """``saved`` with its parameter ids permuted, or its state tensors swapped, reshaped, renamed or retyped."""
+    ids = saved["param_groups"][0]["params"]
+    entries = [saved["state"][i] for i in ids if i in saved["state"]]
+    tensors = [(e, k) for e in entries for k, v in e.items() if torch.is_tensor(v) and v.dim() > 0]
+    pick = lambda n: int(torch.randint(n, (1,), generator=rng))
+    if mutation == "permute_params":
+        saved["param_groups"][0]["params"] = [ids[i] for i in torch.randperm(len(ids), generator=rng).tolist()]
+    elif mutation == "swap_entries" and len(entries) >= 2:
+        a, b = ids[0], ids[-1]
+        saved["state"][a], saved["state"][b] = saved["state"].get(b, {}), saved["state"].get(a, {})
+    elif mutation in ("reshape", "add_dim") and tensors:
+        entry, key = tensors[pick(len(tensors))]
+        value = entry[key]
+        entry[key] = value.reshape(-1) if mutation == "reshape" and value.dim() > 1 else \
+            value.reshape(tuple(reversed(value.shape))) if mutation == "reshape" else value.unsqueeze(0)
+    elif mutation == "rename_key" and tensors:
+        entry, key = tensors[pick(len(tensors))]
+        other = [k for k in ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "sum", "momentum_buffer", "row_var") if k != key]
+        entry[other[pick(len(other))]] = entry.pop(key)
+    elif mutation == "retype" and tensors:
+        entry, key = tensors[pick(len(tensors))]
+        entry[key] = entry[key].to((torch.float64, torch.int32, torch.complex64, torch.bfloat16)[pick(4)])
+    return saved
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(loading_cases())
+def test_load_state_dict_with_permuted_or_reshaped_state_raises_only_value_error(case):
+    """Loading a permuted, reshaped, renamed or retyped state dict either raises ValueError (leaving the optimizer
+    empty) or loads state that steps to finite parameters: never another exception, never a crash in a kernel."""
+    import copy
+
+    cls_name, shapes, implementation, mutation, seed = case
+    cls = getattr(hf_optim, cls_name)
+    knobs = {"min_dim_size_to_factor": 1} if cls_name == "Adafactor" else {}
+    rng = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=rng).requires_grad_(True) for s in shapes]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        source = cls(params, implementation=implementation, **knobs)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=rng)
+            source.step()
+        saved = _mutated(copy.deepcopy(source.state_dict()), mutation, rng)
+        targets = [torch.randn(s, generator=rng).requires_grad_(True) for s in shapes]
+        if mutation == "permute_model":
+            targets = targets[::-1]
+        target = cls(targets, implementation=implementation, **knobs)
+        try:
+            target.load_state_dict(saved)
+        except ValueError:
+            assert not target.state
+            event(f"{mutation}: refused")
+            return
+        event(f"{mutation}: loaded")
+        for p in targets:
+            p.grad = torch.randn(p.shape, generator=rng)
+        target.step()
+    for p in targets:
+        assert torch.isfinite(p).all(), (cls_name, shapes, mutation)

@@ -58,7 +58,8 @@ _OTHER_STRING = {"weight_decay_mode": {"independent": "coupled"}, "eps_mode": {"
                  "eps1_mode": {"add": "clamp"}, "relative_step_lr": {"multiplier": "cap"},
                  "weight_decay_lr": {"group": "step"}}
 # Knobs that are only valid together with another one.
-_COMPANION = {"nesterov": "momentum=0.9", "warmup_init": "relative_step=true"}
+# (eps1_mode=clamp bounds V by eps1², which for adafactor_v2's eps1=1e-30 underflows in fp32 and is refused.)
+_COMPANION = {"nesterov": "momentum=0.9", "warmup_init": "relative_step=true", "eps1_mode": "eps1=1e-10"}
 
 
 def _non_default(knob, default):
