@@ -45,6 +45,11 @@ _FROM_TRAINING_ARGS = {"lr": "--learning_rate", "weight_decay": "--weight_decay"
 
 _INT = re.compile(r"[+-]?\d+")
 _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?inf|nan", re.IGNORECASE)
+_NAMED_KINDS: dict[str, type] = {"float": float, "int": int, "bool": bool, "str": str, "tuple": tuple,
+                                  "Tuple": tuple, "None": type(None)}
+#: How an error names each kind (in this order).
+_KIND_WORDS: dict[type, str] = {float: "a float", int: "an integer", bool: "true/false", str: "a name",
+                                tuple: "':'-separated numbers (e.g. 0.9:0.95)", type(None): "none"}
 _TRUE = ("true", "yes", "on")
 _FALSE = ("false", "no", "off")
 
@@ -114,6 +119,56 @@ def _coerce(key: str, value: Any, default: Any, text: str) -> Any:
     return value
 
 
+def knob_kinds(cls: type, key: str) -> frozenset[type]:
+    """The Python types a knob's value may have (empty: unknown, not checked).
+
+    Collected from every source of the knob's type: the annotation of ``cls.__init__`` (``float | None``), its
+    default there, and its value in every preset (Adafactor's ``beta1`` is 0.9 in one preset and None in another).
+    ``int`` stands for ``float`` too (``eps=1`` means 1.0); ``None`` is never refused here, because whether a knob
+    takes None (``clip_threshold=none``: no clipping) is the optimizer's own check.
+    """
+    kinds: set[type] = set()
+    param = inspect.signature(cls.__init__).parameters.get(key)
+    if param is not None and param.annotation is not param.empty:
+        annotation = param.annotation
+        text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None) or str(annotation)
+        text = re.sub(r"\[.*\]", "", text)  # tuple[float, float] -> tuple
+        kinds |= {_NAMED_KINDS[name] for name in re.findall(r"\w+", text) if name in _NAMED_KINDS}
+    values = [] if param is None or param.default is param.empty else [param.default]
+    module = sys.modules.get(cls.__module__)
+    presets = getattr(cls, "PRESETS", None) or getattr(module, "PRESETS", {})
+    values += [preset[key] for preset in presets.values() if isinstance(preset, Mapping) and key in preset]
+    kinds |= {type(value) for value in values}
+    return frozenset(kinds)
+
+
+def _check_kind(key: str, value: Any, text: str, kinds: frozenset[type]) -> None:
+    """Refuse a value whose type the knob never takes (``beta1=abc``), naming what it takes."""
+    if not kinds or value is None:
+        return
+    numbers = {int, float} & kinds
+    if isinstance(value, bool):
+        ok = bool in kinds
+    elif isinstance(value, int):
+        ok = bool(numbers)
+    elif isinstance(value, float):
+        ok = float in kinds
+    elif isinstance(value, tuple):
+        # Tuple knobs hold numbers (betas); a name inside one (betas=0.9:abc) is a typo.
+        ok = tuple in kinds and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
+    else:
+        ok = type(value) in kinds
+    if not ok:
+        allowed = " or ".join(_KIND_WORDS[kind] for kind in _KIND_WORDS if kind in kinds)
+        raise ValueError(f"optim_args {key}={text!r}: {key} must be {allowed}, not {_describe(value)}.")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, tuple):
+        return f"the tuple {value!r}"
+    return f"{_KIND_WORDS.get(type(value), type(value).__name__)} ({value!r})"
+
+
 def parse_optim_args(
     optim_args: Mapping[str, str] | str | None, cls: type, *, optim_name: str, preset: str | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -153,6 +208,7 @@ def parse_optim_args(
                 f"Valid keys: {valid}.{closest(key, valid)}"
             )
         kwargs[key] = _coerce(key, value, defaults[key], text)
+        _check_kind(key, kwargs[key], text, knob_kinds(cls, key))
     check_choice("optim_args mup_wd_rule", options["mup_wd_rule"], MUP_WD_RULES)
     if options["mup"] is not None and not isinstance(options["mup"], bool):
         raise ValueError(f"optim_args mup={options['mup']!r}: write mup=true or mup=false.")
