@@ -17,13 +17,14 @@ The reference's own row gets ``S`` from all its steps and ``D`` when its row med
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Sequence
 from typing import Any
 
-#: Defaults of ``--max-spread`` / ``--max-drift``. On a quiet machine the 58M set's steps repeat within ~1.2x and the
-#: reference's median within ~5 % over a run (docs/benchmarks.md); a factor of 1.5 (1.25 for drift) means something
-#: else competed for the cores or the memory bus.
+#: Defaults of ``--max-spread`` / ``--max-drift``. In five quiet runs of the 58M set (docs/benchmarks/, 160 rows of 7
+#: repeats) a row's max/min was 1.02 at the median and 1.13 at most, and the reference moved by at most 4 % over a
+#: run; a factor of 1.5 (1.25 for drift) means something else competed for the cores or the memory bus.
 DEFAULT_MAX_SPREAD = 1.5
 DEFAULT_MAX_DRIFT = 1.25
 
@@ -102,6 +103,29 @@ def footnote(rows: Sequence[Any], max_spread: float, max_drift: float) -> list[s
         "#   'x fused' comes from back-to-back pairs and is the more robust number; rerun on a quiet machine",
         "#   (or with more --repeats) before quoting the others.",
     ]
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the platform has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def load_note(start: float | None, end: float | None, cpus: int) -> list[str]:
+    """A line under the table when the machine had more runnable work than CPUs at the start or the end of the run.
+
+    Flags catch unstable timings; a load that stays high slows every step steadily and goes unflagged, and it does not
+    slow every optimizer alike (memory-bound steps share the bus), so even paired ratios move.
+    """
+    loads = [x for x in (start, end) if x is not None]
+    if not loads or max(loads) <= cpus:
+        return []
+    shown = ", ".join(f"{x:.1f}" for x in loads)
+    line = (f"# ! load average {shown} (start, end) on {cpus} CPUs: other work competed with every step; times and "
+            "ratios are not comparable with a quiet machine's.")
+    return [line]
 
 
 def format_count(numel: int) -> str:

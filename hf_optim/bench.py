@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import re
 import statistics
@@ -44,6 +45,8 @@ from ._bench_report import (
     footnote,
     format_count,
     format_row,
+    load_average,
+    load_note,
     paired_ratio,
     row_flags,
     spread,
@@ -298,9 +301,11 @@ def run(size: str = "58m", device: str = "cpu", threads: int | None = None, only
     others = [c for c in selected if c.name != REFERENCE]
     say = progress or (lambda msg: print(msg, flush=True))
     numel = sum(p.numel() for p in params)
-    say(f"# {size}: {format_count(numel)} on {dev}, {torch.get_num_threads()} threads; per case: first step, "
-        f"{warmup} warm-up + {repeats} timed steps, each paired with a timed step of {REFERENCE}; "
-        f"{len(others) + 1} cases")
+    threads_now = torch.get_num_threads()
+    say(f"# {size}: {format_count(numel)} on {dev}, {threads_now} thread{'s' * (threads_now != 1)}; per case: first "
+        f"step, {warmup} warm-up + {repeats} timed steps, each paired with a timed step of {REFERENCE}; "
+        f"{len(others) + 1} case{'s' * bool(others)}")
+    load_start = load_average()
     ref_row, reference = _start_reference(ref_case, params, warmup, 0 if others else repeats, clock)
     results = [ref_row]
     say(f"[1/{len(others) + 1}] {REFERENCE}: " + (f"first step {ref_row.first_step_s * 1e3:.1f} ms"
@@ -318,11 +323,12 @@ def run(size: str = "58m", device: str = "cpu", threads: int | None = None, only
         say(format_row(r))
     if run_drift is not None:
         say(f"# reference drift over the run (slowest / fastest median of its paired steps): {run_drift:.2f}")
-    for line in footnote(results, max_spread, max_drift):
+    load_end, cpus = load_average(), os.cpu_count() or 1
+    for line in footnote(results, max_spread, max_drift) + load_note(load_start, load_end, cpus):
         say(line)
     meta = _meta(size, dev, dtype, warmup, repeats, params, run_drift)
-    meta.update(max_spread=max_spread, max_drift=max_drift, paired=True,
-                flagged=[r.name for r in results if r.flags])
+    meta.update(max_spread=max_spread, max_drift=max_drift, paired=True, flagged=[r.name for r in results if r.flags],
+                load_average=[load_start, load_end], cpu_count=cpus)
     return {"meta": meta, "results": [asdict(r) for r in results]}
 
 
@@ -348,7 +354,7 @@ def _meta(size: str, dev: torch.device, dtype: str, warmup: int, repeats: int, p
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-optim bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="hf-optim bench", description=__doc__.split("\n")[0].replace("``", ""))
     parser.add_argument("--size", choices=sorted(SIZES), default="58m", help="parameter set (default 58m)")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu)")

@@ -42,6 +42,7 @@ def test_json_report_and_ratios(tmp_path):
     assert report["meta"]["size"] == "tiny" and report["meta"]["threads"] == 1
     assert report["meta"]["numel"] == SIZES["tiny"].numel()
     assert report["meta"]["max_spread"] == 1.5 and report["meta"]["max_drift"] == 1.25
+    assert len(report["meta"]["load_average"]) == 2 and report["meta"]["cpu_count"] >= 1
     by_name = {r["name"]: r for r in report["results"]}
     assert set(by_name) == {bench.REFERENCE, "torch_adamw_foreach", "adamw_v2[coupled,wd=0.1,eps=torch]/foreach",
                             "hf_adafactor"}
@@ -148,19 +149,22 @@ def test_no_footnote_when_nothing_is_flagged_and_limits_are_options():
     # spread 1.5 is not "more than" 1.5; a tighter limit flags it
     report = bench.run("tiny", warmup=0, repeats=3, cases=cases, progress=lines.append, clock=clock)
     assert report["results"][1]["spread"] == 1.5 and report["results"][1]["flags"] == []
-    assert not any(line.startswith("# !") for line in lines)
+    assert not any("rows are unreliable" in line for line in lines)
     clock = FakeClock()
     cases = [_scripted(bench.REFERENCE, clock, [1.0]), _scripted("a", clock, [2.0, 2.0, 2.0, 3.0])]
     report = bench.run("tiny", warmup=0, repeats=3, cases=cases, progress=lines.append, clock=clock, max_spread=1.2)
     assert report["results"][1]["flags"] == ["spread"] and report["meta"]["max_spread"] == 1.2
 
 
-def test_reference_spread_flag_and_pair_helpers():
-    from hf_optim._bench_report import paired_ratio, row_flags, spread
+def test_reference_spread_flag_load_note_and_pair_helpers():
+    from hf_optim._bench_report import load_note, paired_ratio, row_flags, spread
 
     assert spread([0.2]) is None and spread([1.0, 2.5, 2.0]) == 2.5 and spread([0.0, 1.0]) == math.inf
     assert paired_ratio([2.0, 9.0, 3.0], [1.0, 3.0, 1.0]) == 3.0  # ratios 2, 3, 3
     assert paired_ratio([1.0], []) is None
+    (line,) = load_note(3.0, 1.0, cpus=2)  # more runnable work than CPUs at the start: said under the table
+    assert line.startswith("# ! load average 3.0, 1.0 (start, end) on 2 CPUs") and "not comparable" in line
+    assert load_note(1.0, 2.0, cpus=2) == [] and load_note(None, None, cpus=1) == []
     row = types.SimpleNamespace(spread=1.1, reference_spread=1.6, reference_drift=0.7)
     assert row_flags(row, max_spread=1.5, max_drift=1.25) == ["reference-spread", "reference-drift"]
     assert row_flags(row, max_spread=2.0, max_drift=1.5) == []
@@ -183,7 +187,7 @@ def test_a_case_that_sleeps_at_random_is_flagged_in_real_time():
     hiccup = report["results"][1]
     assert hiccup["name"] == "hiccup" and "spread" in hiccup["flags"] and max(hiccup["times_s"]) >= 0.05
     assert next(line for line in lines if line.startswith("hiccup ")).split()[-1].startswith("!")
-    assert any(line.startswith("# ! ") for line in lines)
+    assert any("rows are unreliable" in line for line in lines)
 
 
 def test_header_counts_small_sets_and_help_is_consistent(capsys):
