@@ -22,6 +22,7 @@ optimizer is really built, together with the model.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
@@ -48,18 +49,20 @@ def check_optim_args(optim: Any, optim_args: Any) -> None:
     except Exception:  # noqa: BLE001 - an unresolvable target is reported where the optimizer is built
         return
     try:
+        if not isinstance(optim_args, (str, Mapping)):
+            raise TypeError(f"optim_args must be a 'key=value,...' string, got {type(optim_args).__name__}.")
         items = split_optim_args(optim_args) if isinstance(optim_args, str) else dict(optim_args)
         kwargs, _options = parse_optim_args(items, cls, optim_name=name, preset=spec.defaults.get("preset"))
         _dry_build(cls, {**spec.defaults, **kwargs})
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, OverflowError) as error:
         reason = " ".join(str(error).split())  # one line, whatever the optimizer's message looked like
         raise OptimArgsError(f"--optim_args {_show(optim_args)} for --optim {name}: {reason}") from error
 
 
 def _show(optim_args: Any) -> str:
-    if isinstance(optim_args, str):
-        return repr(optim_args)
-    return repr(",".join(f"{k}={v}" for k, v in dict(optim_args).items()))
+    if isinstance(optim_args, Mapping):
+        return repr(",".join(f"{k}={v}" for k, v in optim_args.items()))
+    return repr(optim_args)
 
 
 def _dry_build(cls: type, kwargs: dict[str, Any]) -> None:

@@ -207,7 +207,10 @@ def parse_optim_args(
                 f"Unknown optim_args key {key!r} for --optim {optim_name} ({cls.__name__}). "
                 f"Valid keys: {valid}.{closest(key, valid)}"
             )
-        kwargs[key] = _coerce(key, value, defaults[key], text)
+        try:
+            kwargs[key] = _coerce(key, value, defaults[key], text)
+        except OverflowError:  # an integer literal beyond float range, for a float knob
+            raise ValueError(f"optim_args {key}={text!r}: {key} is too large for a float.") from None
         _check_kind(key, kwargs[key], text, knob_kinds(cls, key))
     check_choice("optim_args mup_wd_rule", options["mup_wd_rule"], MUP_WD_RULES)
     if options["mup"] is not None and not isinstance(options["mup"], bool):
@@ -231,5 +234,7 @@ def split_optim_args(text: str | None) -> dict[str, str]:
             raise ValueError(
                 f"optim_args item {item!r} must look like key=value (items separated by ',', tuples by ':')."
             )
+        if result.get(key, value) != value:  # transformers' split keeps the last one silently
+            raise ValueError(f"optim_args gives {key} twice ({key}={result[key]} and {key}={value}): give it once.")
         result[key] = value
     return result

@@ -75,6 +75,39 @@ def test_bad_values_raise_at_construction(tmp_path, optim, optim_args, match):
     assert isinstance(error.value, ValueError)  # what HfArgumentParser users and existing handlers expect
 
 
+_ODD_INPUTS = ["=", "a=", "=1", ":", "betas=:", "betas=0.9::0.9", "eps=1e309", "eps=nan", "béta=1", "preset=nosuch",
+               "betas=0.9:0.95:0.99", "implementation=compiled", "betas=true:false", "eps=0x10", "beta1=inf",
+               "min_dim_size_to_factor=-3", "momentum_dtype=float64", "factor_dims=none", "mup_wd_rule=",
+               "weight_decay_mode=", "betas=0.9:nan", "eps=" + "9" * 400, "decay_rate=1e-400", ",", "\t",
+               "eps_mode=tf\n", "clip_threshold=" + "9" * 400]
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("optim", ["adamw_v2", "adafactor_v2", "sgdw_v2"])
+def test_odd_input_is_accepted_or_refused_with_our_error_never_a_crash(tmp_path, optim):
+    refused = 0
+    for optim_args in _ODD_INPUTS:
+        try:
+            _args(tmp_path, optim=optim, optim_args=optim_args)
+        except OptimArgsError as error:
+            assert "\n" not in str(error) and str(error).startswith(f"--optim_args {optim_args!r}"), optim_args
+            refused += 1
+    assert refused >= len(_ODD_INPUTS) - 3  # only a few are valid for some optimizer (implementation=compiled, ...)
+
+
+def test_repeated_keys_overflow_and_non_strings_are_refused(tmp_path):
+    with pytest.raises(OptimArgsError, match=r"optim_args gives eps twice \(eps=1 and eps=2\): give it once"):
+        _args(tmp_path, optim="adamw_v2", optim_args="eps=1,eps=2")
+    _args(tmp_path, optim="adamw_v2", optim_args="eps=1,eps=1")  # nothing lost: accepted
+    with pytest.raises(OptimArgsError, match=r"eps is too large for a float"):
+        _args(tmp_path, optim="adamw_v2", optim_args="eps=1" + "0" * 400)
+    with pytest.raises(OptimArgsError, match=r"optim_args must be a 'key=value,...' string, got int"):
+        _fail_fast.check_optim_args("adamw_v2", 3)
+    _fail_fast.check_optim_args("adamw_v2", {"eps": 1e-6})  # an already split mapping (programmatic use) is checked
+    with pytest.raises(OptimArgsError, match=r"--optim_args 'eps=-1.0' for --optim adamw_v2: eps must be >= 0"):
+        _fail_fast.check_optim_args("adamw_v2", {"eps": -1.0})
+
+
 def test_none_is_left_to_the_optimizer(tmp_path):
     # clip_threshold=none (no clipping) is valid although every preset sets a number; momentum=none is not
     args = _args(tmp_path, optim="adafactor_v2", optim_args="clip_threshold=none,beta1=none")
