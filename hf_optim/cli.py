@@ -14,14 +14,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-startup": ("hf_optim.bench_startup", "what the .pth import hook adds to Python start-up"),
     "sweep": ("hf_optim.runner.sweep", "width x learning-rate x weight-decay sweeps (muP / decay-mode experiments)"),
     "coord-check": ("mup_integration.coord_check", "muP coordinate check: activation size per width, SP vs muP"),
-    "list": ("hf_optim.cli", "list the registered optimizers"),
+    "list": ("hf_optim.cli", "list the registered optimizers (--recipes: the bundled recipes and sweeps)"),
 }
 
 
 def list_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hf-optim list", description="List the registered optimizers, or with "
+                                     "--recipes the bundled recipes and sweeps.")
+    parser.add_argument("--recipes", action="store_true", help="list the bundled recipes (hf-optim train NAME) and "
+                        "sweep configs (hf-optim sweep NAME) instead")
+    args = parser.parse_args(argv)
+    if args.recipes:
+        from .runner.schema import describe_bundled
+
+        for kind, name, title in describe_bundled():
+            print(f"{kind:7s} {name:32s} {title}")
+        return 0
     from .registry import list_optimizers
 
-    argparse.ArgumentParser(prog="hf-optim list", description="List registered optimizers.").parse_args(argv)
     for spec in list_optimizers():
         print(f"{spec.name:14s} {spec.description}")
     return 0

@@ -154,6 +154,11 @@ def test_wheel_puts_the_pth_at_the_root_of_site_packages(tmp_path):
         record = next(n for n in names if n.endswith(".dist-info/RECORD"))
         assert any(line.startswith(f"{PTH.name},sha256=") for line in zf.read(record).decode().splitlines())
     assert [n for n in names if "/" not in n] == [PTH.name]  # nothing else at the top level of site-packages
+    # exactly two top-level import packages; the recipe YAML is package data of hf_optim.recipes
+    top = {n.split("/")[0] for n in names if "/" in n and ".dist-info/" not in n}
+    assert top == {"hf_optim", "mup_integration"}, top
+    assert {"hf_optim/recipes/llm/llama2.yaml", "hf_optim/recipes/sweeps/quick.yaml",
+            "hf_optim/recipes/accelerate/ddp.yaml"} <= set(names)
     assert "hf_optim/_native_adafactor.c" in names  # the Adafactor kernel's source, compiled at first use
 
 

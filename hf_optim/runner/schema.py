@@ -256,6 +256,26 @@ def resolve_path(ref: str | Path) -> Path:
                       f"Bundled: {known}.")
 
 
+def describe_bundled() -> list[tuple[str, str, str]]:
+    """``(kind, name, title)`` of every bundled recipe (``train``) and sweep config (``sweep``), for ``hf-optim list
+    --recipes``."""
+    rows = []
+    for sub, kind in (("demo", "train"), ("llm", "train"), ("sweeps", "sweep")):
+        for path in sorted((RECIPES_DIR / sub).glob("*.yaml")):
+            data = _read_yaml(path)
+            name = path.stem if kind == "sweep" else f"{sub}/{path.stem}"
+            title = str(data.get("title") or "").strip() or _first_comment(path)
+            rows.append((kind, name, title))
+    return rows
+
+
+def _first_comment(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
 def bundled_names() -> list[str]:
     names = [f"{p.parent.name}/{p.stem}" for sub in ("llm", "demo") for p in sorted((RECIPES_DIR / sub).glob("*.yaml"))]
     return [*ALIASES, *names]

@@ -1,0 +1,103 @@
+"""The layout the design promises (docs/design.md): imports point one way and form no cycle, muP is entered from the
+optimizer side only through the factory, and bundled recipes are found by name from any working directory."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("hf_optim", "mup_integration")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    """Every module of the two packages that ``path`` imports, at module level or inside a function."""
+    is_package = path.name == "__init__.py"
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".")[: len(module.split(".")) - node.level + (1 if is_package else 0)]
+                prefix = ".".join(base + ([node.module] if node.module else []))
+            else:
+                prefix = node.module or ""
+            names = [prefix] + [f"{prefix}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found.update(n for n in names if n.split(".")[0] in PACKAGES)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    graph = {}
+    for module, path in files.items():
+        # `from pkg import name` names a module only if that module exists; a package import means its __init__
+        graph[module] = {m for m in _imports(path, module) if m in files and m != module}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_module_imports_form_no_cycle():
+    graph = _graph()
+    # package __init__ files re-export lazily; a submodule importing its package's __init__ is not a cycle of logic
+    graph = {m: {d for d in deps if d not in PACKAGES} for m, deps in graph.items()}
+    assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph))}"
+
+
+def test_mup_is_entered_only_from_the_factory_and_the_application_layer():
+    graph = _graph()
+    allowed = {"hf_optim.factory", "hf_optim.cli"}
+    for module, deps in graph.items():
+        if not module.startswith("hf_optim") or module in allowed or module.startswith("hf_optim.runner"):
+            continue
+        assert not {d for d in deps if d.startswith("mup_integration")}, f"{module} imports mup_integration"
+    assert {d for d in graph["hf_optim.factory"] if d.startswith("mup_integration")} == {"mup_integration.policy"}
+    # and mup_integration uses only the optimizer core of hf_optim, never its entry points
+    for module, deps in graph.items():
+        if module.startswith("mup_integration"):
+            upward = {d for d in deps if d.split(".")[-1] in ("factory", "trainer", "cli") or ".runner" in d}
+            assert not upward, f"{module} imports {upward}"
+
+
+def test_bundled_recipes_are_found_from_any_directory(tmp_path):
+    exe = Path(sys.executable).with_name("hf-optim")
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "hf_optim"]
+    listing = subprocess.run([*command, "list", "--recipes"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=120)
+    assert listing.returncode == 0, listing.stderr
+    names = {line.split()[1] for line in listing.stdout.splitlines() if line.strip()}
+    assert {"llm/llama2", "demo/shakespeare_mup_llama_adafactor", "quick", "full_width_transfer"} <= names
+    code = "from hf_optim.runner import schema; print(schema.load('llm/llama2')['name'])"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "llama2", loaded.stderr
