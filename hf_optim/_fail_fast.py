@@ -46,7 +46,7 @@ def check_optim_args(optim: Any, optim_args: Any) -> None:
     spec = registry.get_spec(name)
     try:
         cls = spec.resolve()
-    except Exception:  # noqa: BLE001 - an unresolvable target is reported where the optimizer is built
+    except Exception:  # an unresolvable target is reported where the optimizer is built
         return
     try:
         if not isinstance(optim_args, (str, Mapping)):

@@ -113,7 +113,7 @@ def _implementations(spec_name: str) -> tuple[str, ...]:
 
     try:
         return ("auto", *get_spec(spec_name).resolve().implementations)
-    except Exception:  # noqa: BLE001 - a module not written yet still gets a (missing) row
+    except Exception:  # a module not written yet still gets a (missing) row
         return ("auto",)
 
 
@@ -191,7 +191,7 @@ def measure(case: BenchCase, params: list[torch.Tensor], warmup: int, repeats: i
             for _ in range(warmup):
                 optimizer.step()
             result.times_s, result.reference_times_s = timed_repeats(optimizer, device, repeats, reference, clock)
-    except Exception as exc:  # noqa: BLE001 - a broken optimizer must show up in the table, not stop the run
+    except Exception as exc:  # a broken optimizer must show up in the table, not stop the run
         result.status, result.error = "error", f"{type(exc).__name__}: {exc}"[:300]
         return result
     finally:
@@ -232,7 +232,7 @@ def _start_reference(case: BenchCase, params: list[torch.Tensor], warmup: int, o
             for _ in range(warmup):
                 optimizer.step()
             result.times_s = [timed_step(optimizer, device, clock) for _ in range(own_repeats)]
-    except Exception as exc:  # noqa: BLE001 - the other rows still run, without ratios
+    except Exception as exc:  # the other rows still run, without ratios
         result.status, result.error = "error", f"{type(exc).__name__}: {exc}"[:300]
         return result, None
     result.state_bytes = state_bytes(optimizer)

@@ -17,7 +17,7 @@ from hf_optim._fail_fast import OptimArgsError
 from hf_optim._optim_args import knob_kinds, parse_optim_args
 
 transformers = pytest.importorskip("transformers")
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainingArguments  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "parse_then_build.py"
