@@ -16,6 +16,9 @@ integer / float literal    ``int`` / ``float`` (``int`` → ``float``  ``eps=1e-
 anything else              ``str`` (modes, presets)                ``weight_decay_mode=independent``
 =========================  ======================================  ======================================
 
+The converted value must then be of a type the knob takes (:func:`knob_kinds`): ``beta1=abc`` is refused with
+"beta1 must be a float or none", not passed on to fail inside the optimizer.
+
 The valid keys are the keyword parameters of the optimizer class' ``__init__`` (so a new knob is reachable without
 touching this file) plus the handler's own keys (:data:`HANDLER_KEYS`). ``lr`` and ``weight_decay`` are set with
 ``--learning_rate`` / ``--weight_decay`` (the Trainer writes ``weight_decay`` into its decay / no-decay groups, so a
@@ -123,9 +126,10 @@ def knob_kinds(cls: type, key: str) -> frozenset[type]:
     """The Python types a knob's value may have (empty: unknown, not checked).
 
     Collected from every source of the knob's type: the annotation of ``cls.__init__`` (``float | None``), its
-    default there, and its value in every preset (Adafactor's ``beta1`` is 0.9 in one preset and None in another).
-    ``int`` stands for ``float`` too (``eps=1`` means 1.0); ``None`` is never refused here, because whether a knob
-    takes None (``clip_threshold=none``: no clipping) is the optimizer's own check.
+    default there (an unannotated integer default allows floats too), and its value in every preset (Adafactor's
+    ``beta1`` is 0.9 in one preset and None in another). An integer value is accepted where a float is (``eps=1``
+    means 1.0); ``None`` is never refused here, because whether a knob takes None (``clip_threshold=none``: no
+    clipping) is the optimizer's own check.
     """
     kinds: set[type] = set()
     param = inspect.signature(cls.__init__).parameters.get(key)
@@ -134,11 +138,14 @@ def knob_kinds(cls: type, key: str) -> frozenset[type]:
         text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None) or str(annotation)
         text = re.sub(r"\[.*\]", "", text)  # tuple[float, float] -> tuple
         kinds |= {_NAMED_KINDS[name] for name in re.findall(r"\w+", text) if name in _NAMED_KINDS}
-    values = [] if param is None or param.default is param.empty else [param.default]
+    if param is not None and param.default is not param.empty:
+        default_kind = type(param.default)
+        # An unannotated `momentum=0` says "a number", not "an integer".
+        unannotated_int = default_kind is int and param.annotation is param.empty
+        kinds |= {int, float} if unannotated_int else {default_kind}
     module = sys.modules.get(cls.__module__)
     presets = getattr(cls, "PRESETS", None) or getattr(module, "PRESETS", {})
-    values += [preset[key] for preset in presets.values() if isinstance(preset, Mapping) and key in preset]
-    kinds |= {type(value) for value in values}
+    kinds |= {type(preset[key]) for preset in presets.values() if isinstance(preset, Mapping) and key in preset}
     return frozenset(kinds)
 
 

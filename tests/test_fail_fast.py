@@ -175,14 +175,20 @@ def test_knob_kinds_come_from_annotations_defaults_and_presets():
     assert knob_kinds(hf_optim.Adafactor, "min_dim_size_to_factor") == {int}
 
     class Annotated(torch.optim.SGD):
-        def __init__(self, params, lr: float = 0.1, *, clip: float | None = None, mode="a") -> None:
+        def __init__(self, params, lr: float = 0.1, *, clip: float | None = None, mode="a", steps: int = 1,
+                     momentum=0) -> None:
             super().__init__(params, lr=lr)
 
     assert knob_kinds(Annotated, "clip") == {float, type(None)}  # from the annotation alone
     assert knob_kinds(Annotated, "mode") == {str}  # from the default alone
+    assert knob_kinds(Annotated, "steps") == {int}  # annotated int
+    assert knob_kinds(Annotated, "momentum") == {int, float}  # an unannotated 0 is a number, not an integer
     with pytest.raises(ValueError, match=r"clip must be a float or none, not a name"):
         parse_optim_args("clip=off", Annotated, optim_name="annotated")
-    assert parse_optim_args("clip=1", Annotated, optim_name="annotated")[0] == {"clip": 1}
+    assert parse_optim_args("clip=1,momentum=0.9", Annotated, optim_name="annotated")[0] == {"clip": 1,
+                                                                                             "momentum": 0.9}
+    with pytest.raises(ValueError, match=r"steps must be an integer, not a float \(2.5\)"):
+        parse_optim_args("steps=2.5", Annotated, optim_name="annotated")
 
 
 # --- an unmodified script in a fresh interpreter --------------------------------------------------------------------
