@@ -16,6 +16,10 @@ and :math:`\sigma` = ``config.initializer_range``:
    GPT-2's :math:`\sigma/\sqrt{2L}` for ``c_proj``); embeddings and readout :math:`\mathcal N(0, \sigma^2)` (readout
    optionally zero); norm weights 1, biases 0; the query projection optionally zero. At :math:`m = 1` this is the
    model's standard initialisation.
+4. **Residual-branch multiplier** (forward, every load; only with depth scaling): each attention and MLP branch
+   output is multiplied by :math:`(L/L_0)^{-\alpha}` before the residual add (a forward hook on ``o_proj`` /
+   ``down_proj``, GPT-2's ``c_proj`` of attention and MLP, OLMo-2's post-branch norms; see
+   :mod:`mup_integration.depth`). GPT-2's ``c_proj`` init keeps the *base* depth's :math:`\sigma/\sqrt{2L_0}`.
 
 Supported: ``LlamaForCausalLM`` and models with the same module layout (Mistral, Qwen2, Qwen3, OLMo, OLMo-2) and
 ``GPT2LMHeadModel``. References: Yang et al., "Tensor Programs V" (2022), Table 3 and Appendix J (attention).
@@ -31,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .depth import apply_branch_multipliers, branch_multipliers_ok
 from .plan import MuPPlan, ParamInfo, get_plan, has_plan, make_plan, unwrap
 
 #: ``config.model_type`` -> layout. "llama": q_proj/k_proj/v_proj/o_proj + MLP + lm_head; "gpt2": c_attn/c_proj.
@@ -131,6 +136,7 @@ def apply_mup(model: nn.Module, plan: MuPPlan | None = None, *, init: bool = Tru
         if isinstance(hook, ReadoutMultiplier):
             del readout._forward_pre_hooks[key]
     readout.register_forward_pre_hook(ReadoutMultiplier(plan.output_mult / plan.width_mult))
+    apply_branch_multipliers(inner, layout, plan)  # depth scaling: m_L^-alpha on each branch (none when it is 1)
     inner.config.mup = plan.to_dict()
     if init:
         init_weights(inner, plan, _matched=matched)
@@ -147,7 +153,8 @@ def is_mup_applied(model: nn.Module) -> bool:
     expected = plan.output_mult / plan.width_mult
     return (len(hooks) == 1 and math.isclose(hooks[0].multiplier, expected, rel_tol=1e-12)
             and all(math.isclose(a.scaling, attention_scale(a, plan), rel_tol=1e-12)
-                    for a in _attention_modules(inner)))
+                    for a in _attention_modules(inner))
+            and branch_multipliers_ok(inner, check_supported_config(inner.config), plan))
 
 
 @torch.no_grad()
@@ -173,7 +180,8 @@ def _init_param(name: str, p: torch.Tensor, info: ParamInfo, sigma: float, layou
     if info.kind == "hidden":
         std = sigma
         if layout == "gpt2" and name.endswith("c_proj.weight"):  # GPT-2's residual-branch scaling, as in HF
-            std = sigma / math.sqrt(2 * config.n_layer)
+            # under depth scaling the branch multiplier takes over the depth dependence: keep the base model's std
+            std = sigma / math.sqrt(2 * (plan.base_depth or config.n_layer))
         p.normal_(0.0, std / math.sqrt(info.fan_in_mult))
     elif info.kind == "embedding":
         p.normal_(0.0, sigma)
@@ -211,7 +219,7 @@ def make_mup_model(
     ``device="meta"`` builds without memory and skips the init: call ``model.to_empty(device=...)`` then
     :func:`init_weights(model) <init_weights>`. ``plan_kwargs`` go to :func:`~mup_integration.plan.make_plan`
     (``base_head_dim``, ``base_intermediate_size``, ``output_mult``, ``attn_mult``, ``zero_readout``,
-    ``zero_query``).
+    ``zero_query``, ``base_depth`` and ``depth_alpha`` for depth scaling).
     """
     plan = make_plan(config, base_config, base_width=base_width, model_cls=model_cls, **plan_kwargs)
     config = copy.deepcopy(config)
