@@ -23,12 +23,13 @@ from typing import Any
 import yaml
 
 from hf_optim._validation import closest
+from .bundled import recipes_dir
 
-RECIPES_DIR = Path(__file__).resolve().parent
+RECIPES_DIR = recipes_dir()
 ALIASES = {"demo": "demo/shakespeare_mup_llama_adafactor"}
 
 #: ``optimizer.weight_decay: lr_peak`` means λ = the peak lr of the chosen size (resolved by
-#: :func:`recipes.build.weight_decay`), so PaLM's ``lr_t²`` decay (mode ``corrected``) stays ``lr_t²`` when the lr is
+#: :func:`hf_optim.runner.build.weight_decay`), so PaLM's ``lr_t²`` decay (mode ``corrected``) stays ``lr_t²`` when the lr is
 #: overridden; a number copied from the peak lr would silently stop tracking it.
 WEIGHT_DECAY_IS_LR_PEAK = "lr_peak"
 #: Schema type of a field that takes a number or the :data:`WEIGHT_DECAY_IS_LR_PEAK` sentinel.

@@ -83,7 +83,7 @@ def build_model(cell: Cell) -> tuple[torch.nn.Module, dict[torch.Tensor, dict[st
 
 
 def lr_multiplier(step: int, cell: Cell) -> float:
-    """recipes.schedules' cosine-to-floor; ``constant`` is the same with floor 1 (warm-up, then flat)."""
+    """hf_optim.runner.schedules' cosine-to-floor; ``constant`` is the same with floor 1 (warm-up, then flat)."""
     t = cell.train
     floor = 1.0 if t.schedule == "constant" else t.min_lr_ratio
     return cosine_to_floor(step, num_warmup_steps=t.warmup_steps, decay_steps=t.steps, floor=floor)

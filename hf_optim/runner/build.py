@@ -95,7 +95,7 @@ def published_num_steps(recipe: Mapping[str, Any], size: str | None = None) -> i
 
 def schedule_kwargs(recipe: Mapping[str, Any], num_training_steps: int | None = None,
                     size: str | None = None) -> tuple[str, dict[str, Any]]:
-    """``(name, kwargs)`` for :func:`recipes.schedules.make_multiplier`, token counts converted to steps."""
+    """``(name, kwargs)`` for :func:`hf_optim.runner.schedules.make_multiplier`, token counts converted to steps."""
     sched = dict(recipe.get("schedule") or {})
     s = size_settings(recipe, size)
     total = num_training_steps if num_training_steps is not None else published_num_steps(recipe, size)
@@ -104,7 +104,7 @@ def schedule_kwargs(recipe: Mapping[str, Any], num_training_steps: int | None = 
                          "total_tokens and batch_tokens.")
     name = sched.get("name")
     if name is None:
-        raise ValueError("schedule.name is not set; choose one of the schedules in recipes.schedules.SCHEDULES.")
+        raise ValueError("schedule.name is not set; choose one of the schedules in hf_optim.runner.schedules.SCHEDULES.")
     if s["warmup_steps"] is not None:
         warmup = int(s["warmup_steps"])
     elif sched.get("warmup_tokens") is not None:
