@@ -320,3 +320,30 @@ def test_is_mup_applied_sees_a_missing_or_extra_branch_hook():
     assert not mi.is_mup_applied(model)
     mi.apply_mup(model, init=False)  # idempotent: back to exactly one hook per branch
     assert mi.is_mup_applied(model) and len(branch_hooks(model)) == 8
+
+
+# ---- recipes: model.mup.base_depth / depth_alpha ----------------------------------------------------------------
+def test_recipe_builds_a_depth_scaled_model():
+    from hf_optim.runner import train
+
+    model_cfg = {"arch": "gpt2", "hidden_size": 32, "num_layers": 8, "num_heads": 4, "intermediate_size": 64,
+                 "tie_word_embeddings": False, "mup": {"base_width": 16, "base_depth": 2, "depth_alpha": 0.5}}
+    model = train.build_model(model_cfg, vocab_size=64, block_size=32)
+    plan = mi.get_plan(model)
+    assert (plan.base_depth, plan.depth, plan.depth_alpha, plan.width_mult) == (2, 8, 0.5, 2.0)
+    assert mi.is_mup_applied(model) and [h.multiplier for h in branch_hooks(model)] == [0.5] * 16
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["model.mup.base_depth=2"], "Pass both base_depth"),
+    (["model.mup.base_depth=2", "model.mup.depth_alpha=2.0"], "depth_alpha must be in [0.5, 1.0]"),
+    (["model.mup.base_depth=two", "model.mup.depth_alpha=1.0"], "model.mup.base_depth"),
+])
+def test_recipe_depth_mistakes_give_one_line(tmp_path, capsys, argv, expected):
+    from hf_optim.runner import train
+
+    out = tmp_path / "out"
+    assert train.main(["demo", *argv, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert not out.exists()
