@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._sweep_config import Cell
+from ._sweep_config import DEPTH_ALPHA, Cell
 from ._sweep_data import CharData, vocab_size
 from .schedules import cosine_to_floor
 
@@ -77,9 +77,16 @@ def build_model(cell: Cell) -> tuple[torch.nn.Module, dict[torch.Tensor, dict[st
 
     from hf_optim.registry import get_spec
 
-    model = make_mup_model(config, model_config(cell, cell.model.base_width), model_cls=_model_class(cell.model.arch))
-    family = get_spec(cell.optimizer).mup_family  # Adam-like: hidden lr / width_mult; SGD: as mup.MuSGD
-    return model, dict(param_overrides(model, family=family, wd_rule=cell.wd_rule))
+    alpha = DEPTH_ALPHA.get(cell.parametrization)  # depth scaling: m_L = layers / base_depth (mup_integration.depth)
+    depth = {} if alpha is None else {"base_depth": cell.model.base_depth, "depth_alpha": alpha}
+    model = make_mup_model(config, model_config(cell, cell.model.base_width), model_cls=_model_class(cell.model.arch),
+                           **depth)
+    spec = get_spec(cell.optimizer)
+    family = spec.mup_family  # Adam-like: hidden lr / width_mult; SGD: as mup.MuSGD
+    # the depth rule on Adam's epsilon replaces the group value, so it needs the eps build_optimizer will pass
+    takes_eps = {"betas", "eps"} <= set(inspect.signature(spec.resolve()).parameters)
+    eps = cell.train.eps if takes_eps and family != "sgd" and cell.train.eps > 0 else None
+    return model, dict(param_overrides(model, family=family, wd_rule=cell.wd_rule, eps=eps))
 
 
 def lr_multiplier(step: int, cell: Cell) -> float:
