@@ -97,8 +97,8 @@ def test_mup_cells_get_width_scaled_hidden_lr(tmp_path):
 
     cells = [c for c in load_config(_write(tmp_path)).cells
              if c.parametrization == "mup" and c.width == 64 and c.lr == 2.0**-8]
-    model, overrides = build_model(cells[0])
-    optimizer = build_optimizer(model, cells[0], overrides)
+    model = build_model(cells[0])
+    optimizer = build_optimizer(model, cells[0])
     q_proj = model.model.layers[0].self_attn.q_proj.weight
     embed = model.model.embed_tokens.weight
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
@@ -157,8 +157,8 @@ def test_optimizer_axis_sgd_under_mup(tmp_path):
     cells = [c for c in load_config(_write(tmp_path, text)).cells if c.grid == "wt" and c.width == 64]
     assert {(c.optimizer, c.optimizer_args) for c in cells} == {("adamw_v2", ()), ("sgdw_v2", (("momentum", 0.9),))}
     (sgd,) = [c for c in cells if c.optimizer == "sgdw_v2" and c.lr == 2.0**-8]
-    model, overrides = build_model(sgd)
-    optimizer = build_optimizer(model, sgd, overrides)
+    model = build_model(sgd)
+    optimizer = build_optimizer(model, sgd)
     assert type(optimizer) is SGDW and all(g["momentum"] == 0.9 for g in optimizer.param_groups)
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     # mup.MuSGD's rule (width_mult 64 / 32 = 2): vector-like weights (the embedding) get lr x 2, square hidden
@@ -425,8 +425,8 @@ def _decayed_names(text: str, tmp_path: Path, arch: str = "llama") -> tuple[set[
 
     text = text.replace("layers: 1", f"layers: 2, arch: {arch}")
     cell = next(c for c in load_config(_write(tmp_path, text)).cells if c.grid == "lrwd" and c.weight_decay > 0)
-    model, overrides = build_model(cell)
-    optimizer = build_optimizer(model, cell, overrides)
+    model = build_model(cell)
+    optimizer = build_optimizer(model, cell)
     name_of = {id(p): n for n, p in model.named_parameters()}
     decayed = {name_of[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     return decayed, set(name_of.values()) - decayed
@@ -459,7 +459,7 @@ def test_olmo2_hidden_matrices_are_scale_invariant(tmp_path):
         text = TINY.replace("layers: 1", f"layers: 2, arch: {arch}, norm_eps: 1.0e-12")
         cell = next(c for c in load_config(_write(tmp_path, text)).cells
                     if c.grid == "wt" and c.parametrization == "sp")
-        model, _ = build_model(cell)
+        model = build_model(cell)
         model = model.double().eval()
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -489,7 +489,7 @@ def test_mup_olmo2_cell_builds_and_trains(tmp_path):
                 if c.grid == "wt" and c.parametrization == "mup" and c.width == 64 and c.lr == 2.0**-8)
     from hf_optim.runner._sweep_cell import build_model
 
-    assert type(build_model(cell)[0]).__name__ == "Olmo2ForCausalLM"
+    assert type(build_model(cell)).__name__ == "Olmo2ForCausalLM"
     result = run_cell(cell)
     assert not result["diverged"] and math.isfinite(result["val_loss"])
 
