@@ -157,47 +157,27 @@ class BranchMultiplier:
         return f"BranchMultiplier({self.multiplier})"
 
 
-#: Per architecture, the submodules (relative to one block) whose output is a residual branch's last value before the
-#: residual add. OLMo-2 normalises each branch output (``post_*_layernorm``) after the projection, so the multiplier
-#: goes after that norm: on ``o_proj`` it would be divided out again.
-BRANCH_OUTPUTS: dict[str, tuple[str, str]] = {
-    "llama": ("self_attn.o_proj", "mlp.down_proj"),
-    "olmo2": ("post_attention_layernorm", "post_feedforward_layernorm"),
-    "gpt2": ("attn.c_proj", "mlp.c_proj"),
-}
+def branch_output_modules(model: nn.Module, adapter: Any) -> list[nn.Module]:
+    """The attention- and MLP-branch output modules of every block, in order (the adapter's ``branch_outputs``:
+    LLaMA family ``o_proj`` / ``down_proj``, GPT-2 ``c_proj`` of attention and MLP, OLMo-2 its post-branch norms,
+    where a multiplier on ``o_proj`` would be divided out again by the norm)."""
+    return [module for pair in adapter.branch_outputs(model) for module in pair]
 
 
-def _blocks(model: nn.Module, layout: str) -> list[nn.Module]:
-    attn = "attn" if layout == "gpt2" else "self_attn"
-    return [m for m in model.modules() if hasattr(m, attn) and hasattr(m, "mlp")]
+def at_base_depth(config: Any, plan: Any) -> Any:
+    """``config`` with the plan's base depth (for SP init stds that depend on the depth, like GPT-2's ``c_proj``);
+    ``config`` itself without depth scaling or at the base depth."""
+    if plan.base_depth is None or plan.base_depth == num_layers(config):
+        return config
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = plan.base_depth
+    return config
 
 
-def branch_output_modules(model: nn.Module, layout: str, model_type: str | None = None) -> list[nn.Module]:
-    """The attention- and MLP-branch output modules of every block, in order; a ValueError if one is missing."""
-    key = "olmo2" if model_type == "olmo2" else layout
-    modules = []
-    for block in _blocks(model, layout):
-        for path in BRANCH_OUTPUTS[key]:
-            module = block.get_submodule(path) if _has_submodule(block, path) else None
-            if module is None:
-                raise ValueError(f"{type(block).__name__} has no {path!r}: it does not have the {key!r} block layout "
-                                 "the depth surgery expects.")
-            modules.append(module)
-    return modules
-
-
-def _has_submodule(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
-
-
-def apply_branch_multipliers(model: nn.Module, layout: str, plan: Any) -> None:
+def apply_branch_multipliers(model: nn.Module, adapter: Any, plan: Any) -> None:
     """Set (replacing any earlier one) the :math:`m_L^{-\\alpha}` hook on every branch output; none when it is 1."""
     config = model.config
-    modules = branch_output_modules(model, layout, getattr(config, "model_type", None))
+    modules = branch_output_modules(model, adapter)
     if plan.depth is not None and (plan.depth != num_layers(config) or len(modules) != 2 * plan.depth):
         raise ValueError(f"The plan is for {plan.depth} layers but the model has num_hidden_layers="
                          f"{num_layers(config)} ({len(modules) // 2} blocks found); rebuild the plan for this config.")
@@ -210,10 +190,10 @@ def apply_branch_multipliers(model: nn.Module, layout: str, plan: Any) -> None:
             module.register_forward_hook(BranchMultiplier(multiplier))
 
 
-def branch_multipliers_ok(model: nn.Module, layout: str, plan: Any) -> bool:
+def branch_multipliers_ok(model: nn.Module, adapter: Any, plan: Any) -> bool:
     """Whether every branch output carries exactly the plan's multiplier (no hook when it is 1)."""
     expected = plan.residual_multiplier
-    modules = branch_output_modules(model, layout, getattr(model.config, "model_type", None))
+    modules = branch_output_modules(model, adapter)
     for module in modules:
         hooks = [h for h in module._forward_hooks.values() if isinstance(h, BranchMultiplier)]
         if expected == 1.0 and hooks:
