@@ -266,6 +266,25 @@ def test_one_adamw_step_equals_torch_with_hand_built_groups(alpha):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8, msg=n)
 
 
+@pytest.mark.parametrize("name, eps_knob", [("adamw_v2", "eps"), ("rmsprop_v2", "eps"), ("adam_atan2", None)])
+def test_the_factory_passes_the_depth_rules_with_the_optimizers_eps(name, eps_knob):
+    """hf_optim.create_optimizer (the one door of the Trainer, hf-optim train and the sweep): block lr x m_L^(α-1) and
+    block eps x m_L^-α with the optimizer's own (resolved) eps; AdamAtan2 has no eps and gets none."""
+    model = build("llama", 32, 8, base_depth=2, depth_alpha=0.5)  # m_N = 2, m_L = 4
+    knobs = {"eps": 1e-6} if eps_knob else {}
+    opt = hf_optim.create_optimizer(name, model, lr=1e-2, **knobs)
+    group = {id(p): g for g in opt.param_groups for p in g["params"]}
+    q, norm = group[id(model.model.layers[3].self_attn.q_proj.weight)], group[id(model.model.norm.weight)]
+    block_norm = group[id(model.model.layers[3].input_layernorm.weight)]
+    assert q["lr"] == pytest.approx(1e-2 / 2 * 4**-0.5, rel=1e-12) and block_norm["lr"] == pytest.approx(1e-2 * 0.5)
+    assert norm["lr"] == 1e-2
+    if eps_knob:
+        assert q["eps"] == pytest.approx(1e-6 * 4**-0.5, rel=1e-12) and block_norm["eps"] == q["eps"]
+        assert norm["eps"] == 1e-6
+    else:
+        assert all("eps" not in g for g in opt.param_groups)
+
+
 def test_mup_param_groups_carry_depth_eps_and_decay():
     model = build("llama", 32, 8, base_depth=2, depth_alpha=0.5)  # m_L = 4: depth lr factor 1/2, eps factor 1/2
     names = {id(p): n for n, p in model.named_parameters()}

@@ -65,10 +65,10 @@ def test_depth_cells_build_depth_scaled_models_and_groups(tmp_path):
 
     cell = next(c for c in load_config(_write(tmp_path)).cells
                 if c.parametrization == "depth_mup" and c.model.layers == 3 and c.lr == 2.0**-8)
-    model, overrides = build_model(cell)
+    model = build_model(cell)
     plan = mi.get_plan(model)
     assert (plan.base_depth, plan.depth, plan.depth_alpha) == (1, 3, 0.5) and mi.is_mup_applied(model)
-    optimizer = build_optimizer(model, cell, overrides)
+    optimizer = build_optimizer(model, cell)
     group = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     q = group[id(model.model.layers[0].self_attn.q_proj.weight)]
     norm = group[id(model.model.layers[2].input_layernorm.weight)]
