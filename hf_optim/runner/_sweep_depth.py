@@ -17,9 +17,10 @@ from typing import Any
 from ._sweep_results import _argmin, _mean_score, optimizer_label
 
 
-def layers_of(row: dict[str, Any]) -> int:
-    """The row's number of blocks (``settings.model.layers``)."""
-    return int(row["settings"]["model"]["layers"])
+def layers_of(row: dict[str, Any]) -> int | None:
+    """The row's number of blocks (``settings.model.layers``; None for a row without settings, e.g. hand-built)."""
+    layers = row.get("settings", {}).get("model", {}).get("layers")
+    return None if layers is None else int(layers)
 
 
 def depth_curves(rows: list[dict[str, Any]], metric: str = "val_loss") -> dict[tuple, dict[int, dict[float, float]]]:
