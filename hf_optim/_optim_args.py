@@ -16,6 +16,9 @@ integer / float literal    ``int`` / ``float`` (``int`` → ``float``  ``eps=1e-
 anything else              ``str`` (modes, presets)                ``weight_decay_mode=independent``
 =========================  ======================================  ======================================
 
+The converted value must then be of a type the knob takes (:func:`knob_kinds`): ``beta1=abc`` is refused with
+"beta1 must be a float or none", not passed on to fail inside the optimizer.
+
 The valid keys are the keyword parameters of the optimizer class' ``__init__`` (so a new knob is reachable without
 touching this file) plus the handler's own keys (:data:`HANDLER_KEYS`). ``lr`` and ``weight_decay`` are set with
 ``--learning_rate`` / ``--weight_decay`` (the Trainer writes ``weight_decay`` into its decay / no-decay groups, so a
@@ -45,6 +48,11 @@ _FROM_TRAINING_ARGS = {"lr": "--learning_rate", "weight_decay": "--weight_decay"
 
 _INT = re.compile(r"[+-]?\d+")
 _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?inf|nan", re.IGNORECASE)
+_NAMED_KINDS: dict[str, type] = {"float": float, "int": int, "bool": bool, "str": str, "tuple": tuple,
+                                  "Tuple": tuple, "None": type(None)}
+#: How an error names each kind (in this order).
+_KIND_WORDS: dict[type, str] = {float: "a float", int: "an integer", bool: "true/false", str: "a name",
+                                tuple: "':'-separated numbers (e.g. 0.9:0.95)", type(None): "none"}
 _TRUE = ("true", "yes", "on")
 _FALSE = ("false", "no", "off")
 
@@ -114,6 +122,60 @@ def _coerce(key: str, value: Any, default: Any, text: str) -> Any:
     return value
 
 
+def knob_kinds(cls: type, key: str) -> frozenset[type]:
+    """The Python types a knob's value may have (empty: unknown, not checked).
+
+    Collected from every source of the knob's type: the annotation of ``cls.__init__`` (``float | None``), its
+    default there (an unannotated integer default allows floats too), and its value in every preset (Adafactor's
+    ``beta1`` is 0.9 in one preset and None in another). An integer value is accepted where a float is (``eps=1``
+    means 1.0); ``None`` is never refused here, because whether a knob takes None (``clip_threshold=none``: no
+    clipping) is the optimizer's own check.
+    """
+    kinds: set[type] = set()
+    param = inspect.signature(cls.__init__).parameters.get(key)
+    if param is not None and param.annotation is not param.empty:
+        annotation = param.annotation
+        text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None) or str(annotation)
+        text = re.sub(r"\[.*\]", "", text)  # tuple[float, float] -> tuple
+        kinds |= {_NAMED_KINDS[name] for name in re.findall(r"\w+", text) if name in _NAMED_KINDS}
+    if param is not None and param.default is not param.empty:
+        default_kind = type(param.default)
+        # An unannotated `momentum=0` says "a number", not "an integer".
+        unannotated_int = default_kind is int and param.annotation is param.empty
+        kinds |= {int, float} if unannotated_int else {default_kind}
+    module = sys.modules.get(cls.__module__)
+    presets = getattr(cls, "PRESETS", None) or getattr(module, "PRESETS", {})
+    kinds |= {type(preset[key]) for preset in presets.values() if isinstance(preset, Mapping) and key in preset}
+    return frozenset(kinds)
+
+
+def _check_kind(key: str, value: Any, text: str, kinds: frozenset[type]) -> None:
+    """Refuse a value whose type the knob never takes (``beta1=abc``), naming what it takes."""
+    if not kinds or value is None:
+        return
+    numbers = {int, float} & kinds
+    if isinstance(value, bool):
+        ok = bool in kinds
+    elif isinstance(value, int):
+        ok = bool(numbers)
+    elif isinstance(value, float):
+        ok = float in kinds
+    elif isinstance(value, tuple):
+        # Tuple knobs hold numbers (betas); a name inside one (betas=0.9:abc) is a typo.
+        ok = tuple in kinds and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
+    else:
+        ok = type(value) in kinds
+    if not ok:
+        allowed = " or ".join(_KIND_WORDS[kind] for kind in _KIND_WORDS if kind in kinds)
+        raise ValueError(f"optim_args {key}={text!r}: {key} must be {allowed}, not {_describe(value)}.")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, tuple):
+        return f"the tuple {value!r}"
+    return f"{_KIND_WORDS.get(type(value), type(value).__name__)} ({value!r})"
+
+
 def parse_optim_args(
     optim_args: Mapping[str, str] | str | None, cls: type, *, optim_name: str, preset: str | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -152,7 +214,11 @@ def parse_optim_args(
                 f"Unknown optim_args key {key!r} for --optim {optim_name} ({cls.__name__}). "
                 f"Valid keys: {valid}.{closest(key, valid)}"
             )
-        kwargs[key] = _coerce(key, value, defaults[key], text)
+        try:
+            kwargs[key] = _coerce(key, value, defaults[key], text)
+        except OverflowError:  # an integer literal beyond float range, for a float knob
+            raise ValueError(f"optim_args {key}={text!r}: {key} is too large for a float.") from None
+        _check_kind(key, kwargs[key], text, knob_kinds(cls, key))
     check_choice("optim_args mup_wd_rule", options["mup_wd_rule"], MUP_WD_RULES)
     if options["mup"] is not None and not isinstance(options["mup"], bool):
         raise ValueError(f"optim_args mup={options['mup']!r}: write mup=true or mup=false.")
@@ -175,5 +241,7 @@ def split_optim_args(text: str | None) -> dict[str, str]:
             raise ValueError(
                 f"optim_args item {item!r} must look like key=value (items separated by ',', tuples by ':')."
             )
+        if result.get(key, value) != value:  # transformers' split keeps the last one silently
+            raise ValueError(f"optim_args gives {key} twice ({key}={result[key]} and {key}={value}): give it once.")
         result[key] = value
     return result

@@ -36,6 +36,7 @@ from types import ModuleType
 from typing import Any
 
 import hf_optim.registry as registry
+from hf_optim import _fail_fast
 from hf_optim._optim_args import split_optim_args
 from hf_optim.registry import OptimizerSpec
 
@@ -181,6 +182,7 @@ def _register(specs: list[OptimizerSpec], just_loaded: ModuleType | None = None)
         # transformers < 5.2: names added to the enum would pass `--optim` parsing, then fail in create_optimizer
         raise _incompatible("transformers.trainer_optimizer (the optimizer handler table) does not exist")
     members = {spec.name: _add_member(names, spec.name) for spec in specs}
+    _fail_fast.install(training_args)  # --optim_args checked when TrainingArguments is built
     trainer_optimizer = _loaded("transformers.trainer_optimizer", just_loaded)
     if trainer_optimizer is not None:
         try:

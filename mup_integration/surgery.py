@@ -16,6 +16,10 @@ and :math:`\sigma` = ``config.initializer_range``:
    GPT-2's :math:`\sigma/\sqrt{2L}` for ``c_proj``); embeddings and readout :math:`\mathcal N(0, \sigma^2)` (readout
    optionally zero); norm weights 1, biases 0; the query projection optionally zero. At :math:`m = 1` this is the
    model's standard initialisation.
+4. **Residual-branch multiplier** (forward, every load; only with depth scaling): each attention and MLP branch
+   output is multiplied by :math:`(L/L_0)^{-\alpha}` before the residual add (a forward hook on ``o_proj`` /
+   ``down_proj``, GPT-2's ``c_proj`` of attention and MLP, OLMo-2's post-branch norms; see
+   :mod:`mup_integration.depth`). GPT-2's ``c_proj`` init keeps the *base* depth's :math:`\sigma/\sqrt{2L_0}`.
 
 Supported: ``LlamaForCausalLM`` and models with the same module layout (Mistral, Qwen2, Qwen3, OLMo, OLMo-2) and
 ``GPT2LMHeadModel``. References: Yang et al., "Tensor Programs V" (2022), Table 3 and Appendix J (attention).
@@ -31,24 +35,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters import ADAPTERS, Adapter, adapter_for
+from .depth import apply_branch_multipliers, at_base_depth, branch_multipliers_ok
 from .plan import MuPPlan, ParamInfo, get_plan, has_plan, make_plan, unwrap
 
-#: ``config.model_type`` -> layout. "llama": q_proj/k_proj/v_proj/o_proj + MLP + lm_head; "gpt2": c_attn/c_proj.
-SUPPORTED_MODEL_TYPES: dict[str, str] = {
-    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "olmo": "llama", "olmo2": "llama",
-    "gpt2": "gpt2",
-}
+#: ``config.model_type`` -> adapter name (kept for callers of the old table; the adapters are in adapters.py).
+SUPPORTED_MODEL_TYPES: dict[str, str] = {model_type: a.name for model_type, a in ADAPTERS.items()}
 
 
-def check_supported_config(config: Any) -> str:
-    """The layout name for ``config``; a ValueError naming the supported model types otherwise."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"muP surgery does not know model_type={model_type!r} ({type(config).__name__}). Supported: "
-            f"{sorted(SUPPORTED_MODEL_TYPES)}. Other architectures need their own readout/attention surgery."
-        )
-    return SUPPORTED_MODEL_TYPES[model_type]
+def check_supported_config(config: Any) -> Adapter:
+    """The adapter for ``config``; a ValueError naming the supported model types otherwise."""
+    return adapter_for(config)
 
 
 class ReadoutMultiplier:
@@ -65,21 +62,13 @@ class ReadoutMultiplier:
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules()
-            if type(m).__name__.endswith("Attention") and hasattr(m, "scaling") and hasattr(m, "head_dim")]
+    return adapter_for(model.config).attention_modules(model)
 
 
-def _sp_scaling(attn: nn.Module) -> float:
-    """The attention scale the module was constructed with (recomputed, so re-applying is idempotent)."""
-    scaling = attn.head_dim ** -0.5 if getattr(attn, "scale_attn_weights", True) else 1.0
-    if getattr(attn, "scale_attn_by_inverse_layer_idx", False):
-        scaling /= float(attn.layer_idx + 1)
-    return scaling
-
-
-def attention_scale(attn: nn.Module, plan: MuPPlan) -> float:
-    r""":math:`s_{SP}\cdot\text{attn\_mult}\cdot\sqrt{d_0/d}`."""
-    return _sp_scaling(attn) * plan.attn_mult * math.sqrt(plan.base_head_dim / attn.head_dim)
+def attention_scale(attn: nn.Module, plan: MuPPlan, config: Any) -> float:
+    r""":math:`s_{SP}\cdot\text{attn\_mult}\cdot\sqrt{d_0/d}`, :math:`s_{SP}` the adapter's SP scale."""
+    sp = adapter_for(config).sp_attention_scale(attn, config)
+    return sp * plan.attn_mult * math.sqrt(plan.base_head_dim / attn.head_dim)
 
 
 #: ``mup``'s readout classes: ``nn.Linear`` subclasses whose forward already divides by ``width_mult``.
@@ -114,23 +103,24 @@ def apply_mup(model: nn.Module, plan: MuPPlan | None = None, *, init: bool = Tru
     loading weights. Idempotent: applying twice gives the same model.
     """
     inner = unwrap(model)
-    layout = check_supported_config(inner.config)
+    adapter = check_supported_config(inner.config)
     plan = plan if plan is not None else get_plan(inner)
     matched = plan.match(inner.named_parameters())  # raises if the plan was made for another model
-    attns = _attention_modules(inner)
+    attns = adapter.attention_modules(inner)
     if not attns:
         raise ValueError(f"{type(inner).__name__}: no attention module with `scaling` and `head_dim` attributes "
-                         f"found; it does not have the {layout!r} layout muP surgery expects.")
+                         f"found; it does not have the {adapter.name!r} layout muP surgery expects.")
     for attn in attns:
         if attn.head_dim != plan.head_dim:
             raise ValueError(f"The plan is for head_dim={plan.head_dim} but the model's attention has head_dim="
                              f"{attn.head_dim}; rebuild the plan for this config.")
-        attn.scaling = attention_scale(attn, plan)
+        attn.scaling = attention_scale(attn, plan, inner.config)
     readout = _readout(inner)
     for key, hook in list(readout._forward_pre_hooks.items()):
         if isinstance(hook, ReadoutMultiplier):
             del readout._forward_pre_hooks[key]
     readout.register_forward_pre_hook(ReadoutMultiplier(plan.output_mult / plan.width_mult))
+    apply_branch_multipliers(inner, adapter, plan)  # depth scaling: m_L^-alpha on each branch (none when it is 1)
     inner.config.mup = plan.to_dict()
     if init:
         init_weights(inner, plan, _matched=matched)
@@ -146,15 +136,16 @@ def is_mup_applied(model: nn.Module) -> bool:
     hooks = [h for h in _readout(inner)._forward_pre_hooks.values() if isinstance(h, ReadoutMultiplier)]
     expected = plan.output_mult / plan.width_mult
     return (len(hooks) == 1 and math.isclose(hooks[0].multiplier, expected, rel_tol=1e-12)
-            and all(math.isclose(a.scaling, attention_scale(a, plan), rel_tol=1e-12)
-                    for a in _attention_modules(inner)))
+            and all(math.isclose(a.scaling, attention_scale(a, plan, inner.config), rel_tol=1e-12)
+                    for a in _attention_modules(inner))
+            and branch_multipliers_ok(inner, check_supported_config(inner.config), plan))
 
 
 @torch.no_grad()
 def init_weights(model: nn.Module, plan: MuPPlan | None = None, *, _matched: list | None = None) -> None:
     """muP initialisation of every parameter (see the module docstring); uses the global torch RNG."""
     inner = unwrap(model)
-    layout = check_supported_config(inner.config)
+    adapter = check_supported_config(inner.config)
     plan = plan if plan is not None else get_plan(inner)
     matched = _matched if _matched is not None else plan.match(inner.named_parameters())
     config = inner.config
@@ -163,38 +154,23 @@ def init_weights(model: nn.Module, plan: MuPPlan | None = None, *, _matched: lis
         raise ValueError("zero_readout=True needs untied embeddings (tie_word_embeddings=False): zeroing a tied "
                          "readout would zero the input embedding too.")
     for name, p, info in matched:
-        _init_param(name, p, info, sigma, layout, config, plan)
+        _init_param(name, p, info, sigma, adapter, config, plan)
     if plan.zero_query:
-        _zero_query(inner, layout)
+        adapter.zero_query(inner)
 
 
-def _init_param(name: str, p: torch.Tensor, info: ParamInfo, sigma: float, layout: str, config: Any,
+def _init_param(name: str, p: torch.Tensor, info: ParamInfo, sigma: float, adapter: Adapter, config: Any,
                 plan: MuPPlan) -> None:
     if info.kind == "hidden":
-        std = sigma
-        if layout == "gpt2" and name.endswith("c_proj.weight"):  # GPT-2's residual-branch scaling, as in HF
-            std = sigma / math.sqrt(2 * config.n_layer)
-        p.normal_(0.0, std / math.sqrt(info.fan_in_mult))
+        # under depth scaling the branch multiplier carries the depth dependence: SP stds of the base depth
+        # (GPT-2's c_proj sigma/sqrt(2 L0)), so deeper models are not shrunk a second time
+        p.normal_(0.0, adapter.hidden_init_std(name, sigma, at_base_depth(config, plan)) / math.sqrt(info.fan_in_mult))
     elif info.kind == "embedding":
         p.normal_(0.0, sigma)
     elif info.kind == "readout":
         p.zero_() if plan.zero_readout else p.normal_(0.0, sigma)
-    elif name.endswith("bias"):
-        p.zero_()
-    else:  # norm weights
-        p.fill_(1.0)
-
-
-def _zero_query(model: nn.Module, layout: str) -> None:
-    for module in model.modules():
-        if layout == "llama" and isinstance(getattr(module, "q_proj", None), nn.Linear):
-            module.q_proj.weight.zero_()
-            if module.q_proj.bias is not None:
-                module.q_proj.bias.zero_()
-        elif layout == "gpt2" and hasattr(module, "c_attn") and hasattr(module, "embed_dim"):
-            # Conv1D weight is (in, 3*embed): the first `embed_dim` output columns are the query.
-            module.c_attn.weight[:, : module.embed_dim].zero_()
-            module.c_attn.bias[: module.embed_dim].zero_()
+    else:  # biases, norm weights
+        p.fill_(adapter.vector_init(name, config))
 
 
 def make_mup_model(
@@ -211,7 +187,7 @@ def make_mup_model(
     ``device="meta"`` builds without memory and skips the init: call ``model.to_empty(device=...)`` then
     :func:`init_weights(model) <init_weights>`. ``plan_kwargs`` go to :func:`~mup_integration.plan.make_plan`
     (``base_head_dim``, ``base_intermediate_size``, ``output_mult``, ``attn_mult``, ``zero_readout``,
-    ``zero_query``).
+    ``zero_query``, ``base_depth`` and ``depth_alpha`` for depth scaling).
     """
     plan = make_plan(config, base_config, base_width=base_width, model_cls=model_cls, **plan_kwargs)
     config = copy.deepcopy(config)

@@ -130,7 +130,8 @@ def adafactor_domains() -> dict[str, Domain]:
 
 
 #: Knobs that state a rule about a combination: their error may fire even when every single value is valid.
-COMBINATION_RULES = {"SGDW": {"nesterov"}, "Adafactor": {"warmup_init"}, "RMSProp": {"centered"}}
+COMBINATION_RULES = {"SGDW": {"nesterov"}, "Adafactor": {"warmup_init", "eps1_mode"}, "RMSProp": {"centered"}}
+# (eps1_mode="clamp" refuses an eps1 whose square underflows in float32, e.g. the adafactor_v2 preset's 1e-30.)
 
 
 @st.composite

@@ -153,7 +153,10 @@ def test_bad_optim_args_raise_our_error(optim_args, match):
 
 
 def test_bad_optim_args_through_the_trainer(tmp_path):
-    args = _args(tmp_path, optim="sgdw_v2", optim_args="momentun=0.9")
+    # Building TrainingArguments already refuses this (tests/test_fail_fast.py); set after construction, the
+    # Trainer's own path must still give the same error.
+    args = _args(tmp_path, optim="sgdw_v2")
+    args.optim_args = "momentun=0.9"
     with pytest.raises(ValueError, match=r"Unknown optim_args key 'momentun'.*Did you mean 'momentum'\?"):
         Trainer.get_optimizer_cls_and_kwargs(args)
 

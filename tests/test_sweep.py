@@ -178,7 +178,9 @@ def test_optimizer_axis_sgd_under_mup(tmp_path):
 def _test_sized(name: str) -> dict:
     """A bundled configuration shrunk to test size: same grids, axes and options; tiny widths, lr and weight-decay
     lists cut to their two ends, a few steps."""
-    raw = yaml.safe_load((Path(sweep.__file__).parent / "sweeps" / f"{name}.yaml").read_text())
+    from hf_optim.runner.bundled import recipes_dir
+
+    raw = yaml.safe_load((recipes_dir() / "sweeps" / f"{name}.yaml").read_text())
     raw["model"].update(head_dim=16, base_width=32, seq_len=16, batch_size=4)
     raw["train"].update(steps=4, warmup_steps=1, eval_batches=1)
     for grid in raw["grids"]:
