@@ -186,7 +186,7 @@ def eager_step(items: Sequence[Item], group: dict[str, Any], foreach: bool, scra
 
     chunks = [list(range(len(xs)))] if foreach else [[i] for i in range(len(xs))]
     for idx in chunks:
-        pick = lambda seq: [seq[i] for i in idx]  # noqa: E731
+        pick = lambda seq, idx=idx: [seq[i] for i in idx]
         scratch = None if foreach else scratch_for(gs[idx[0]])
         apply_update(pick(xs), pick(x32s), pick(gs), pick(specs), pick(states), pick(dims_list), pick(scalars),
                      group, foreach, scratch)

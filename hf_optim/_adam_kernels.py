@@ -219,7 +219,7 @@ def compiled(params, grads, exp_avgs, exp_avg_sqs, steps, rule: Rule) -> None:
     decay = rule.lr * rule.coupled_wd
     k = dict(maximize=rule.maximize, l2=rule.l2, beta1=rule.beta1, beta2=rule.beta2, atan2=rule.atan2 is not None)
     for idx in _compiled.buckets(params, counts):
-        pick = lambda seq: [seq[i] for i in idx]  # noqa: E731
+        pick = lambda seq, idx=idx: [seq[i] for i in idx]
         p0 = params[idx[0]]
         cd, dev = _compiled.compute_dtype(p0.dtype), p0.device
         coefs = rule.coefficients(counts[idx[0]])

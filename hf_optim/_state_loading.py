@@ -67,7 +67,7 @@ def prepare(opt: BaseOptimizer, state_dict: Any) -> dict[str, Any]:
                 continue
             entry = saved_state[pid]
             if not isinstance(entry, Mapping):  # a malformed state dict: ValueError like every other mismatch
-                raise ValueError(  # noqa: TRY004
+                raise ValueError(
                     f"state_dict['state'][{pid!r}] must be a dict of state values, got {type(entry).__name__}.")
             entry = fmt.state(dict(entry)) if fmt is not None else dict(entry)
             _check_entry(opt, gi, pi, p, group, entry, saved_groups, saved_state)

@@ -32,7 +32,7 @@ from ._base import BaseOptimizer, ParamOverrides
 from ._distributed import check_factorable, factoring_impossible, local, shard_spec
 from ._state_loading import STEP, StateSpec
 
-__all__ = ["Adafactor", "PRESETS", "check_factorable", "factor_dims"]
+__all__ = ["PRESETS", "Adafactor", "check_factorable", "factor_dims"]
 
 _MOMENTUM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16"}

@@ -60,7 +60,7 @@ from ._adam_kernels import KERNELS, Rule
 from ._base import BaseOptimizer, ParamOverrides
 from ._state_loading import StateSpec, like
 
-__all__ = ["Adam", "AdamW", "AdamAtan2", "RAdam"]
+__all__ = ["Adam", "AdamAtan2", "AdamW", "RAdam"]
 
 EPS_MODES = ("torch", "tf")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
