@@ -118,15 +118,31 @@ def _destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def _finish_distributed(trainer: Any) -> None:
-    """Let every rank leave together and close the process group before the interpreter exits.
+#: How long the ranks wait for each other at the end of a run before failing with the missing ranks' numbers.
+FINAL_SYNC_TIMEOUT_S = 600
 
-    Without this, rank 1 returned while rank 0 was still writing metrics and loss.png; rank 1's live gloo group was
-    then torn down at interpreter exit (SIGABRT, "terminate called without an active exception") and the launcher
-    SIGTERMed rank 0 before its outputs were complete.
+
+def _leave_process_group() -> None:
+    """All ranks leave the process group together, right after their last collective (the final evaluation).
+
+    Called *before* rank 0 writes metrics.json, metrics.csv and loss.png, so that no rank sits in a collective while
+    another does seconds of file and matplotlib work, and every rank closes its group before the interpreter exits
+    (a live gloo group torn down at exit aborts: "terminate called without an active exception"). On gloo the sync is
+    ``monitored_barrier``: a rank that does not arrive within :data:`FINAL_SYNC_TIMEOUT_S` is an error naming it,
+    not a hang.
     """
-    trainer.accelerator.wait_for_everyone()
-    _destroy_process_group()
+    import datetime
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size() > 1:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=FINAL_SYNC_TIMEOUT_S), wait_all_ranks=True)
+        else:
+            dist.barrier()
+    dist.destroy_process_group()
 
 
 def _rank() -> int:
@@ -327,12 +343,12 @@ def _train(args: argparse.Namespace, t_launch: float) -> int:
     trainer.add_callback(_trainer.step_zero_callback_class()(initial_eval))
     trainer.train(resume_from_checkpoint=args.resume)
     final_eval = trainer.evaluate()["eval_loss"]
-    if main_process:
-        summary = _summary(s, trainer, corpus, final_eval, (start, t_launch))
+    summary = _summary(s, trainer, corpus, final_eval, (start, t_launch)) if main_process else None
+    _leave_process_group()  # before the outputs: see its docstring
+    if summary is not None:
         s["out"].mkdir(parents=True, exist_ok=True)
         _outputs.write_outputs(s["out"], trainer.state.log_history, summary)
         _outputs.print_summary(summary, s["out"])
-    _finish_distributed(trainer)
     return 0
 
 
