@@ -118,8 +118,9 @@ def _destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-#: How long the ranks wait for each other at the end of a run before failing with the missing ranks' numbers.
-FINAL_SYNC_TIMEOUT_S = 600
+#: How long the ranks wait for each other at the end of a run before failing with the missing ranks' numbers. The
+#: final evaluation's collectives have just synchronised them, so they arrive within seconds of each other.
+FINAL_SYNC_TIMEOUT_S = 120
 
 
 def _leave_process_group() -> None:
