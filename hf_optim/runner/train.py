@@ -165,8 +165,8 @@ def _threads(args: argparse.Namespace, run: Mapping[str, Any]) -> tuple[int | No
     """Intra-op threads: ``--threads``, else ``run.threads``, else 1 per process on CPU (torch's choice on GPU).
 
     torch's default on CPU is one thread per core; its OpenMP threads spin-wait for each other, and with several
-    processes (DDP ranks, other jobs) on a few cores a small model's step gets 10x slower (measured: 25 s for 20
-    llama2 steps at load 4 against 1.7 s on one thread).
+    processes (DDP ranks, other jobs) on a few cores a small model's step gets 10x slower (issue 14 measured 25 s for
+    20 llama2 steps at load 4 against 1.7 s on one thread).
     """
     threads, origin = (args.threads, "--threads") if args.threads is not None else (run["threads"], "run.threads")
     if threads is not None:
