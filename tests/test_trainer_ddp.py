@@ -40,7 +40,7 @@ def test_ddp_matches_single_process(tmp_path):
     _launch.run(cmd, env=_env(ACCELERATE_USE_CPU="1"), timeout=500)  # fails the test with the ranks' output
     single = subprocess.run([*_python(tmp_path), str(SCRIPT), "--output_dir", str(single_out),
                              "--per_device_train_batch_size", "8", *COMMON],
-                            env=_env(), capture_output=True, text=True, timeout=300)
+                            env=_env(), capture_output=True, text=True, timeout=300, check=False)
     assert single.returncode == 0, single.stderr[-4000:]
     assert json.loads((ddp_out / "summary.json").read_text())["optimizer"] == "hf_optim.adafactor.Adafactor"
     rank0 = torch.load(ddp_out / "params_rank0.pt", weights_only=True)
@@ -54,7 +54,7 @@ def test_ddp_matches_single_process(tmp_path):
     print(f"DDP (2 ranks x 4) vs single process (8): max |param diff| = {worst:.3g}")
     assert worst <= 1e-5, worst
     logs = json.loads((ddp_out / "summary.json").read_text())["log_history"]
-    assert [h["loss"] for h in logs if "loss" in h][-1] < [h["loss"] for h in logs if "loss" in h][0]
+    assert [h["loss"] for h in logs if "loss" in h][-1] < next(h["loss"] for h in logs if "loss" in h)
 
     # The default preset (bf16 momentum, independent decay): the ranks must still agree bit for bit, since every
     # rank rounds the same averaged gradient the same way.

@@ -5,8 +5,8 @@ import subprocess
 import sys
 import time
 
-child = subprocess.Popen([sys.executable, "-c", "import sys, time\nprint('rank 1: waiting in the barrier', "
-                          "flush=True)\ntime.sleep(3600)"], start_new_session=True)
+CHILD = "import sys, time\nprint('rank 1: waiting in the barrier', flush=True)\ntime.sleep(3600)"
+child = subprocess.Popen([sys.executable, "-c", CHILD], start_new_session=True)
 print(f"launcher: started rank 1 as pid {child.pid}", flush=True)
 time.sleep(3.0)  # let the child print before the parent may exit
 if sys.argv[1] == "hang":
