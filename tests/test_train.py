@@ -36,9 +36,15 @@ def test_train_demo_tiny_then_resume(tmp_path, capsys):
     assert train.main(["demo", *TINY, "run.max_steps=40", "--output-dir", str(out), "--threads", "1",
                        "--resume"]) == 0
     resumed = json.loads((out / "metrics.json").read_text())
-    assert resumed["summary"]["steps"] == 40 and resumed["summary"]["initial_eval_loss"] is None
+    # The summary counts this run's 10 steps; the step-0 validation loss survives in checkpoint-30's trainer state.
+    assert resumed["summary"]["steps"] == 10 and resumed["summary"]["global_step"] == 40
+    assert resumed["summary"]["initial_eval_loss"] == summary["initial_eval_loss"]
     steps = [r["step"] for r in resumed["log_history"] if "loss" in r]
     assert steps[0] == 1 and steps[-1] == 40  # history of the first run carried over from checkpoint-30
+    assert next(r["step"] for r in resumed["log_history"] if "eval_loss" in r) == 0  # loss.png's step-0 point
+    printed = capsys.readouterr().out
+    assert "done: 10 steps (steps 31-40, resumed from checkpoint-30)" in printed
+    assert f"{summary['initial_eval_loss']:.3f} at step 0 -> " in printed
 
 
 def _refused(capsys, tmp_path, *argv: str) -> str:
@@ -86,7 +92,7 @@ def test_console_script_prints_no_traceback(tmp_path):
     exe = shutil.which("hf-optim", path=str(Path(sys.executable).parent))
     assert exe, "hf-optim console script not installed next to the interpreter"
     result = subprocess.run([exe, "train", "demo", "sizes.7B.lr=1e-3", "--output-dir", str(tmp_path / "o")],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]

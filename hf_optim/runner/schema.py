@@ -57,7 +57,7 @@ SCHEMA: dict[str, Any] = {
     "schedule": {
         "name": str, "warmup_steps": int, "warmup_tokens": float, "warmup_fraction": float,
         "floor": float, "decay_steps": int, "decay_tokens": float, "plateau_steps": int,
-        "milestones": list, "factors": list, "phases": list,
+        "milestones": list, "factors": list, "phases": list, "scale": bool,
     },
     "training": {"max_grad_norm": float, "batch_tokens": float, "seq_len": int, "total_tokens": float,
                  "total_steps": int},
