@@ -339,15 +339,20 @@ def _mup_overrides(spec: OptimizerSpec, cls: type, model: Any, kwargs: dict[str,
     """The muP multipliers for ``model`` (``None`` without a plan or with ``mup=false``), after checking that the
     optimizer settings and the model can take them."""
     model = _unwrap(model)
-    plan = getattr(getattr(model, "config", None), "mup", None)
-    use = options["mup"] if options["mup"] is not None else bool(plan)
-    if not use:
+    if options["mup"] is False:
+        return None
+    # Imported only here: hf_optim never depends on mup_integration at import time. has_plan reads
+    # config.hf_optim_mup (or an old config.mup dict) and refuses upstream transformers' `mup: true` switch.
+    from mup_integration.plan import has_plan
+
+    plan = model is not None and has_plan(model)
+    if options["mup"] is None and not plan:
         return None
     where = f"--optim {spec.name}"
-    if model is None or not plan:
+    if not plan:
         raise ValueError(
             f"optim_args mup=true for {where}, but the model carries no muP plan "
-            "(model.config.mup is not set). Apply muP to the model first (mup_integration), or drop mup=true."
+            "(model.config.hf_optim_mup is not set). Apply muP to the model first (mup_integration), or drop mup=true."
         )
     if not _takes_param_overrides(cls):
         raise TypeError(
@@ -355,14 +360,13 @@ def _mup_overrides(spec: OptimizerSpec, cls: type, model: Any, kwargs: dict[str,
             "param_overrides, so its per-layer multipliers cannot be applied. Pass --optim_args mup=false to train "
             "without them, or give the class a param_overrides argument (see hf_optim._base.apply_param_overrides)."
         )
-    # Imported only here: hf_optim never depends on mup_integration at import time.
     from mup_integration.groups import param_overrides
     from mup_integration.surgery import is_mup_applied
 
     if not is_mup_applied(model):
         raise ValueError(
-            f"The model carries a muP plan (model.config.mup) but not its forward changes (readout multiplier, "
-            "attention scale): it was probably loaded with a plain from_pretrained. Load it with "
+            "The model carries a muP plan (model.config.hf_optim_mup) but not its forward changes (readout "
+            "multiplier, attention scale): it was probably loaded with a plain from_pretrained. Load it with "
             "mup_integration.from_pretrained(cls, path) or call mup_integration.apply_mup(model, init=False) before "
             "training, or pass --optim_args mup=false."
         )

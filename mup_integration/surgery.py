@@ -33,6 +33,7 @@ from torch import nn
 
 from .adapters import ADAPTERS, Adapter, adapter_for
 from .plan import MuPPlan, ParamInfo, get_plan, has_plan, make_plan, unwrap
+from .storage import adopt_upstream, store_plan_dict, stored_plan_dict, upstream_claim
 
 #: ``config.model_type`` -> adapter name (kept for callers of the old table; the adapters are in adapters.py).
 SUPPORTED_MODEL_TYPES: dict[str, str] = {model_type: a.name for model_type, a in ADAPTERS.items()}
@@ -91,7 +92,8 @@ def is_tied(model: nn.Module) -> bool:
 
 
 def apply_mup(model: nn.Module, plan: MuPPlan | None = None, *, init: bool = True) -> nn.Module:
-    """Apply ``plan`` (default: the one in ``model.config.mup``) to ``model`` in place and record it in the config.
+    """Apply ``plan`` (default: the one in the model's config) to ``model`` in place and record it in the config
+    (``config.hf_optim_mup``; an old ``config.mup`` dict moves there, see storage.py).
 
     ``init=True`` re-initialises every parameter the muP way: use it only on a freshly constructed model (or after
     ``to_empty``). ``init=False`` only sets the forward changes (attention scale, readout multiplier): use it after
@@ -99,6 +101,7 @@ def apply_mup(model: nn.Module, plan: MuPPlan | None = None, *, init: bool = Tru
     """
     inner = unwrap(model)
     adapter = check_supported_config(inner.config)
+    stored_plan_dict(inner.config)  # refuses upstream transformers' muP switch before anything changes
     plan = plan if plan is not None else get_plan(inner)
     matched = plan.match(inner.named_parameters())  # raises if the plan was made for another model
     attns = adapter.attention_modules(inner)
@@ -115,7 +118,7 @@ def apply_mup(model: nn.Module, plan: MuPPlan | None = None, *, init: bool = Tru
         if isinstance(hook, ReadoutMultiplier):
             del readout._forward_pre_hooks[key]
     readout.register_forward_pre_hook(ReadoutMultiplier(plan.output_mult / plan.width_mult))
-    inner.config.mup = plan.to_dict()
+    store_plan_dict(inner.config, plan.to_dict())
     if init:
         init_weights(inner, plan, _matched=matched)
     return model
@@ -180,9 +183,12 @@ def make_mup_model(
     (``base_head_dim``, ``base_intermediate_size``, ``output_mult``, ``attn_mult``, ``zero_readout``,
     ``zero_query``).
     """
-    plan = make_plan(config, base_config, base_width=base_width, model_cls=model_cls, **plan_kwargs)
     config = copy.deepcopy(config)
-    config.mup = plan.to_dict()
+    if upstream_claim(config):  # a fresh build: adopt upstream's mup_base_width, drop its fields (storage.py)
+        adopted = adopt_upstream(config, base_width if base_config is None else base_config.hidden_size)
+        base_width = adopted if base_config is None else None
+    plan = make_plan(config, base_config, base_width=base_width, model_cls=model_cls, **plan_kwargs)
+    store_plan_dict(config, plan.to_dict())
     with torch.device(device) if device is not None else contextlib.nullcontext():
         if model_cls is None:
             from transformers import AutoModelForCausalLM
@@ -197,7 +203,7 @@ def from_pretrained(model_cls: Any, path: str, **kwargs: Any) -> nn.Module:
     """``model_cls.from_pretrained(path, **kwargs)`` then re-apply the stored plan's forward changes (no re-init)."""
     model = model_cls.from_pretrained(path, **kwargs)
     if not has_plan(model):
-        raise ValueError(f"The model at {path!r} has no muP plan in its config (config.mup); load it with "
+        raise ValueError(f"The model at {path!r} has no muP plan in its config (config.hf_optim_mup); load it with "
                          f"{getattr(model_cls, '__name__', model_cls)}.from_pretrained instead.")
     return apply_mup(model, init=False)
 

@@ -172,7 +172,7 @@ def optimizer_cls_and_kwargs(recipe: Mapping[str, Any], model: nn.Module | None 
 
 
 def mup_overrides(recipe: Mapping[str, Any], model: nn.Module, family: str) -> dict | None:
-    """Per-parameter muP multipliers when the model carries a plan (``model.config.mup``), else ``None``."""
+    """Per-parameter muP multipliers when the model carries a plan (``model.config.hf_optim_mup``), else ``None``."""
     from mup_integration.plan import has_plan
 
     if not has_plan(model):
