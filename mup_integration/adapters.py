@@ -13,8 +13,8 @@ Surgery (:mod:`mup_integration.surgery`) is written once against this interface;
 * ``zero_query(model)``: zero the query projection (``zero_query=True``);
 * ``branch_outputs(model)``: per decoder layer, the modules whose *output* is the attention branch and the MLP
   branch just before the residual add (where a depth / residual multiplier acts and where export folds it);
-* ``query_scale_targets(attn)``: where export folds an attention-scale factor :math:`c` (the query rows of the
-  projection, or the query norm when one follows it).
+* ``scale_query(attn, c)``: multiply the attention logits by :math:`c` through the weights (export folds the muP
+  attention scale there: the query part of the projection, or the query norm when one follows it).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ class Adapter:
     """LLaMA module layout: ``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``, pre-norm residual blocks."""
 
     name = "llama"
-    #: whether the stock Granite / LLaMA architectures can hold this family's weights (export ``--to granite|llama``)
-    llama_compatible = True
+    #: norms compute ``(offset + weight) * x_hat``: 0 in most families, 1 in Gemma's (weights initialised to 0)
+    norm_offset = 0.0
 
     # ---- forward ------------------------------------------------------------------------------------------------
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
@@ -46,7 +46,7 @@ class Adapter:
         return sigma
 
     def vector_init(self, name: str, config: Any) -> float:
-        return 0.0 if name.endswith("bias") else 1.0
+        return 0.0 if name.endswith("bias") else 1.0 - self.norm_offset
 
     def zero_query(self, model: nn.Module) -> None:
         for module in model.modules():
@@ -62,26 +62,18 @@ class Adapter:
     def branch_outputs(self, model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
         return [(layer.self_attn.o_proj, layer.mlp.down_proj) for layer in self.layers(model)]
 
-    def query_scale_targets(self, attn: nn.Module) -> list[tuple[torch.Tensor, Any]]:
-        """(tensor, index) pairs such that ``tensor[index] *= c`` multiplies every attention logit by :math:`c`.
-
-        A norm applied to the query after the projection (Qwen3, OLMo-2) undoes a scaled projection, so the factor
-        goes into that norm's weight instead.
-        """
+    def scale_query(self, attn: nn.Module, factor: float) -> None:
+        """Multiply every attention logit of ``attn`` by ``factor`` through its weights (export folds the muP
+        attention scale this way). A norm applied to the query after the projection (Qwen3, OLMo-2, Gemma 3) would
+        undo a scaled projection, so the factor goes into that norm's weight instead."""
         q_norm = getattr(attn, "q_norm", None)
-        if q_norm is not None:
-            return [(q_norm.weight, ...)]
-        out = [(attn.q_proj.weight, ...)]
-        if attn.q_proj.bias is not None:
-            out.append((attn.q_proj.bias, ...))
-        return out
+        scale_output(q_norm if q_norm is not None else attn.q_proj, factor, self.norm_offset)
 
 
 class GPT2Adapter(Adapter):
     """GPT-2: fused ``c_attn`` (Conv1D, weight (in, 3·embed)), ``c_proj`` branch outputs, tied ``wte``."""
 
     name = "gpt2"
-    llama_compatible = False
 
     def sp_attention_scale(self, attn: nn.Module, config: Any) -> float:
         scaling = attn.head_dim ** -0.5 if getattr(attn, "scale_attn_weights", True) else 1.0
@@ -106,9 +98,11 @@ class GPT2Adapter(Adapter):
     def branch_outputs(self, model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
         return [(block.attn.c_proj, block.mlp.c_proj) for block in self.layers(model)]
 
-    def query_scale_targets(self, attn: nn.Module) -> list[tuple[torch.Tensor, Any]]:
+    @torch.no_grad()
+    def scale_query(self, attn: nn.Module, factor: float) -> None:
         q = slice(0, attn.embed_dim)  # Conv1D weight (in, 3*embed): the query is the first embed_dim output columns
-        return [(attn.c_attn.weight, (slice(None), q)), (attn.c_attn.bias, q)]
+        attn.c_attn.weight[:, q] = attn.c_attn.weight[:, q].double() * factor
+        attn.c_attn.bias[q] = attn.c_attn.bias[q].double() * factor
 
 
 class OLMo2Adapter(Adapter):
@@ -116,6 +110,19 @@ class OLMo2Adapter(Adapter):
 
     def branch_outputs(self, model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
         return [(layer.post_attention_layernorm, layer.post_feedforward_layernorm) for layer in self.layers(model)]
+
+
+@torch.no_grad()
+def scale_output(module: nn.Module, factor: float, norm_offset: float = 0.0) -> None:
+    """Multiply ``module``'s output by ``factor`` through its parameters: a linear layer (weight and bias) or a norm
+    (weight and bias; a norm computing ``(offset + w) * x_hat`` gets ``w' = factor * (offset + w) - offset``)."""
+    weight, bias = module.weight, getattr(module, "bias", None)
+    if weight.dim() == 1 and norm_offset:
+        weight.copy_((weight.double() + norm_offset) * factor - norm_offset)
+    else:
+        weight.copy_(weight.double() * factor)  # in float64: one rounding to the parameter's dtype
+    if bias is not None:
+        bias.copy_(bias.double() * factor)
 
 
 _LLAMA, _GPT2 = Adapter(), GPT2Adapter()
