@@ -41,10 +41,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import adapter_for, scale_output
+from .adapters import adapter_for
 from .plan import MuPPlan, get_plan, unwrap
 from .storage import clear_plan
-from .surgery import ReadoutMultiplier, is_mup_applied, is_tied
+from .surgery import input_multiplier, is_mup_applied, is_tied, set_input_multiplier
 
 TARGETS = ("granite", "llama", "native")
 #: families whose modules map one-to-one onto LLaMA's / Granite's; why the others do not
@@ -70,11 +70,6 @@ def _check_model(model: nn.Module) -> MuPPlan:
         raise ValueError("export_standard needs the muP forward changes in place (the model was loaded with a plain "
                          "from_pretrained?): load it with mup_integration.load_mup_model(path) first.")
     return plan
-
-
-def _readout_multiplier(model: nn.Module) -> float:
-    hooks = [h for h in model.get_output_embeddings()._forward_pre_hooks.values() if isinstance(h, ReadoutMultiplier)]
-    return hooks[0].multiplier
 
 
 def _check_llama_layout(model: nn.Module, to: str) -> None:
@@ -139,6 +134,14 @@ def _fold(model: nn.Module, plan: MuPPlan) -> nn.Module:
     folded = copy.deepcopy(model)
     adapter = adapter_for(folded.config)
     with torch.no_grad():
+        readout = folded.get_output_embeddings()
+        rho = input_multiplier(readout)
+        if is_tied(folded):  # untie first: the readout gets rho times a copy, the embedding keeps its weights
+            readout.weight = nn.Parameter(readout.weight.detach().clone())
+            folded.config.tie_word_embeddings = False
+        readout.weight.copy_(readout.weight.double() * rho)
+        set_input_multiplier(readout, None)
+        adapter.fold_forward_changes(folded, plan)  # embedding normaliser, routers
         for attn in adapter.attention_modules(folded):
             sp = adapter.sp_attention_scale(attn, folded.config)
             adapter.scale_query(attn, attn.scaling / sp)
@@ -146,15 +149,8 @@ def _fold(model: nn.Module, plan: MuPPlan) -> nn.Module:
         r = residual_multiplier(plan)
         if r != 1.0:
             for attn_out, mlp_out in adapter.branch_outputs(folded):
-                scale_output(attn_out, r, adapter.norm_offset)
-                scale_output(mlp_out, r, adapter.norm_offset)
-        readout = folded.get_output_embeddings()
-        rho = _readout_multiplier(folded)
-        if is_tied(folded):  # untie: the embedding keeps its weights, the readout gets rho times a copy
-            readout.weight = nn.Parameter(readout.weight.detach().clone())
-            folded.config.tie_word_embeddings = False
-        readout.weight.copy_(readout.weight.double() * rho)
-        readout._forward_pre_hooks.clear()
+                adapter.scale_branch(attn_out, r)
+                adapter.scale_branch(mlp_out, r)
     clear_plan(folded.config)
     return folded
 
@@ -187,7 +183,7 @@ def export_standard(model: nn.Module, to: str = "granite") -> nn.Module:
     if len(scalings) != 1:
         raise ValueError(f"export --to granite needs one attention scale for all layers, got {sorted(scalings)}.")
     config = GraniteConfig(**kwargs, attention_multiplier=scalings.pop(), embedding_multiplier=1.0,
-                           logits_scaling=1.0 / _readout_multiplier(model), residual_multiplier=residual_multiplier(plan))
+                           logits_scaling=1.0 / input_multiplier(model.get_output_embeddings()), residual_multiplier=residual_multiplier(plan))
     return _build(config, _state_dict_with_zero_biases(model, _empty(config)), dtype)
 
 

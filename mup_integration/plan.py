@@ -196,6 +196,9 @@ def derive_base_config(
                              f"{width}); pass it explicitly (base_{name}=...).")
         return int(round(result))
 
+    moe = getattr(config, "moe_intermediate_size", None)
+    if isinstance(moe, int):  # Qwen3-MoE's expert width: always proportional
+        base.moe_intermediate_size = scaled("moe_intermediate_size", moe)
     for attr in ("intermediate_size", "n_inner"):  # LLaMA family / GPT-2 (None there = 4 * hidden)
         value = getattr(config, attr, None)
         if isinstance(value, int):
@@ -235,6 +238,8 @@ def _fan_dims(module: nn.Module, param_name: str, ndim: int) -> tuple[int | None
         return 0, 1
     if type(module).__name__ == "Conv1D":  # GPT-2's transposed linear: weight is (in, out)
         return 0, 1
+    if ndim == 3:  # stacked expert matrices (experts, out, in), applied with F.linear per expert (Mixtral, Qwen3-MoE)
+        return 2, 1
     return 1, 0  # nn.Linear and anything else stored (out, in)
 
 

@@ -57,14 +57,32 @@ class ReadoutMultiplier:
         return f"ReadoutMultiplier({self.multiplier})"
 
 
+def input_multiplier(module: nn.Module) -> float | None:
+    """The :class:`ReadoutMultiplier` of ``module`` (``None`` without one; a ValueError with several)."""
+    hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, ReadoutMultiplier)]
+    if len(hooks) > 1:
+        raise ValueError(f"{type(module).__name__} has {len(hooks)} muP input multipliers; expected at most one.")
+    return hooks[0].multiplier if hooks else None
+
+
+def set_input_multiplier(module: nn.Module, multiplier: float | None) -> None:
+    """Replace ``module``'s :class:`ReadoutMultiplier` by one with ``multiplier`` (``None``: remove it)."""
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if isinstance(hook, ReadoutMultiplier):
+            del module._forward_pre_hooks[key]
+    if multiplier is not None:
+        module.register_forward_pre_hook(ReadoutMultiplier(multiplier))
+
+
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return adapter_for(model.config).attention_modules(model)
 
 
 def attention_scale(attn: nn.Module, plan: MuPPlan, config: Any) -> float:
     r""":math:`s_{SP}\cdot\text{attn\_mult}\cdot\sqrt{d_0/d}`, :math:`s_{SP}` the adapter's SP scale."""
-    sp = adapter_for(config).sp_attention_scale(attn, config)
-    return sp * plan.attn_mult * math.sqrt(plan.base_head_dim / attn.head_dim)
+    adapter = adapter_for(config)
+    sp = adapter.sp_attention_scale(attn, config)
+    return sp * plan.attn_mult * math.sqrt(plan.base_head_dim / adapter.head_dim(attn))
 
 
 #: ``mup``'s readout classes: ``nn.Linear`` subclasses whose forward already divides by ``width_mult``.
@@ -109,15 +127,12 @@ def apply_mup(model: nn.Module, plan: MuPPlan | None = None, *, init: bool = Tru
         raise ValueError(f"{type(inner).__name__}: no attention module with `scaling` and `head_dim` attributes "
                          f"found; it does not have the {adapter.name!r} layout muP surgery expects.")
     for attn in attns:
-        if attn.head_dim != plan.head_dim:
+        if adapter.head_dim(attn) != plan.head_dim:
             raise ValueError(f"The plan is for head_dim={plan.head_dim} but the model's attention has head_dim="
-                             f"{attn.head_dim}; rebuild the plan for this config.")
+                             f"{adapter.head_dim(attn)}; rebuild the plan for this config.")
         attn.scaling = attention_scale(attn, plan, inner.config)
-    readout = _readout(inner)
-    for key, hook in list(readout._forward_pre_hooks.items()):
-        if isinstance(hook, ReadoutMultiplier):
-            del readout._forward_pre_hooks[key]
-    readout.register_forward_pre_hook(ReadoutMultiplier(plan.output_mult / plan.width_mult))
+    set_input_multiplier(_readout(inner), plan.output_mult / plan.width_mult)
+    adapter.apply_forward_changes(inner, plan)
     store_plan_dict(inner.config, plan.to_dict())
     if init:
         init_weights(inner, plan, _matched=matched)
@@ -130,11 +145,12 @@ def is_mup_applied(model: nn.Module) -> bool:
     if not has_plan(inner):
         return False
     plan = get_plan(inner)
-    hooks = [h for h in _readout(inner)._forward_pre_hooks.values() if isinstance(h, ReadoutMultiplier)]
-    expected = plan.output_mult / plan.width_mult
-    return (len(hooks) == 1 and math.isclose(hooks[0].multiplier, expected, rel_tol=1e-12)
+    adapter = adapter_for(inner.config)
+    readout = input_multiplier(_readout(inner))
+    return (readout is not None and math.isclose(readout, plan.output_mult / plan.width_mult, rel_tol=1e-12)
             and all(math.isclose(a.scaling, attention_scale(a, plan, inner.config), rel_tol=1e-12)
-                    for a in _attention_modules(inner)))
+                    for a in adapter.attention_modules(inner))
+            and adapter.forward_changes_applied(inner, plan))
 
 
 @torch.no_grad()
@@ -153,6 +169,7 @@ def init_weights(model: nn.Module, plan: MuPPlan | None = None, *, _matched: lis
         _init_param(name, p, info, sigma, adapter, config, plan)
     if plan.zero_query:
         adapter.zero_query(inner)
+    adapter.apply_forward_changes(inner, plan)  # buffers (Gemma's embedding scale) hold garbage after to_empty
 
 
 def _init_param(name: str, p: torch.Tensor, info: ParamInfo, sigma: float, adapter: Adapter, config: Any,
