@@ -17,8 +17,8 @@ and :math:`\sigma` = ``config.initializer_range``:
    optionally zero); norm weights 1, biases 0; the query projection optionally zero. At :math:`m = 1` this is the
    model's standard initialisation.
 
-Supported: ``LlamaForCausalLM`` and models with the same module layout (Mistral, Qwen2, Qwen3, OLMo, OLMo-2) and
-``GPT2LMHeadModel``. References: Yang et al., "Tensor Programs V" (2022), Table 3 and Appendix J (attention).
+Supported: the model types of :data:`mup_integration.adapters.ADAPTERS` (LLaMA layout: Llama, Mistral, Qwen2,
+Qwen3, OLMo, OLMo-2; GPT-2; Gemma 1/2/3; Phi-3; GPT-NeoX; Mixtral and Qwen3-MoE); the per-family pieces are there. References: Yang et al., "Tensor Programs V" (2022), Table 3 and Appendix J (attention).
 """
 
 from __future__ import annotations
