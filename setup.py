@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 PTH = Path(__file__).parent / "hf_optim" / "hf_optim_autoload.pth"
@@ -53,4 +53,14 @@ if editable_wheel is not None:
 
     cmdclass["editable_wheel"] = editable_wheel_with_pth
 
-setup(cmdclass=cmdclass)
+# Data-only folders (no __init__.py) are listed too; hf_optim.recipes.* is the YAML in the repository's top-level
+# recipes/ folder (package_dir below).
+RECIPE_FOLDERS = sorted(p.name for p in (Path(__file__).parent / "recipes").iterdir() if p.is_dir())
+PACKAGES = [
+    *find_packages(include=["hf_optim", "hf_optim.*", "mup_integration", "mup_integration.*"]),
+    "hf_optim.data",
+    "hf_optim.recipes",
+    *(f"hf_optim.recipes.{name}" for name in RECIPE_FOLDERS if name != "__pycache__"),
+]
+
+setup(cmdclass=cmdclass, packages=PACKAGES, package_dir={"hf_optim.recipes": "recipes"})

@@ -1,7 +1,8 @@
 """hf-optim: adaptive optimizers with explicit weight-decay and epsilon semantics, as a Hugging Face Trainer plugin.
 
-Public API: the optimizer classes, :func:`register_optimizer`, :func:`list_optimizers` and :class:`OptimizerSpec`.
-Classes are imported lazily so that ``import hf_optim`` stays cheap.
+Public API: :func:`create_optimizer` (the one way every entry point builds an optimizer), the optimizer classes,
+:func:`register_optimizer`, :func:`list_optimizers` and :class:`OptimizerSpec`. Classes and the factory are imported
+lazily so that ``import hf_optim`` stays cheap.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ _LAZY = {
     "SGDW": "hf_optim.sgd",
     "AdaGrad": "hf_optim.adagrad",
     "RMSProp": "hf_optim.rmsprop",
+    "create_optimizer": "hf_optim.factory",
+    "resolve_optimizer": "hf_optim.factory",
 }
 
 __all__ = [*_LAZY, "OptimizerSpec", "get_spec", "list_optimizers", "register_optimizer", "__version__"]

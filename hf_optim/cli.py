@@ -9,10 +9,10 @@ from collections.abc import Sequence
 
 # sub-command -> (module with `main(argv) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("recipes.train", "train a model with a recipe (default: the bundled CPU demo)"),
+    "train": ("hf_optim.runner.train", "train a model with a recipe (default: the bundled CPU demo)"),
     "bench": ("hf_optim.bench", "time optimizer steps and measure state bytes against fused AdamW"),
     "bench-startup": ("hf_optim.bench_startup", "what the .pth import hook adds to Python start-up"),
-    "sweep": ("recipes.sweep", "width x learning-rate x weight-decay sweeps (muP / decay-mode experiments)"),
+    "sweep": ("hf_optim.runner.sweep", "width x learning-rate x weight-decay sweeps (muP / decay-mode experiments)"),
     "coord-check": ("mup_integration.coord_check", "muP coordinate check: activation size per width, SP vs muP"),
     "export": ("mup_integration.export", "write a muP checkpoint as a stock Granite/LLaMA model (same logits)"),
     "list": ("hf_optim.cli", "list the registered optimizers"),

@@ -1,7 +1,9 @@
-"""A registry of small frozen specs: ``optim`` name → optimizer class, fixed defaults and a description.
+"""A registry of small frozen specs: ``optim`` name → optimizer class, fixed defaults and capabilities.
 
-The Trainer plugin turns every spec into an ``OptimizerNames`` member plus a handler; the benchmark and the tests
-iterate over the same table. Adding an optimizer = one :class:`OptimizerSpec` here (or a call to
+Everything a caller needs to know about an optimizer lives on its :class:`OptimizerSpec` (does it take ``betas`` /
+``eps``, which muP learning-rate rule applies for its resolved knobs, its knob names and defaults), so that the one
+factory (:func:`hf_optim.create_optimizer`), the Trainer plugin, the runner and the benchmark ask the spec instead of
+keeping lists of names or inspecting signatures. Adding an optimizer = one :class:`OptimizerSpec` here (or a call to
 :func:`register_optimizer` from another package) and one row in ``tests/optimizer_cases.py``.
 """
 
@@ -9,49 +11,88 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
 from ._validation import check_choice, closest
 
-MuPFamily = Literal["adam", "sgd"]
+MuPFamily = Literal["adam", "adam_param_scale", "sgd"]
+MUP_FAMILIES: tuple[str, ...] = ("adam", "adam_param_scale", "sgd")
+
+
+def adafactor_mup_family(knobs: Mapping[str, Any]) -> str:
+    """Adafactor's muP rule: with parameter scaling each step already scales with RMS(W) ∝ 1/sqrt(width_mult), so
+    the hidden lr is divided by sqrt(width_mult) only (see :mod:`mup_integration.groups`)."""
+    return "adam_param_scale" if knobs.get("scale_parameter") else "adam"
 
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """One registered optimizer.
+    """One registered optimizer and what callers need to know about it.
 
     Attributes:
         name: the ``optim`` name (``TrainingArguments(optim=name)``, ``--optim name``).
         target: ``"module:Class"`` of a ``torch.optim.Optimizer`` subclass, imported only when used.
-        defaults: keyword arguments always passed to the class (e.g. a preset); ``optim_args`` may override them.
         description: one line for ``hf-optim list`` and the README.
-        mup_family: which muP learning-rate rule applies: ``"adam"`` (scale-invariant updates: hidden lr ÷ width_mult)
-            or ``"sgd"`` (as ``mup.MuSGD``).
-        adam_args: map ``--adam_beta1/2`` and ``--adam_epsilon`` to ``betas`` / ``eps``.
+        defaults: keyword arguments always passed to the class (e.g. a preset); ``optim_args`` may override them.
+        mup_family: which muP learning-rate rule applies: ``"adam"`` (entry-wise normalised updates: hidden lr ÷
+            width_mult), ``"adam_param_scale"`` (hidden lr ÷ sqrt(width_mult)) or ``"sgd"`` (as ``mup.MuSGD``); or a
+            function of the resolved knobs returning one of them (Adafactor: it depends on ``scale_parameter``).
+        takes_betas / takes_eps: the class has Adam's ``betas`` / ``eps`` arguments, so ``--adam_beta1/2`` and
+            ``--adam_epsilon`` (and a recipe's ``betas`` / ``eps``) map onto them.
+        adam_args: shorthand for ``takes_betas=takes_eps=adam_args`` (kept for specs written before the two flags).
     """
 
     name: str
     target: str
     description: str
     defaults: Mapping[str, Any] = field(default_factory=dict)
-    mup_family: MuPFamily = "adam"
+    mup_family: MuPFamily | Callable[[Mapping[str, Any]], str] = "adam"
     adam_args: bool = True
+    takes_betas: bool | None = None
+    takes_eps: bool | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
             raise ValueError(f"name must be lower_snake_case (letters, digits, '_'), got {self.name!r}.")
         if ":" not in self.target:
             raise ValueError(f"target must look like 'package.module:ClassName', got {self.target!r}.")
-        check_choice("mup_family", self.mup_family, ("adam", "sgd"))
+        if not callable(self.mup_family):
+            check_choice("mup_family", self.mup_family, MUP_FAMILIES)
+        for flag in ("takes_betas", "takes_eps"):
+            if getattr(self, flag) is None:
+                object.__setattr__(self, flag, bool(self.adam_args))
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
 
     def resolve(self) -> type:
         """Import and return the optimizer class."""
         module_name, _, attr = self.target.partition(":")
         return getattr(importlib.import_module(module_name), attr)
+
+    def knobs(self, preset: str | None = None) -> dict[str, Any]:
+        """Knob names → defaults (``inspect.Parameter.empty`` where none) of the class, for ``preset`` if it has
+        presets (default: the spec's own preset)."""
+        from ._optim_args import knob_defaults
+
+        return knob_defaults(self.resolve(), preset if preset is not None else self.defaults.get("preset"))
+
+    def mup_rule(self, knobs: Mapping[str, Any]) -> str:
+        """The muP learning-rate rule for these resolved knobs (one of :data:`MUP_FAMILIES`)."""
+        family = self.mup_family(knobs) if callable(self.mup_family) else self.mup_family
+        check_choice(f"OptimizerSpec {self.name!r} mup_family", family, MUP_FAMILIES)
+        return family
+
+
+#: Called with each spec added after import (the Trainer plugin subscribes, so nothing here imports it).
+_LISTENERS: list[Callable[[OptimizerSpec], None]] = []
+
+
+def add_listener(callback: Callable[[OptimizerSpec], None]) -> None:
+    """Call ``callback(spec)`` for every spec registered from now on (idempotent)."""
+    if callback not in _LISTENERS:
+        _LISTENERS.append(callback)
 
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
@@ -66,11 +107,8 @@ def register_optimizer(spec: OptimizerSpec, *, overwrite: bool = False) -> Optim
             "Pass overwrite=True to replace it, or choose another name."
         )
     _REGISTRY[spec.name] = spec
-    # The Trainer side is optional: register there too if transformers is already wired up.
-    import sys
-
-    if "hf_optim.trainer" in sys.modules:
-        sys.modules["hf_optim.trainer"].register_with_transformers(spec)
+    for callback in _LISTENERS:
+        callback(spec)
     return spec
 
 
@@ -99,6 +137,7 @@ for _spec in (
     OptimizerSpec(
         "adam_atan2", "hf_optim.adam:AdamAtan2",
         "Adam-atan2 (Everett et al. 2024): atan2(m̂, sqrt(v̂)) replaces m̂/(sqrt(v̂)+eps); no epsilon.",
+        takes_eps=False,
     ),
     OptimizerSpec(
         "radam_v2", "hf_optim.adam:RAdam",
@@ -107,7 +146,7 @@ for _spec in (
     OptimizerSpec(
         "adafactor_v2", "hf_optim.adafactor:Adafactor",
         "Adafactor with every component a knob; preset 'adafactor_v2' (also hf, torch, palm, t5).",
-        defaults={"preset": "adafactor_v2"},
+        defaults={"preset": "adafactor_v2"}, mup_family=adafactor_mup_family, adam_args=False,
     ),
     OptimizerSpec(
         "sgdw_v2", "hf_optim.sgd:SGDW",

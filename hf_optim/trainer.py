@@ -36,7 +36,7 @@ from types import ModuleType
 from typing import Any
 
 import hf_optim.registry as registry
-from hf_optim._optim_args import knob_defaults, parse_optim_args, split_optim_args
+from hf_optim._optim_args import split_optim_args
 from hf_optim.registry import OptimizerSpec
 
 SUPPORTED_TRANSFORMERS = (
@@ -244,9 +244,6 @@ def register_with_transformers(spec: OptimizerSpec) -> None:
     Called by :func:`hf_optim.registry.register_optimizer` for specs added after import. Raises
     :class:`TransformersIncompatibleError` when the internals are missing.
     """
-    from hf_optim import _autoload
-
-    _autoload.install()
     _register([spec])
 
 
@@ -254,9 +251,6 @@ def register_all() -> None:
     """Import the transformers modules involved and register every spec now. Raises on incompatibility."""
     import importlib
 
-    from hf_optim import _autoload
-
-    _autoload.install()
     for name in ("transformers.training_args", "transformers.trainer_optimizer"):
         try:
             importlib.import_module(name)
@@ -282,116 +276,24 @@ def optimizer_cls_and_kwargs(
     """``(OptimizerClass, kwargs)`` for ``--optim name``: what the handler returns, usable as
     ``Trainer(optimizer_cls_and_kwargs=...)`` on any transformers version.
 
-    ``optim_args`` defaults to ``args.optim_args`` (a ``"k=v,k=v"`` string or an already split dict).
+    Maps ``TrainingArguments`` onto :func:`hf_optim.factory.resolve_optimizer` (which decides everything else):
+    ``--learning_rate`` → ``lr``, ``--weight_decay`` → ``weight_decay``, ``--adam_beta1/2`` / ``--adam_epsilon`` →
+    ``betas`` / ``eps`` where the optimizer takes them and ``--optim_args`` does not set them. ``optim_args``
+    defaults to ``args.optim_args`` (a ``"k=v,k=v"`` string or an already split dict).
     """
-    import torch
+    from hf_optim.factory import resolve_optimizer
 
     spec = registry.get_spec(name)
-    cls = spec.resolve()
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        # The Trainer treats anything else as a factory and skips its decay / no-decay grouping.
-        raise TypeError(f"OptimizerSpec {name!r}: target {spec.target} must be a torch.optim.Optimizer subclass.")
     if optim_args is None:
         optim_args = getattr(args, "optim_args", None)
-    user_kwargs, options = parse_optim_args(optim_args, cls, optim_name=name, preset=spec.defaults.get("preset"))
-    kwargs: dict[str, Any] = {**spec.defaults}
-    kwargs["lr"] = args.learning_rate
-    kwargs["weight_decay"] = args.weight_decay
-    if spec.adam_args:
-        _map_adam_args(cls, args, kwargs, user_kwargs, name)
-    kwargs.update(user_kwargs)
-    overrides = _mup_overrides(spec, cls, model, kwargs, user_kwargs, options)
-    if overrides is not None:
-        kwargs["param_overrides"] = overrides
-    return cls, kwargs
+    if not spec.takes_eps and args.adam_epsilon != 1e-8:
+        warnings.warn(f"--optim {name}: {spec.target} has no epsilon; --adam_epsilon is ignored.", stacklevel=3)
+    fallback = {"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+    return resolve_optimizer(name, model, lr=args.learning_rate, weight_decay=args.weight_decay,
+                             optim_args=optim_args, fallback_knobs=fallback, where=f"--optim {name}")
 
 
-def _map_adam_args(cls: type, args: Any, kwargs: dict[str, Any], user: dict[str, Any], name: str) -> None:
-    knobs = knob_defaults(cls)
-    if "betas" in knobs and "betas" not in user:
-        kwargs["betas"] = (args.adam_beta1, args.adam_beta2)
-    if "eps" in knobs and "eps" not in user:
-        kwargs["eps"] = args.adam_epsilon
-    elif "eps" not in knobs and args.adam_epsilon != 1e-8:
-        warnings.warn(f"--optim {name}: {cls.__name__} has no epsilon; --adam_epsilon is ignored.", stacklevel=3)
-
-
-def _unwrap(model: Any) -> Any:
-    # DDP (`module`) and torch.compile (`_orig_mod`) wrappers hide the config; the Trainer usually passes the bare
-    # model, but optimizer_cls_and_kwargs is public.
-    while model is not None and not hasattr(model, "config"):
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            break
-        model = inner
-    return model
-
-
-def _takes_param_overrides(cls: type) -> bool:
-    import inspect
-
-    params = inspect.signature(cls.__init__).parameters
-    return "param_overrides" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
-def _mup_overrides(spec: OptimizerSpec, cls: type, model: Any, kwargs: dict[str, Any], user_kwargs: dict[str, Any],
-                   options: dict[str, Any]) -> Any:
-    """The muP multipliers for ``model`` (``None`` without a plan or with ``mup=false``), after checking that the
-    optimizer settings and the model can take them."""
-    model = _unwrap(model)
-    if options["mup"] is False:
-        return None
-    # Imported only here: hf_optim never depends on mup_integration at import time. has_plan reads
-    # config.hf_optim_mup (or an old config.mup dict) and refuses upstream transformers' `mup: true` switch.
-    from mup_integration.plan import has_plan
-
-    plan = model is not None and has_plan(model)
-    if options["mup"] is None and not plan:
-        return None
-    where = f"--optim {spec.name}"
-    if not plan:
-        raise ValueError(
-            f"optim_args mup=true for {where}, but the model carries no muP plan "
-            "(model.config.hf_optim_mup is not set). Apply muP to the model first (mup_integration), or drop mup=true."
-        )
-    if not _takes_param_overrides(cls):
-        raise TypeError(
-            f"The model carries a muP plan, but {where} ({cls.__module__}.{cls.__name__}) does not accept "
-            "param_overrides, so its per-layer multipliers cannot be applied. Pass --optim_args mup=false to train "
-            "without them, or give the class a param_overrides argument (see hf_optim._base.apply_param_overrides)."
-        )
-    from mup_integration.groups import param_overrides
-    from mup_integration.surgery import is_mup_applied
-
-    if not is_mup_applied(model):
-        raise ValueError(
-            "The model carries a muP plan (model.config.hf_optim_mup) but not its forward changes (readout "
-            "multiplier, attention scale): it was probably loaded with a plain from_pretrained. Load it with "
-            "mup_integration.from_pretrained(cls, path) or call mup_integration.apply_mup(model, init=False) before "
-            "training, or pass --optim_args mup=false."
-        )
-    knobs = {**knob_defaults(cls, kwargs.get("preset")), **kwargs}
-    rule = options["mup_wd_rule"]
-    mode = knobs.get("weight_decay_mode")
-    if rule == "independent" and "weight_decay_mode" in user_kwargs and mode != "independent":
-        raise ValueError(
-            f"optim_args weight_decay_mode={mode!r} conflicts with mup_wd_rule='independent' (the default under "
-            "muP), which switches every decayed muP group to weight_decay_mode='independent' (per-step decay "
-            "lambda*eta_t at every width). Drop weight_decay_mode, or choose mup_wd_rule=mup (mup 1.0.0: "
-            "weight_decay*width_mult with lr-coupled decay) or mup_wd_rule=none."
-        )
-    if rule == "mup" and mode in ("independent", "corrected"):
-        raise ValueError(
-            f"mup_wd_rule='mup' multiplies a hidden matrix's weight decay by width_mult so that lr-coupled decay "
-            f"(weight_decay_mode 'coupled' or 'l2') stays width-independent; with weight_decay_mode={mode!r} "
-            "(the default of this optimizer or preset) the decay would instead grow with width. Add "
-            "weight_decay_mode=coupled to --optim_args, or use mup_wd_rule=independent."
-        )
-    family = spec.mup_family
-    if family == "adam" and knobs.get("scale_parameter"):
-        family = "adam_param_scale"  # steps already scale with RMS(W) ∝ 1/sqrt(width_mult)
-    # Which tensors decay at all is the Trainer's decay / no-decay split (biases and norms never), as under muP.
-    return param_overrides(model, family=family, wd_rule=rule)
+registry.add_listener(register_with_transformers)
 
 
 def __getattr__(name: str) -> Any:

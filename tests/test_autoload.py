@@ -139,7 +139,7 @@ def test_wheel_puts_the_pth_at_the_root_of_site_packages(tmp_path):
         pytest.skip("building offline (--no-build-isolation) needs setuptools >= 68, as pyproject.toml requires")
     src = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for name in ("hf_optim", "mup_integration", "recipes"):
+    for name in ("hf_optim", "mup_integration", "recipes"):  # recipes: the YAML data of hf_optim.recipes
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
     for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(ROOT / name, src / name)

@@ -189,11 +189,12 @@ def test_every_registered_optimizer_takes_the_plan(spec):
     torch.manual_seed(0)
     model = mi.make_mup_model(tiny_llama_config(hidden_size=128), base_width=32)  # m = 4, fan ratio 1
     cls = spec.resolve()
+    family = spec.mup_rule({**spec.knobs(), **spec.defaults})
     opt = cls(model.parameters(), **{**spec.defaults, "lr": 1e-2, "weight_decay": 1e-4},
-              param_overrides=mi.param_overrides(model, family=spec.mup_family, wd_rule="independent"))
+              param_overrides=mi.param_overrides(model, family=family, wd_rule="independent"))
     groups = by_name(model, opt)
     q, norm = "model.layers.0.self_attn.q_proj.weight", "model.norm.weight"
-    if spec.mup_family == "adam":  # hidden lr / m, everything else unchanged
+    if family == "adam":  # hidden lr / m, everything else unchanged
         assert groups[q][0] == pytest.approx(1e-2 / 4) and groups[norm][0] == pytest.approx(1e-2)
     else:  # mup.MuSGD: hidden lr / (fan_in_mult / fan_out_mult) = lr, vectors and embeddings lr * m
         assert groups[q][0] == pytest.approx(1e-2) and groups[norm][0] == pytest.approx(4e-2)

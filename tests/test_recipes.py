@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from recipes import build, schema
-from recipes.data import load_corpus
-from recipes.schedules import make_multiplier
+from hf_optim.runner import build, schema
+from hf_optim.runner.data import load_corpus
+from hf_optim.runner.schedules import make_multiplier
 from tests.conftest import tiny_llama_config
 
 RECIPE_FILES = sorted(p for sub in ("llm", "demo") for p in (schema.RECIPES_DIR / sub).glob("*.yaml"))
@@ -213,7 +213,7 @@ def test_unstated_schedule_fields_are_logged_not_hidden(caplog):
     assert len(build.unstated_schedule_fields(r, "8B")) == 2
     assert build.unstated_schedule_fields(schema.load("llama2"), "7B") == []
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
-    with caplog.at_level("WARNING", logger="recipes.build"):
+    with caplog.at_level("WARNING", logger="hf_optim.runner.build"):
         sched = build.build_scheduler(r, opt, 1000, size="8B")
     assert "warm-up" in caplog.text and "floor" in caplog.text
     # ... and the defaults that then apply are the schedule's own: no warm-up, cosine from the peak down to 0.

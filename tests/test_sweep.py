@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 
-from recipes import sweep
-from recipes._sweep_config import Cell, ModelSettings, TrainSettings, load_config
-from recipes._sweep_data import CharData, _encoded
-from recipes._sweep_results import summarize
+from hf_optim.runner import sweep
+from hf_optim.runner._sweep_config import Cell, ModelSettings, TrainSettings, load_config
+from hf_optim.runner._sweep_data import CharData, _encoded
+from hf_optim.runner._sweep_results import summarize
 
 TINY = """
 name: tiny
@@ -93,12 +93,12 @@ def test_sweep_end_to_end_outputs_and_resume(tmp_path, capsys):
 
 
 def test_mup_cells_get_width_scaled_hidden_lr(tmp_path):
-    from recipes._sweep_cell import build_model, build_optimizer
+    from hf_optim.runner._sweep_cell import build_model, build_optimizer
 
     cells = [c for c in load_config(_write(tmp_path)).cells
              if c.parametrization == "mup" and c.width == 64 and c.lr == 2.0**-8]
-    model, overrides = build_model(cells[0])
-    optimizer = build_optimizer(model, cells[0], overrides)
+    model = build_model(cells[0])
+    optimizer = build_optimizer(model, cells[0])
     q_proj = model.model.layers[0].self_attn.q_proj.weight
     embed = model.model.embed_tokens.weight
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
@@ -150,15 +150,15 @@ def test_bad_optimizer_entry(tmp_path, entry, message):
 def test_optimizer_axis_sgd_under_mup(tmp_path):
     """A registered non-Adam optimizer with fixed args: built as that class, muP's SGD rule, and it trains."""
     from hf_optim.sgd import SGDW
-    from recipes._sweep_cell import build_model, build_optimizer, run_cell
+    from hf_optim.runner._sweep_cell import build_model, build_optimizer, run_cell
 
     text = TINY.replace("parametrization: [sp, mup]", "parametrization: [mup]\n    optimizer: "
                         "[{weight_decay_mode: coupled}, {name: sgdw_v2, args: {momentum: 0.9}}]")
     cells = [c for c in load_config(_write(tmp_path, text)).cells if c.grid == "wt" and c.width == 64]
     assert {(c.optimizer, c.optimizer_args) for c in cells} == {("adamw_v2", ()), ("sgdw_v2", (("momentum", 0.9),))}
     (sgd,) = [c for c in cells if c.optimizer == "sgdw_v2" and c.lr == 2.0**-8]
-    model, overrides = build_model(sgd)
-    optimizer = build_optimizer(model, sgd, overrides)
+    model = build_model(sgd)
+    optimizer = build_optimizer(model, sgd)
     assert type(optimizer) is SGDW and all(g["momentum"] == 0.9 for g in optimizer.param_groups)
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     # mup.MuSGD's rule (width_mult 64 / 32 = 2): vector-like weights (the embedding) get lr x 2, square hidden
@@ -193,7 +193,7 @@ def _test_sized(name: str) -> dict:
 def test_quick_config_test_sized_in_parallel_workers(tmp_path):
     """The bundled `quick` sweep end-to-end with --jobs 2 (spawned worker processes): every cell runs once, the
     outputs are well-formed, and a worker's result equals the same cell run in this process."""
-    from recipes._sweep_cell import run_cell
+    from hf_optim.runner._sweep_cell import run_cell
 
     raw = _test_sized("quick")
     config = tmp_path / "quick.yaml"
@@ -409,7 +409,7 @@ def test_no_decay_cell_is_shared_between_modes(tmp_path):
         ("coupled", 0.0), ("coupled", 1.0), ("independent", 0.01)}
     rows = [_row("sp", 32, c.lr, 1.0 + c.weight_decay, wd=c.weight_decay, mode=c.weight_decay_mode, grid="lrwd")
             for c in cells]
-    from recipes._sweep_results import heatmaps
+    from hf_optim.runner._sweep_results import heatmaps
 
     maps = heatmaps(rows)
     assert set(maps) == {("lrwd", "adamw_v2", "sp", 32, "coupled"), ("lrwd", "adamw_v2", "sp", 32, "independent")}
@@ -421,12 +421,12 @@ def test_no_decay_cell_is_shared_between_modes(tmp_path):
 
 
 def _decayed_names(text: str, tmp_path: Path, arch: str = "llama") -> tuple[set[str], set[str]]:
-    from recipes._sweep_cell import build_model, build_optimizer
+    from hf_optim.runner._sweep_cell import build_model, build_optimizer
 
     text = text.replace("layers: 1", f"layers: 2, arch: {arch}")
     cell = next(c for c in load_config(_write(tmp_path, text)).cells if c.grid == "lrwd" and c.weight_decay > 0)
-    model, overrides = build_model(cell)
-    optimizer = build_optimizer(model, cell, overrides)
+    model = build_model(cell)
+    optimizer = build_optimizer(model, cell)
     name_of = {id(p): n for n, p in model.named_parameters()}
     decayed = {name_of[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     return decayed, set(name_of.values()) - decayed
@@ -453,13 +453,13 @@ def test_olmo2_hidden_matrices_are_scale_invariant(tmp_path):
     Only with a negligible norm eps (``model.norm_eps``): at width 32-64 with 0.02-std matrices a branch's output has
     a mean square of 1e-5..1e-8, so OLMo-2's default eps (1e-5) damps it instead of normalising it. W_gate is not
     scale-invariant (SiLU is not homogeneous) and is not tested."""
-    from recipes._sweep_cell import build_model
+    from hf_optim.runner._sweep_cell import build_model
 
     def logits_after(arch: str, scale: dict[str, float]) -> torch.Tensor:
         text = TINY.replace("layers: 1", f"layers: 2, arch: {arch}, norm_eps: 1.0e-12")
         cell = next(c for c in load_config(_write(tmp_path, text)).cells
                     if c.grid == "wt" and c.parametrization == "sp")
-        model, _ = build_model(cell)
+        model = build_model(cell)
         model = model.double().eval()
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -482,14 +482,14 @@ def test_olmo2_hidden_matrices_are_scale_invariant(tmp_path):
 
 
 def test_mup_olmo2_cell_builds_and_trains(tmp_path):
-    from recipes._sweep_cell import run_cell
+    from hf_optim.runner._sweep_cell import run_cell
 
     text = TINY.replace("layers: 1", "layers: 1, arch: olmo2")
     cell = next(c for c in load_config(_write(tmp_path, text)).cells
                 if c.grid == "wt" and c.parametrization == "mup" and c.width == 64 and c.lr == 2.0**-8)
-    from recipes._sweep_cell import build_model
+    from hf_optim.runner._sweep_cell import build_model
 
-    assert type(build_model(cell)[0]).__name__ == "Olmo2ForCausalLM"
+    assert type(build_model(cell)).__name__ == "Olmo2ForCausalLM"
     result = run_cell(cell)
     assert not result["diverged"] and math.isfinite(result["val_loss"])
 
@@ -498,7 +498,7 @@ def test_mup_olmo2_cell_builds_and_trains(tmp_path):
 def test_per_step_decay_slope_by_hand(lr_free):
     """A loss surface whose optimum is a fixed per-step decay d* = 2^-9 (lr_free) gives slope 0 in log2 d* vs log2 lr
     and the coupled best λ on the 1/lr diagonal; one whose optimum is a fixed coupled λ* = 2 gives slope 1."""
-    from recipes._sweep_results import per_step_decay
+    from hf_optim.runner._sweep_results import per_step_decay
 
     lrs = [2.0**k for k in (-8, -7, -6, -5, -4)]
     rows = []

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from recipes import train
+from hf_optim.runner import train
 
 TINY = ["model.hidden_size=32", "model.num_layers=1", "model.intermediate_size=64", "model.mup.base_width=16",
         "data.block_size=32", "data.max_tokens=40000", "run.batch_size=8", "run.eval_batches=2",
@@ -100,7 +100,7 @@ def test_zero_caveat_is_enforced_when_the_trainer_builds_the_optimizer(tmp_path,
 
     from transformers import LlamaForCausalLM, TrainingArguments
 
-    from recipes import schema
+    from hf_optim.runner import schema
     from tests.conftest import tiny_llama_config
 
     overrides = [f"optimizer.args.factored={str(v).lower()}" for v in args.values()]

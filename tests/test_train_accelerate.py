@@ -1,7 +1,7 @@
 """`accelerate launch` with the bundled configs.
 
 - DDP: two CPU processes (gloo), a few steps, then a resumed run; the first run goes through the installed
-  ``hf-optim`` console script (the command the docs show), the resumed one through ``-m recipes.train``.
+  ``hf-optim`` console script (the command the docs show), the resumed one through ``-m hf_optim.runner.train``.
 - DeepSpeed ZeRO-2/3: no DeepSpeed on CPU, so the test follows the configs' values through accelerate's launcher
   and the Trainer's 'auto' filling, which is where hard-coded values used to conflict with the recipe.
 """
@@ -34,7 +34,7 @@ def _launch(out: Path, *extra: str, entry: str) -> subprocess.CompletedProcess:
         assert script, f"hf-optim console script not found in {BIN}"
         target = [script, "train"]
     else:
-        target = ["-m", "recipes.train"]
+        target = ["-m", "hf_optim.runner.train"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--config_file",

@@ -199,7 +199,7 @@ def test_trainer_keeps_decay_groups_and_builds_a_real_optimizer(tmp_path):
 
 
 def test_mup_plan_adds_param_overrides(tmp_path, monkeypatch):
-    import mup_integration.groups as groups
+    import mup_integration.policy as policy
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config())
@@ -211,8 +211,8 @@ def test_mup_plan_adds_param_overrides(tmp_path, monkeypatch):
         calls.append((m, family, wd_rule))
         return {hidden: {"lr_mult": 0.25}}
 
-    monkeypatch.setattr(groups, "param_overrides", fake_param_overrides)
-    monkeypatch.setattr("mup_integration.surgery.is_mup_applied", lambda m: True)  # the fake plan has no surgery
+    monkeypatch.setattr(policy, "param_overrides", fake_param_overrides)
+    monkeypatch.setattr(policy, "is_mup_applied", lambda m: True)  # the fake plan has no surgery
     args = _args(tmp_path, optim="sgdw_v2", learning_rate=0.1, optim_args="mup_wd_rule=mup")
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     assert calls == [(model, "sgd", "mup")] and kwargs["param_overrides"] == {hidden: {"lr_mult": 0.25}}

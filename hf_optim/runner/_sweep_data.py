@@ -1,4 +1,4 @@
-"""Character-level tiny Shakespeare for the sweeps: ``recipes.data``'s char tokenizer, sampled as seeded random windows.
+"""Character-level tiny Shakespeare for the sweeps: ``hf_optim.runner.data``'s char tokenizer, sampled as seeded random windows.
 
 Every cell of a sweep with the same seed sees the same batches (the batch stream depends only on the seed), so the
 differences between learning rates or widths are not drowned in data-order noise.
@@ -16,7 +16,7 @@ from .data import read_text, tokenize
 
 @lru_cache(maxsize=1)
 def _encoded() -> tuple[torch.Tensor, int]:
-    # Random windows (not recipes.data's fixed blocks): a fresh batch stream per seed at no pre-blocking cost.
+    # Random windows (not hf_optim.runner.data's fixed blocks): a fresh batch stream per seed at no pre-blocking cost.
     ids, vocab, _ = tokenize(read_text("tinyshakespeare"), "char")
     return torch.from_numpy(ids), vocab
 

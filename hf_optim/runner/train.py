@@ -12,7 +12,7 @@ Examples::
     hf-optim train llm/llama2 run.max_steps=200 schedule.warmup_steps=20 optimizer.lr=3e-3
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 \\
         --config_file recipes/accelerate/ddp.yaml $(which hf-optim) train demo run.max_steps=20
-    # the same with the module instead of the console script: ... ddp.yaml -m recipes.train demo run.max_steps=20
+    # the same with the module instead of the console script: ... ddp.yaml -m hf_optim.runner.train demo run.max_steps=20
 
 A recipe mistake (unknown key, bad value, too small a validation split) prints one line to stderr and returns 2.
 """
@@ -34,7 +34,7 @@ from typing import Any
 
 from . import build, schema
 
-log = logging.getLogger("recipes.train")
+log = logging.getLogger(__name__)
 
 MODEL_DEFAULTS = {"arch": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": None,
                   "tie_word_embeddings": False, "mup": None}
@@ -47,7 +47,7 @@ RUN_DEFAULTS = {"max_steps": 200, "batch_size": 16, "grad_accum": 1, "output_dir
 
 @contextlib.contextmanager
 def _config_errors(what: str) -> Iterator[None]:
-    """Turn a ``ValueError`` raised while applying the recipe into a :class:`~recipes.schema.RecipeError`.
+    """Turn a ``ValueError`` raised while applying the recipe into a :class:`~hf_optim.runner.schema.RecipeError`.
 
     Only around steps driven by the recipe's values (corpus, model config, schedule, optimizer), so that ``main``
     can report a configuration mistake in one line while a genuine bug elsewhere keeps its traceback.

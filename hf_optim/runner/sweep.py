@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ._sweep_config import Cell, load_config
+from .bundled import recipes_dir
 from ._sweep_results import ResultStore, row_for, summarize
 
 
@@ -131,7 +132,7 @@ def run_sweep(config_path: str, out_dir: Path, *, jobs: int = 1, device: str = "
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-optim sweep", description=__doc__.split("\n\n")[0])
-    bundled = sorted(p.stem for p in (Path(__file__).parent / "sweeps").glob("*.yaml"))
+    bundled = sorted(p.stem for p in (recipes_dir() / "sweeps").glob("*.yaml"))
     parser.add_argument("config", help=f"sweep YAML, or a bundled name: {', '.join(bundled)}")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: sweep_out/<config name>)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel worker processes (default 1)")

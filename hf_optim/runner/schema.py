@@ -23,12 +23,13 @@ from typing import Any
 import yaml
 
 from hf_optim._validation import closest
+from .bundled import recipes_dir
 
-RECIPES_DIR = Path(__file__).resolve().parent
+RECIPES_DIR = recipes_dir()
 ALIASES = {"demo": "demo/shakespeare_mup_llama_adafactor"}
 
 #: ``optimizer.weight_decay: lr_peak`` means λ = the peak lr of the chosen size (resolved by
-#: :func:`recipes.build.weight_decay`), so PaLM's ``lr_t²`` decay (mode ``corrected``) stays ``lr_t²`` when the lr is
+#: :func:`hf_optim.runner.build.weight_decay`), so PaLM's ``lr_t²`` decay (mode ``corrected``) stays ``lr_t²`` when the lr is
 #: overridden; a number copied from the peak lr would silently stop tracking it.
 WEIGHT_DECAY_IS_LR_PEAK = "lr_peak"
 #: Schema type of a field that takes a number or the :data:`WEIGHT_DECAY_IS_LR_PEAK` sentinel.
@@ -78,10 +79,18 @@ SCHEMA: dict[str, Any] = {
 PUBLISHED_FIELDS = ("optimizer.name", "optimizer.lr", "optimizer.weight_decay", "optimizer.weight_decay_mode",
                     "optimizer.no_decay", "schedule.name", "schedule.warmup_steps", "training.max_grad_norm",
                     "training.batch_tokens")
-#: ... and, for the Adam family, these (Adafactor states its moments in ``optimizer.args``).
+#: ... and, for optimizers that take ``betas`` / ``eps`` (the spec says), these (Adafactor states its moments in
+#: ``optimizer.args``).
 ADAM_FIELDS = ("optimizer.betas", "optimizer.eps")
-ADAM_FAMILY = ("adamw_v2", "adam_v2", "radam_v2", "adam_atan2")
-NO_DECAY_CATEGORIES = ("bias", "norm", "embedding")
+
+
+def _takes_betas(name: Any) -> bool:
+    from hf_optim.registry import get_spec
+
+    try:
+        return get_spec(name).takes_betas
+    except ValueError:  # an unknown name is reported by the optimizer check
+        return False
 
 
 class RecipeError(ValueError):
@@ -198,6 +207,8 @@ def validate(recipe: Mapping[str, Any], origin: str = "recipe") -> None:
                 raise RecipeError(f"{origin}: {listed} entry {path!r} is not a recipe field.{closest(path, valid_paths)}")
     no_decay = _get(recipe, "optimizer.no_decay") or []
     for item in no_decay:
+        from hf_optim.factory import NO_DECAY_PATTERNS as NO_DECAY_CATEGORIES
+
         if item not in NO_DECAY_CATEGORIES:
             raise RecipeError(f"{origin}: optimizer.no_decay entries must be among {list(NO_DECAY_CATEGORIES)}, "
                               f"got {item!r}.{closest(str(item), NO_DECAY_CATEGORIES)}")
@@ -218,7 +229,7 @@ def validate(recipe: Mapping[str, Any], origin: str = "recipe") -> None:
         raise RecipeError(f"{origin}: a published recipe needs an explicit 'unknown' list (may be empty: []).")
     unknown = set(recipe.get("unknown") or [])
     assumptions = recipe.get("assumptions") or {}
-    fields = PUBLISHED_FIELDS + (ADAM_FIELDS if _get(recipe, "optimizer.name") in ADAM_FAMILY else ())
+    fields = PUBLISHED_FIELDS + (ADAM_FIELDS if _takes_betas(_get(recipe, "optimizer.name")) else ())
     for path in fields:
         if not _stated(recipe, path) and path not in unknown:
             raise RecipeError(f"{origin}: {path} has no value; state it or list it under 'unknown' if the source "

@@ -49,6 +49,7 @@ from hf_optim import _validation as v
 from hf_optim.decay import WEIGHT_DECAY_MODES
 from hf_optim.registry import get_spec
 from mup_integration.groups import WD_RULES
+from .bundled import recipes_dir
 
 DEFAULT_OPTIMIZER = "adamw_v2"
 # Set by the sweep itself (or by the grid's lr / weight_decay axes), so not allowed in an entry's ``args``.
@@ -323,7 +324,7 @@ def load_config(path: str | Path) -> SweepConfig:
     """Read and validate a sweep YAML (``yaml.safe_load``) and expand it into cells (duplicates removed)."""
     path = Path(path)
     if not path.is_file():
-        bundled = Path(__file__).parent / "sweeps" / f"{path.stem}.yaml"
+        bundled = recipes_dir() / "sweeps" / f"{path.stem}.yaml"
         if not bundled.is_file():
             raise ValueError(f"config {str(path)!r} is neither a file nor a bundled sweep "
                              f"({sorted(p.stem for p in bundled.parent.glob('*.yaml'))}).")

@@ -8,7 +8,6 @@ what came from the paper and what did not.
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -17,22 +16,13 @@ import torch
 from torch import nn
 
 from hf_optim import _validation as v
+from hf_optim import factory
 from hf_optim.registry import get_spec
 
 from .schedules import make_multiplier, make_scheduler
-from .schema import ADAM_FAMILY, WEIGHT_DECAY_IS_LR_PEAK
+from .schema import WEIGHT_DECAY_IS_LR_PEAK
 
 log = logging.getLogger(__name__)
-
-#: Parameter-name patterns of each ``no_decay`` category (HF LLaMA / GPT-2 / OLMo names).
-_NO_DECAY_PATTERNS = {
-    "bias": (r"(?:^|\.)bias$",),
-    "norm": (r"norm", r"(?:^|\.)ln_\w+\.", r"(?:^|\.)ln_f\."),
-    "embedding": (r"embed_tokens", r"(?:^|\.)wte\.", r"(?:^|\.)wpe\.", r"embeddings?\."),
-}
-#: What transformers' Trainer excludes when a recipe does not say (biases and norm weights).
-TRAINER_DEFAULT_NO_DECAY = ("bias", "norm")
-
 
 def size_settings(recipe: Mapping[str, Any], size: str | None = None) -> dict[str, Any]:
     """The recipe's settings for one model size (``sizes.<size>`` over ``training``/``schedule``/``optimizer``)."""
@@ -95,7 +85,7 @@ def published_num_steps(recipe: Mapping[str, Any], size: str | None = None) -> i
 
 def schedule_kwargs(recipe: Mapping[str, Any], num_training_steps: int | None = None,
                     size: str | None = None) -> tuple[str, dict[str, Any]]:
-    """``(name, kwargs)`` for :func:`recipes.schedules.make_multiplier`, token counts converted to steps."""
+    """``(name, kwargs)`` for :func:`hf_optim.runner.schedules.make_multiplier`, token counts converted to steps."""
     sched = dict(recipe.get("schedule") or {})
     s = size_settings(recipe, size)
     total = num_training_steps if num_training_steps is not None else published_num_steps(recipe, size)
@@ -104,7 +94,7 @@ def schedule_kwargs(recipe: Mapping[str, Any], num_training_steps: int | None = 
                          "total_tokens and batch_tokens.")
     name = sched.get("name")
     if name is None:
-        raise ValueError("schedule.name is not set; choose one of the schedules in recipes.schedules.SCHEDULES.")
+        raise ValueError("schedule.name is not set; choose one of the schedules in hf_optim.runner.schedules.SCHEDULES.")
     if s["warmup_steps"] is not None:
         warmup = int(s["warmup_steps"])
     elif sched.get("warmup_tokens") is not None:
@@ -136,62 +126,48 @@ def multiplier(recipe: Mapping[str, Any], num_training_steps: int | None = None,
 
 def decay_parameter_names(model: nn.Module, no_decay: list[str] | None) -> list[str]:
     """Names of the parameters that get weight decay; ``no_decay=None`` means the Trainer's default."""
-    categories = TRAINER_DEFAULT_NO_DECAY if no_decay is None else tuple(no_decay)
-    patterns = [re.compile(p) for c in categories for p in _NO_DECAY_PATTERNS[c]]
-    return [n for n, _ in model.named_parameters() if not any(p.search(n) for p in patterns)]
+    return factory.decay_parameter_names(model, no_decay)
 
 
 def optimizer_cls_and_kwargs(recipe: Mapping[str, Any], model: nn.Module | None = None, *,
                              size: str | None = None) -> tuple[type, dict[str, Any]]:
-    """The optimizer class (from the registry) and its keyword arguments, muP overrides included."""
+    """The optimizer class and its keyword arguments (muP overrides included), from :func:`hf_optim.factory.
+    resolve_optimizer`: the recipe only says what is stated; the factory decides the rest."""
     opt = dict(recipe.get("optimizer") or {})
     if opt.get("name") is None:
         raise ValueError("optimizer.name is not set; choose a registered optimizer (hf-optim list).")
     spec = get_spec(opt["name"])
-    kwargs: dict[str, Any] = dict(spec.defaults)
-    kwargs.update(opt.get("args") or {})
     lr = size_settings(recipe, size)["lr"]
+    knobs: dict[str, Any] = dict(opt.get("args") or {})
     not_stated = []
-    for key, value in (("lr", lr), ("betas", opt.get("betas")), ("eps", opt.get("eps")),
-                       ("weight_decay", weight_decay(recipe, size)),
+    for key, value in (("betas", opt.get("betas")), ("eps", opt.get("eps")),
                        ("weight_decay_mode", opt.get("weight_decay_mode"))):
         if value is None:
             not_stated.append(key)
+        elif not {"betas": spec.takes_betas, "eps": spec.takes_eps}.get(key, True):
+            raise ValueError(f"optimizer.{key}={value!r} is stated, but {opt['name']} has no {key} (its moments are "
+                             f"knobs in optimizer.args; hf-optim list). Set optimizer.{key}=null.")
         else:
-            kwargs[key] = tuple(value) if key == "betas" else value
-    if opt["name"] not in ADAM_FAMILY:  # Adafactor/SGD state their moments in optimizer.args
-        not_stated = [k for k in not_stated if k not in ("betas", "eps")]
+            knobs[key] = tuple(value) if key == "betas" else value
+    wd = weight_decay(recipe, size)
+    not_stated += [key for key, value in (("lr", lr), ("weight_decay", wd)) if value is None]
+    # Only what the optimizer has: Adafactor / SGD state their moments in optimizer.args.
+    not_stated = [k for k in not_stated if {"betas": spec.takes_betas, "eps": spec.takes_eps}.get(k, True)]
     if not_stated:
         log.warning("Recipe %s does not state %s: %s's defaults apply.", recipe.get("name"), ", ".join(not_stated),
                     spec.target)
-    if model is not None:
-        overrides = mup_overrides(recipe, model, spec.mup_family)
-        if overrides:
-            kwargs["param_overrides"] = overrides
-    return spec.resolve(), kwargs
-
-
-def mup_overrides(recipe: Mapping[str, Any], model: nn.Module, family: str) -> dict | None:
-    """Per-parameter muP multipliers when the model carries a plan (``model.config.hf_optim_mup``), else ``None``."""
-    from mup_integration.plan import has_plan
-
-    if not has_plan(model):
-        return None
-    from mup_integration.groups import param_overrides
-
-    wd_rule = ((recipe.get("model") or {}).get("mup") or {}).get("wd_rule") or "independent"
-    return param_overrides(model, family=family, wd_rule=wd_rule)
+    if lr is None:
+        raise ValueError(f"recipe {recipe.get('name')!r} states no lr: set optimizer.lr.")
+    wd_rule = ((recipe.get("model") or {}).get("mup") or {}).get("wd_rule")
+    return factory.resolve_optimizer(opt["name"], model, lr=lr, weight_decay=wd if wd is not None else 0.0,
+                                     knobs=knobs, mup_wd_rule=wd_rule)
 
 
 def build_optimizer(recipe: Mapping[str, Any], model: nn.Module, *, size: str | None = None) -> torch.optim.Optimizer:
     """The optimizer as the Trainer builds it: a decay group and a no-decay group (weight_decay 0)."""
     cls, kwargs = optimizer_cls_and_kwargs(recipe, model, size=size)
-    decay = set(decay_parameter_names(model, (recipe.get("optimizer") or {}).get("no_decay")))
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    wd = kwargs.get("weight_decay", 0.0)
-    groups = [{"params": [p for n, p in named if n in decay], "weight_decay": wd},
-              {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
-    return cls([g for g in groups if g["params"]], **kwargs)
+    no_decay = (recipe.get("optimizer") or {}).get("no_decay")
+    return cls(factory.param_groups(model, kwargs.get("weight_decay", 0.0), no_decay), **kwargs)
 
 
 def unstated_schedule_fields(recipe: Mapping[str, Any], size: str | None = None) -> list[str]:

@@ -24,7 +24,7 @@ T5 (Raffel et al. 2020, §3.1.2) uses :math:`1/\sqrt{\max(k, 10^4)}`; PaLM (Chow
 1e-2 (``1/sqrt(1e4) = 1e-2``). transformers' own ``inverse_sqrt`` is shifted (:math:`1/\sqrt{(k+s)/s}`), hence a
 separate name.
 
-Use them with the Trainer either through :class:`recipes.train.RecipeTrainer` (which reads ``schedule:`` from a
+Use them with the Trainer either through :class:`hf_optim.runner.train.RecipeTrainer` (which reads ``schedule:`` from a
 recipe), or by building the scheduler yourself: ``Trainer(optimizers=(opt, make_scheduler(opt, "cosine_to_floor",
 num_training_steps=T, num_warmup_steps=2000, floor=0.1)))``.
 """

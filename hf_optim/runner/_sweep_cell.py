@@ -14,7 +14,6 @@ and every group's lr is its own peak (muP-scaled where applicable) times :math:`
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 import time
@@ -66,24 +65,19 @@ def _model_class(arch: str):
     return {"llama": LlamaForCausalLM, "olmo2": Olmo2ForCausalLM}[arch]
 
 
-def build_model(cell: Cell) -> tuple[torch.nn.Module, dict[torch.Tensor, dict[str, Any]] | None]:
-    """The model and the optimizer's per-parameter overrides (``None`` under SP)."""
+def build_model(cell: Cell) -> torch.nn.Module:
+    """The cell's model (under muP with its plan in the config, which the optimizer factory reads)."""
     torch.manual_seed(cell.seed)
     config = model_config(cell, cell.width)
     if cell.parametrization == "sp":
-        return _model_class(cell.model.arch)(config), None
-    from mup_integration.groups import param_overrides
+        return _model_class(cell.model.arch)(config)
     from mup_integration.surgery import make_mup_model
 
-    from hf_optim.registry import get_spec
-
-    model = make_mup_model(config, model_config(cell, cell.model.base_width), model_cls=_model_class(cell.model.arch))
-    family = get_spec(cell.optimizer).mup_family  # Adam-like: hidden lr / width_mult; SGD: as mup.MuSGD
-    return model, dict(param_overrides(model, family=family, wd_rule=cell.wd_rule))
+    return make_mup_model(config, model_config(cell, cell.model.base_width), model_cls=_model_class(cell.model.arch))
 
 
 def lr_multiplier(step: int, cell: Cell) -> float:
-    """recipes.schedules' cosine-to-floor; ``constant`` is the same with floor 1 (warm-up, then flat)."""
+    """hf_optim.runner.schedules' cosine-to-floor; ``constant`` is the same with floor 1 (warm-up, then flat)."""
     t = cell.train
     floor = 1.0 if t.schedule == "constant" else t.min_lr_ratio
     return cosine_to_floor(step, num_warmup_steps=t.warmup_steps, decay_steps=t.steps, floor=floor)
@@ -103,35 +97,29 @@ def decayed(name: str, param: torch.Tensor, decay: str) -> bool:
     return bool(HIDDEN_MATRIX.search(name))
 
 
-def build_optimizer(model: torch.nn.Module, cell: Cell, overrides) -> torch.optim.Optimizer:
-    """The cell's registered optimizer (default hf_optim's AdamW); weight decay on the tensors that ``train.decay``
-    selects (:func:`decayed`); Adam-like optimizers get the settings' betas and eps."""
+def build_optimizer(model: torch.nn.Module, cell: Cell) -> torch.optim.Optimizer:
+    """The cell's registered optimizer (default hf_optim's AdamW) from :func:`hf_optim.create_optimizer`: weight
+    decay on the tensors that ``train.decay`` selects (:func:`decayed`), the settings' betas and eps where the
+    optimizer takes them, muP multipliers from the model's plan."""
+    from hf_optim.factory import create_optimizer
     from hf_optim.registry import get_spec
 
     spec = get_spec(cell.optimizer)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in named if decayed(n, p, cell.train.decay)]
-    if not decay and cell.weight_decay > 0:
+    if cell.weight_decay > 0 and not any(decayed(n, p, cell.train.decay) for n, p in named):
         raise ValueError(f"train.decay={cell.train.decay!r} selects no parameter of {type(model).__name__}; "
                          f"parameter names: {[n for n, _ in named][:8]} ...")
-    decay_ids = {id(p) for p in decay}
-    groups = [
-        {"params": decay},
-        {"params": [p for _, p in named if id(p) not in decay_ids], "weight_decay": 0.0},
-    ]
-    cls = spec.resolve()
-    kwargs: dict[str, Any] = dict(spec.defaults)
-    accepted = inspect.signature(cls).parameters
-    # Adam-like constructors take (betas, eps); others (SGD, Adafactor's knobs) would reject them.
-    if "betas" in accepted and "eps" in accepted:
-        kwargs.update(betas=(cell.train.beta1, cell.train.beta2), eps=cell.train.eps)
-    kwargs.update(dict(cell.optimizer_args))
+    knobs: dict[str, Any] = {"weight_decay_mode": cell.weight_decay_mode, **dict(cell.optimizer_args)}
+    if spec.takes_betas:
+        knobs["betas"] = (cell.train.beta1, cell.train.beta2)
+    if spec.takes_eps:
+        knobs["eps"] = cell.train.eps
     with warnings.catch_warnings():
         # LR x WD grids deliberately include large `independent` λ; the once-per-process hint is noise here.
         warnings.simplefilter("ignore", UserWarning)
-        return cls(
-            [g for g in groups if g["params"]], lr=cell.lr, weight_decay=cell.weight_decay,
-            weight_decay_mode=cell.weight_decay_mode, param_overrides=overrides, **kwargs,
+        return create_optimizer(
+            cell.optimizer, model, lr=cell.lr, weight_decay=cell.weight_decay, mup_wd_rule=cell.wd_rule,
+            no_decay=lambda name, param: not decayed(name, param, cell.train.decay), **knobs,
         )
 
 
@@ -164,9 +152,9 @@ def _train(cell: Cell, device: str) -> dict[str, Any]:
     t = cell.train
     data = CharData(cell.model.seq_len, cell.model.batch_size, train_chars=t.train_chars)
     dev = torch.device(device)
-    model, overrides = build_model(cell)
+    model = build_model(cell)
     model.to(dev).train()
-    optimizer = build_optimizer(model, cell, overrides)
+    optimizer = build_optimizer(model, cell)
     peaks = [g["lr"] for g in optimizer.param_groups]
     batches = data.train_batches(cell.seed)
     losses: list[float] = []

@@ -1,1 +1,0 @@
-"""Published LLM optimizer recipes (YAML, with sources) and the runner behind ``hf-optim train``."""
