@@ -277,3 +277,27 @@ def test_trainer_trains_with_adamw_v2(tmp_path, arch):
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters()), "a parameter did not train"
+
+
+# ---- loading -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_and_load_reapplies_the_family_multipliers(tmp_path, arch):
+    """Gemma's embedding normaliser and the MoE routers' multipliers are forward changes: a plain from_pretrained
+    loses them (is_mup_applied says so), mup_integration.load_mup_model puts them back without re-initialising."""
+    from transformers import AutoModelForCausalLM
+
+    model = randomize(build(arch, attn_mult=1.5, output_mult=2.0), std=0.1)
+    model.save_pretrained(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert mi.has_plan(plain) and not mi.is_mup_applied(plain)
+    loaded = mi.load_mup_model(str(tmp_path)).eval()
+    assert mi.is_mup_applied(loaded)
+    with torch.no_grad():  # (loading picks sdpa attention, the built model eager: rounding differs)
+        torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=1e-5, atol=1e-5)
+    if arch in GEMMA or arch in MOE:  # only the family's own multiplier is missing after the plain load
+        mi.apply_mup(plain, init=False)
+        if arch in GEMMA:
+            plain.get_input_embeddings().embed_scale.fill_(float(plain.config.hidden_size) ** 0.5)
+        else:
+            mi.surgery.set_input_multiplier(plain.model.layers[0].mlp.gate, None)
+        assert not mi.is_mup_applied(plain)
