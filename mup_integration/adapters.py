@@ -256,7 +256,7 @@ class GPTNeoXAdapter(Adapter):
 
 
 class MoEAdapter(Adapter):
-    r"""Mixture-of-experts with the LLaMA attention (Mixtral, Qwen3-MoE): ``mlp.gate`` (router, weight (E, d)) and
+    r"""Mixture-of-experts with the LLaMA attention (Mixtral, Qwen3-MoE, OLMoE): ``mlp.gate`` (router, weight (E, d)) and
     ``mlp.experts`` (``gate_up_proj`` (E, 2I, d), ``down_proj`` (E, d, I), applied with ``F.linear`` per expert).
 
     Rules: each expert matrix is a hidden matrix (fan-in and fan-out grow with width; the expert count E does not),
@@ -315,7 +315,7 @@ ADAPTERS: dict[str, Adapter] = {
     "gemma": GemmaAdapter(post_norms=False), "gemma2": GemmaAdapter(post_norms=True),
     "gemma3_text": GemmaAdapter(post_norms=True),
     "phi3": Phi3Adapter(), "gpt_neox": GPTNeoXAdapter(),
-    "mixtral": MoEAdapter(), "qwen3_moe": MoEAdapter(),
+    "mixtral": MoEAdapter(), "qwen3_moe": MoEAdapter(), "olmoe": MoEAdapter(),
 }
 
 

@@ -18,7 +18,7 @@ and :math:`\sigma` = ``config.initializer_range``:
    model's standard initialisation.
 
 Supported: the model types of :data:`mup_integration.adapters.ADAPTERS` (LLaMA layout: Llama, Mistral, Qwen2,
-Qwen3, OLMo, OLMo-2; GPT-2; Gemma 1/2/3; Phi-3; GPT-NeoX; Mixtral and Qwen3-MoE); the per-family pieces are there. References: Yang et al., "Tensor Programs V" (2022), Table 3 and Appendix J (attention).
+Qwen3, OLMo, OLMo-2; GPT-2; Gemma 1/2/3; Phi-3; GPT-NeoX; Mixtral, Qwen3-MoE, OLMoE); the per-family pieces are there. References: Yang et al., "Tensor Programs V" (2022), Table 3 and Appendix J (attention).
 """
 
 from __future__ import annotations

@@ -81,6 +81,13 @@ def qwen3_moe(w):
                           num_experts=4, num_experts_per_tok=2, head_dim=w // 4)
 
 
+def olmoe(w):
+    from transformers import OlmoeConfig
+
+    return OlmoeConfig(**_common(w), intermediate_size=2 * w, num_experts=4, num_experts_per_tok=2, pad_token_id=0,
+                       bos_token_id=0, eos_token_id=0)
+
+
 # name -> (config factory, SP attention scale at width 128, family notes checked below)
 ARCHS = {
     "gemma": (gemma, 32 ** -0.5),
@@ -90,8 +97,9 @@ ARCHS = {
     "gpt_neox": (gpt_neox, 32 ** -0.5),
     "mixtral": (mixtral, 32 ** -0.5),
     "qwen3_moe": (qwen3_moe, 32 ** -0.5),
+    "olmoe": (olmoe, 32 ** -0.5),
 }
-MOE = ("mixtral", "qwen3_moe")
+MOE = ("mixtral", "qwen3_moe", "olmoe")
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 
 
@@ -125,8 +133,8 @@ def test_builds_and_multipliers_match_the_plan(arch):
         assert mi.surgery.input_multiplier(layer.mlp.gate) == 0.25
         gate_up = plan.params["model.layers.0.mlp.experts.gate_up_proj"]
         assert (gate_up.kind, gate_up.fan_in_mult, gate_up.fan_out_mult) == ("hidden", 4.0, 4.0)
-        # base expert width: Mixtral intermediate 256 -> 64, Qwen3-MoE moe_intermediate 128 -> 32 (x2: gate and up)
-        assert gate_up.base_shape == (None, 128 if arch == "mixtral" else 64, 32)
+        # base expert width: intermediate 256 -> 64, Qwen3-MoE's moe_intermediate 128 -> 32 (x2: gate and up)
+        assert gate_up.base_shape == (None, 64 if arch == "qwen3_moe" else 128, 32)
         std = layer.mlp.experts.gate_up_proj.std().item()
         assert std == pytest.approx(0.02 / 2, rel=0.03)  # sigma / sqrt(fan_in_mult)
         assert layer.mlp.gate.weight.std().item() == pytest.approx(0.02, rel=0.1)  # a readout: sigma
