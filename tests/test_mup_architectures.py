@@ -103,9 +103,11 @@ MOE = ("mixtral", "qwen3_moe", "olmoe")
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 
 
-def build(arch: str, width: int = 128, seed: int = 0, **kw):
+def build(arch: str, width: int = 128, seed: int = 0, tied: bool | None = None, **kw):
     cfg = ARCHS[arch][0](width)
     cfg._attn_implementation = "eager"
+    if tied is not None:
+        cfg.tie_word_embeddings = tied
     torch.manual_seed(seed)
     return mi.make_mup_model(cfg, base_width=32, **kw)
 
@@ -225,32 +227,37 @@ def test_coordinate_check(arch):
 IDS = (torch.arange(2 * 9).view(2, 9) * 7) % VOCAB
 
 
+# every family at its default tying, plus the other tying for one tied-by-default and two untied-by-default ones
+EXPORT_CASES = [(arch, None, r) for arch in ARCHS for r in (1.0, 0.5)] + [
+    ("gemma", False, 0.5), ("phi3", True, 0.5), ("mixtral", True, 1.0)]
+
+
 @pytest.fixture(scope="module")
 def native_exports(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("native")
     mp = pytest.MonkeyPatch()
     refs = {}
     try:
-        for arch in ARCHS:
-            for r in (1.0, 0.5):
-                model = randomize(build(arch, attn_mult=1.5, output_mult=2.0), std=0.1)
-                if r != 1.0:
-                    with_residual_multiplier(model, r, mp)
-                path = str(tmp / f"{arch}-{r}")
-                ex.export_standard(model, to="native").save_pretrained(path)
-                mp.undo()
-                with torch.no_grad():
-                    refs[(arch, r)] = (path, model(IDS).logits, type(model).__name__)
+        for arch, tied, r in EXPORT_CASES:
+            model = randomize(build(arch, tied=tied, attn_mult=1.5, output_mult=2.0), std=0.1)
+            if tied is not None:
+                assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
+            if r != 1.0:
+                with_residual_multiplier(model, r, mp)
+            path = str(tmp / f"{arch}-{tied}-{r}")
+            ex.export_standard(model, to="native").save_pretrained(path)
+            mp.undo()
+            with torch.no_grad():
+                refs[(arch, tied, r)] = (path, model(IDS).logits, type(model).__name__)
     finally:
         mp.undo()
     return refs, load_in_fresh_interpreter([p for p, _, _ in refs.values()], tmp)
 
 
-@pytest.mark.parametrize("r", [1.0, 0.5])
-@pytest.mark.parametrize("arch", ARCHS)
-def test_native_export_round_trip(native_exports, arch, r):
+@pytest.mark.parametrize(("arch", "tied", "r"), EXPORT_CASES)
+def test_native_export_round_trip(native_exports, arch, tied, r):
     refs, fresh = native_exports
-    path, ref, cls_name = refs[(arch, r)]
+    path, ref, cls_name = refs[(arch, tied, r)]
     got_cls, got = fresh[path]
     assert got_cls == cls_name
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
