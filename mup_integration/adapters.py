@@ -6,7 +6,7 @@ Surgery (:mod:`mup_integration.surgery`) is written once against this interface;
 * ``attention_modules(model)``: the attention modules whose ``scaling`` attribute the surgery sets;
 * ``sp_attention_scale(attn, config)``: the scale the module was built with (the SP value, recomputed so that
   re-applying the surgery is idempotent); the muP scale is this times :math:`\text{attn\_mult}\sqrt{d_0/d}`;
-* ``hidden_init_std(name, sigma, config, plan)``: the SP init std of a hidden matrix (muP divides it by
+* ``hidden_init_std(name, sigma, config)``: the SP init std of a hidden matrix (muP divides it by
   :math:`\sqrt{\text{fan\_in\_mult}}`);
 * ``vector_init(name, config)``: the init value of a vector parameter (norm weight 1, bias 0; Gemma's
   ``(1 + w)`` norms 0);
@@ -55,7 +55,7 @@ class Adapter:
         """Fold :meth:`apply_forward_changes` into the weights and restore the stock forward (export)."""
 
     # ---- initialisation -----------------------------------------------------------------------------------------
-    def hidden_init_std(self, name: str, sigma: float, config: Any, plan: Any) -> float:
+    def hidden_init_std(self, name: str, sigma: float, config: Any) -> float:
         return sigma
 
     def vector_init(self, name: str, config: Any) -> float:
@@ -98,11 +98,9 @@ class GPT2Adapter(Adapter):
             scaling /= float(attn.layer_idx + 1)
         return scaling
 
-    def hidden_init_std(self, name: str, sigma: float, config: Any, plan: Any) -> float:
-        # GPT-2's residual-branch scaling of the projections into the residual stream, as in HF's _init_weights;
-        # under depth scaling the branch multiplier takes over the depth dependence: the base depth's std is kept
-        layers = getattr(plan, "base_depth", None) or config.n_layer
-        return sigma / math.sqrt(2 * layers) if name.endswith("c_proj.weight") else sigma
+    def hidden_init_std(self, name: str, sigma: float, config: Any) -> float:
+        # GPT-2's residual-branch scaling of the projections into the residual stream, as in HF's _init_weights
+        return sigma / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else sigma
 
     def zero_query(self, model: nn.Module) -> None:
         for module in model.modules():

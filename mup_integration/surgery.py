@@ -175,7 +175,7 @@ def init_weights(model: nn.Module, plan: MuPPlan | None = None, *, _matched: lis
 def _init_param(name: str, p: torch.Tensor, info: ParamInfo, sigma: float, adapter: Adapter, config: Any,
                 plan: MuPPlan) -> None:
     if info.kind == "hidden":
-        p.normal_(0.0, adapter.hidden_init_std(name, sigma, config, plan) / math.sqrt(info.fan_in_mult))
+        p.normal_(0.0, adapter.hidden_init_std(name, sigma, config) / math.sqrt(info.fan_in_mult))
     elif info.kind == "embedding":
         p.normal_(0.0, sigma)
     elif info.kind == "readout":
