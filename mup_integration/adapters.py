@@ -256,8 +256,8 @@ class GPTNeoXAdapter(Adapter):
 
 
 class MoEAdapter(Adapter):
-    r"""Mixture-of-experts with the LLaMA attention (Mixtral, Qwen3-MoE, OLMoE): ``mlp.gate`` (router, weight (E, d)) and
-    ``mlp.experts`` (``gate_up_proj`` (E, 2I, d), ``down_proj`` (E, d, I), applied with ``F.linear`` per expert).
+    r"""Mixture-of-experts with the LLaMA attention (Mixtral, Qwen3-MoE, OLMoE): ``mlp.gate`` (router, weight (E, d))
+    and ``mlp.experts`` (``gate_up_proj`` (E, 2I, d), ``down_proj`` (E, d, I), applied with ``F.linear`` per expert).
 
     Rules: each expert matrix is a hidden matrix (fan-in and fan-out grow with width; the expert count E does not),
     so it gets the hidden rules per expert. The router has a finite fan-out E: it is an *output* layer like

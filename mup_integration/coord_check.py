@@ -6,7 +6,8 @@ model for a few Adam steps on the same text and record, at every step :math:`t` 
 coordinate :math:`\frac{1}{N}\sum_i |h_i|` of each module's output (forward hooks). Under muP these curves are flat in
 :math:`n`; under SP the hidden activations grow with :math:`n` (Yang et al., Tensor Programs V, Section 7).
 
-``hf-optim coord-check --widths 64,128,256,512,1024`` writes ``coord_check.csv`` and ``coord_check.png``.
+``hf-optim coord-check --widths 64,128,256,512,1024`` writes ``coord_check.csv`` and ``coord_check.png``;
+``--depths 2,4,8,16,32,64`` (at a fixed ``--width``) runs the depth check of :mod:`mup_integration.coord_check_depth`.
 """
 
 from __future__ import annotations
@@ -223,7 +224,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=".", help="where coord_check.csv and coord_check.png go")
+    parser.add_argument("--depths", default=None, help="comma-separated depths: run the depth check instead "
+                        "(width-only muP vs depth-µP vs CompleteP at a fixed --width; base depth = smallest)")
+    parser.add_argument("--width", type=int, default=64, help="hidden size of the depth check")
     args = parser.parse_args(argv)
+    if args.depths is not None:
+        return _main_depth(parser, args)
     try:
         widths = [int(w) for w in args.widths.split(",") if w.strip()]
     except ValueError:
@@ -242,6 +248,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p in PARAMETRIZATIONS:
         worst = max(growth(records, p, m, last) for m in hidden)
         print(f"  {p:3s} {worst:8.2f}x   (logits {growth(records, p, 'logits', last):.2f}x)")
+    print(f"wrote {csv_path} and {png_path}")
+    return 0
+
+
+def _main_depth(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from . import coord_check_depth as ccd
+
+    try:
+        depths = [int(d) for d in args.depths.split(",") if d.strip()]
+    except ValueError:
+        parser.error(f"--depths must be comma-separated integers, got {args.depths!r}")
+    if not depths or min(depths) < 1 or args.width < 1 or args.steps < 1:
+        parser.error(f"--depths must be integers >= 1 and --width, --steps >= 1; got --depths {args.depths!r}, "
+                     f"--width {args.width}, --steps {args.steps}")
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    records = ccd.coord_check_depth(depths, width=args.width, model=args.model, steps=args.steps, lr=args.lr,
+                                    batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
+                                    progress=lambda line: print(line, flush=True))
+    os.makedirs(args.out_dir, exist_ok=True)
+    csv_path = os.path.join(args.out_dir, "coord_check_depth.csv")
+    png_path = os.path.join(args.out_dir, "coord_check_depth.png")
+    ccd.write_csv(records, csv_path)
+    ccd.plot(records, png_path, title=f"{args.model}, width {args.width}, Adam lr={args.lr}, base depth {min(depths)}")
+    print("\n".join(ccd.report(records, args.steps)))
     print(f"wrote {csv_path} and {png_path}")
     return 0
 

@@ -182,8 +182,9 @@ def export_standard(model: nn.Module, to: str = "granite") -> nn.Module:
     scalings = {a.scaling for a in adapter_for(model.config).attention_modules(model)}
     if len(scalings) != 1:
         raise ValueError(f"export --to granite needs one attention scale for all layers, got {sorted(scalings)}.")
+    rho = input_multiplier(model.get_output_embeddings())
     config = GraniteConfig(**kwargs, attention_multiplier=scalings.pop(), embedding_multiplier=1.0,
-                           logits_scaling=1.0 / input_multiplier(model.get_output_embeddings()), residual_multiplier=residual_multiplier(plan))
+                           logits_scaling=1.0 / rho, residual_multiplier=residual_multiplier(plan))
     return _build(config, _state_dict_with_zero_biases(model, _empty(config)), dtype)
 
 

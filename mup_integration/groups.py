@@ -47,32 +47,45 @@ from torch import nn
 from hf_optim import _validation as v
 from hf_optim.decay import coupled_equivalent
 
+from .depth import DepthRule, rule_for
 from .plan import MuPPlan, ParamInfo, get_plan, unwrap
 
 FAMILIES = ("adam", "adam_param_scale", "sgd")
 WD_RULES = ("independent", "mup", "none")
 
 
-def override_for(info: ParamInfo, family: str, wd_rule: str, decay_vectors: bool) -> dict[str, Any]:
-    """The override dict of one parameter (empty when nothing changes)."""
+def override_for(info: ParamInfo, family: str, wd_rule: str, decay_vectors: bool, *, depth: DepthRule | None = None,
+                 eps: float | None = None) -> dict[str, Any]:
+    """The override dict of one parameter (empty when nothing changes).
+
+    ``depth``: the parameter's depth rule (:func:`mup_integration.depth.rule_for`; None outside the residual blocks
+    or without depth scaling). ``eps``: the optimizer's epsilon, needed for the depth rule on Adam's epsilon (which
+    replaces the group value); None leaves epsilon alone (optimizers without one: AdamAtan2, Adafactor, SGD).
+    """
     out: dict[str, Any] = {}
     hidden = info.kind == "hidden"
     if family == "adam":
-        lr_mult = 1.0 / info.width_mult if hidden else 1.0
+        width_lr = 1.0 / info.width_mult if hidden else 1.0
     elif family == "adam_param_scale":
-        lr_mult = 1.0 / math.sqrt(info.width_mult) if hidden else 1.0
+        width_lr = 1.0 / math.sqrt(info.width_mult) if hidden else 1.0
     else:
-        lr_mult = 1.0 / info.fan_ratio if hidden else info.width_mult
+        width_lr = 1.0 / info.fan_ratio if hidden else info.width_mult
+    depth_lr = depth.lr_factor(family) if depth is not None else 1.0
+    lr_mult = width_lr * depth_lr
     if lr_mult != 1.0:
         out["lr_mult"] = lr_mult
+    if eps is not None and depth is not None and depth.eps_factor != 1.0:
+        out["eps"] = eps * depth.eps_factor
     decayed = info.kind != "vector" or decay_vectors
     if wd_rule == "none" or not decayed:
         out["weight_decay"] = 0.0
     elif wd_rule == "independent":
         out["weight_decay_mode"] = "independent"
-    else:  # "mup": the inverse of the lr multiplier, as mup 1.0.0's MuAdam / MuSGD
+        if depth_lr != 1.0:  # the per-step decay follows the block's lr in depth, as the paper's lr-coupled decay
+            out["weight_decay_mult"] = depth_lr
+    else:  # "mup": the inverse of the *width* lr multiplier, as mup 1.0.0's MuAdam / MuSGD and CompleteP's λ·m_N
         if family != "sgd":
-            wd_mult = 1.0 / lr_mult
+            wd_mult = 1.0 / width_lr
         else:
             wd_mult = info.fan_ratio if hidden else 1.0 / info.width_mult
         if wd_mult != 1.0:
@@ -80,13 +93,17 @@ def override_for(info: ParamInfo, family: str, wd_rule: str, decay_vectors: bool
     return out
 
 
-def _check(family: str, wd_rule: str, decay_vectors: bool) -> None:
+def _check(family: str, wd_rule: str, decay_vectors: bool, eps: float | None = None) -> None:
     v.check_choice("family", family, FAMILIES)
     v.check_choice("wd_rule", wd_rule, WD_RULES)
     v.check_bool("decay_vectors", decay_vectors)
+    v.check_positive("eps", eps, allow_none=True)
+    if eps is not None and family == "sgd":
+        raise ValueError(f"eps={eps!r} was given with family='sgd', whose optimizers have no epsilon; pass eps=None.")
 
 
-def _named(model: nn.Module, plan: MuPPlan | None) -> list[tuple[str, torch.Tensor, ParamInfo]]:
+def _named(model: nn.Module, plan: MuPPlan | None) -> list[tuple[str, torch.Tensor, ParamInfo, DepthRule | None]]:
+    """``(name, parameter, info, depth rule)`` for every parameter of ``model``, matched to the plan."""
     if plan is None:
         plan = get_plan(model)
         from .surgery import is_mup_applied
@@ -99,7 +116,7 @@ def _named(model: nn.Module, plan: MuPPlan | None) -> list[tuple[str, torch.Tens
                 UserWarning,
                 stacklevel=3,
             )
-    return plan.match(model.named_parameters())
+    return [(name, p, info, rule_for(plan.resolve(name), plan)) for name, p, info in plan.match(model.named_parameters())]
 
 
 def param_overrides(
@@ -109,14 +126,16 @@ def param_overrides(
     decay_vectors: bool = False,
     *,
     plan: MuPPlan | None = None,
+    eps: float | None = None,
 ) -> dict[torch.Tensor, dict[str, Any]]:
     """``{Parameter: override}`` for every trainable parameter of ``model`` (wrapped or not), for ``param_overrides=``.
 
     ``plan`` defaults to the model's stored plan; a plan that does not match the model's parameters raises ValueError.
+    ``eps``: the optimizer's epsilon; with depth scaling, block parameters get ``eps · m_L^-α``.
     """
-    _check(family, wd_rule, decay_vectors)
-    return {p: override_for(info, family, wd_rule, decay_vectors)
-            for _, p, info in _named(model, plan) if p.requires_grad}
+    _check(family, wd_rule, decay_vectors, eps)
+    return {p: override_for(info, family, wd_rule, decay_vectors, depth=rule, eps=eps)
+            for _, p, info, rule in _named(model, plan) if p.requires_grad}
 
 
 def mup_param_groups(
@@ -128,28 +147,31 @@ def mup_param_groups(
     decay_vectors: bool = False,
     *,
     plan: MuPPlan | None = None,
+    eps: float | None = None,
 ) -> list[dict[str, Any]]:
     """Parameter groups for a plain ``torch.optim`` optimizer (lr-coupled decay, like ``torch.optim.AdamW``).
 
     Each group holds ``params``, ``lr`` and ``weight_decay`` already multiplied out; the ``independent`` rule becomes
     ``weight_decay = λ / lr_group`` (= :math:`\\lambda m/\\alpha` for a hidden matrix under the Adam rule), so the decay
     per step is ``lr_t · λ / lr_group = η_t λ`` as long as schedulers only scale ``lr``. Use with decoupled-decay
-    optimizers (AdamW, SGD with ``weight_decay`` is L2 and does not follow this rule).
+    optimizers (AdamW, SGD with ``weight_decay`` is L2 and does not follow this rule). With depth scaling and
+    ``eps`` given, block parameters' groups also carry ``eps · m_L^-α``.
     """
-    _check(family, wd_rule, decay_vectors)
+    _check(family, wd_rule, decay_vectors, eps)
     v.check_positive("lr", lr)
     v.check_non_negative("weight_decay", weight_decay)
-    buckets: dict[tuple[float, float], list[torch.Tensor]] = {}
-    for _, p, info in _named(model, plan):
+    buckets: dict[tuple[float, float, float | None], list[torch.Tensor]] = {}
+    for _, p, info, rule in _named(model, plan):
         if not p.requires_grad:
             continue
-        o = override_for(info, family, wd_rule, decay_vectors)
+        o = override_for(info, family, wd_rule, decay_vectors, depth=rule, eps=eps)
         group_lr = lr * o.get("lr_mult", 1.0)
         wd = o.get("weight_decay", weight_decay * o.get("weight_decay_mult", 1.0))
         if o.get("weight_decay_mode") == "independent":
             wd = coupled_equivalent("independent", wd, group_lr, group_lr)
-        buckets.setdefault((group_lr, wd), []).append(p)
-    return [{"params": ps, "lr": group_lr, "weight_decay": wd} for (group_lr, wd), ps in buckets.items()]
+        buckets.setdefault((group_lr, wd, o.get("eps", eps)), []).append(p)
+    return [{"params": ps, "lr": group_lr, "weight_decay": wd, **({} if group_eps is None else {"eps": group_eps})}
+            for (group_lr, wd, group_eps), ps in buckets.items()]
 
 
 def describe(model: nn.Module, family: str = "adam", wd_rule: str = "independent", decay_vectors: bool = False) -> str:
@@ -158,6 +180,7 @@ def describe(model: nn.Module, family: str = "adam", wd_rule: str = "independent
     plan = get_plan(unwrap(model))
     lines = [f"{'parameter':60s} {'kind':9s} {'width_mult':>10s}  override"]
     for name, _, info in plan.match(model.named_parameters()):
+        rule = rule_for(plan.resolve(name), plan)
         lines.append(f"{name:60s} {info.kind:9s} {info.width_mult:10.4g}  "
-                     f"{override_for(info, family, wd_rule, decay_vectors)}")
+                     f"{override_for(info, family, wd_rule, decay_vectors, depth=rule)}")
     return "\n".join(lines)

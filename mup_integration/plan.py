@@ -34,6 +34,7 @@ from torch import nn
 
 from hf_optim import _validation as v
 
+from .depth import DEPTH_FIELDS, at_target_depth, depth_fields, read_depth_fields
 from .storage import clear_plan, stored_plan_dict
 
 PLAN_VERSION = 1
@@ -86,6 +87,8 @@ class MuPPlan:
         head_dim, base_head_dim: attention head dims of target and base (they fix the attention scale).
         output_mult, attn_mult: tunable constants of the readout and of the attention logits.
         zero_readout, zero_query: initialisation choices, recorded so a reader knows how the model started.
+        base_depth, depth, depth_alpha: depth scaling (CompleteP / depth-µP, see :mod:`mup_integration.depth`): the
+            tuned model's and this model's number of blocks and the branch exponent; all None = width-only muP.
     """
 
     params: dict[str, ParamInfo]
@@ -97,10 +100,24 @@ class MuPPlan:
     zero_readout: bool = False
     zero_query: bool = False
     base_config: dict[str, Any] = field(default_factory=dict)
+    base_depth: int | None = None
+    depth: int | None = None
+    depth_alpha: float | None = None
+
+    @property
+    def depth_mult(self) -> float:
+        """:math:`m_L = L/L_0` (1.0 for width-only muP)."""
+        return 1.0 if self.depth_alpha is None else self.depth / self.base_depth
+
+    @property
+    def residual_multiplier(self) -> float:
+        r"""The factor on every attention and MLP branch output: :math:`m_L^{-\alpha}` (1.0 for width-only muP)."""
+        return 1.0 if self.depth_alpha is None else (self.depth / self.base_depth) ** -self.depth_alpha
 
     # ---- serialisation ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        out = {k: val for k, val in asdict(self).items() if k != "params"}
+        # depth fields only when set, so width-only plans keep the dict (and config.json) they always had
+        out = {k: val for k, val in asdict(self).items() if k != "params" and not (k in DEPTH_FIELDS and val is None)}
         out["version"] = PLAN_VERSION
         out["params"] = {name: info.to_dict() for name, info in self.params.items()}
         return out
@@ -113,6 +130,7 @@ class MuPPlan:
             raise ValueError(f"The muP plan has version {d.get('version')!r}; this code reads version {PLAN_VERSION}.")
         kwargs = {k: d[k] for k in ("width_mult", "head_dim", "base_head_dim", "output_mult", "attn_mult",
                                     "zero_readout", "zero_query", "base_config") if k in d}
+        kwargs.update(read_depth_fields(d))
         return cls(params={n: ParamInfo.from_dict(p) for n, p in d["params"].items()}, **kwargs)
 
     # ---- name lookup ---------------------------------------------------------------------------------------------
@@ -308,11 +326,15 @@ def make_plan(
     attn_mult: float = 1.0,
     zero_readout: bool = False,
     zero_query: bool = False,
+    base_depth: int | None = None,
+    depth_alpha: float | None = None,
 ) -> MuPPlan:
     """Compute the plan for ``config`` against ``base_config`` (or a base derived with ``base_width``).
 
     Both models (and a 2x-wider copy of the base, to tell width dims from fixed ones even when base == target) are
-    built on the meta device: no memory is allocated and nothing is initialised.
+    built on the meta device: no memory is allocated and nothing is initialised. ``base_depth`` and ``depth_alpha``
+    (both or neither) add depth scaling (:mod:`mup_integration.depth`); a ``base_config`` with another number of
+    layers than ``config`` must then have ``base_depth`` layers (its width is compared at the target's depth).
     """
     if (base_config is None) == (base_width is None):
         raise ValueError("Pass exactly one of base_config (a config of the narrow model) and base_width (its hidden "
@@ -324,11 +346,13 @@ def make_plan(
         v.check_positive(name, value)
     for name, value in (("zero_readout", zero_readout), ("zero_query", zero_query)):
         v.check_bool(name, value)
+    depth = depth_fields(config, base_depth, depth_alpha)
     if base_config is None:
         base_config = derive_base_config(config, base_width, base_head_dim=base_head_dim,
                                          base_intermediate_size=base_intermediate_size)
     if type(base_config) is not type(config):
         raise TypeError(f"base_config must be a {type(config).__name__} like config, got {type(base_config).__name__}.")
+    base_config = at_target_depth(base_config, config, base_depth)
     width, base = _hidden_size(config), _hidden_size(base_config)
     if base > width:
         raise ValueError(f"The base is wider than the target: base hidden_size={base} > hidden_size={width}. "
@@ -351,6 +375,7 @@ def make_plan(
         zero_readout=zero_readout,
         zero_query=zero_query,
         base_config=base_dict,
+        **depth,
     )
 
 

@@ -106,4 +106,9 @@ def mup_param_overrides(
         )
     check_wd_rule(wd_rule, knobs, explicit)
     # Which tensors decay at all is the decay / no-decay split of the groups (biases and norms never), as under muP.
-    return param_overrides(inner, family=spec.mup_rule(knobs), wd_rule=wd_rule)
+    family = spec.mup_rule(knobs)
+    # With depth scaling, block parameters' epsilon becomes eps * m_L^-alpha (mup_integration.depth); an override
+    # replaces the group value, so the policy hands over the resolved eps of optimizers that have one.
+    eps = knobs.get("eps")
+    eps = eps if family != "sgd" and isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0 else None
+    return param_overrides(inner, family=family, wd_rule=wd_rule, eps=eps)

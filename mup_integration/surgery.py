@@ -16,9 +16,14 @@ and :math:`\sigma` = ``config.initializer_range``:
    GPT-2's :math:`\sigma/\sqrt{2L}` for ``c_proj``); embeddings and readout :math:`\mathcal N(0, \sigma^2)` (readout
    optionally zero); norm weights 1, biases 0; the query projection optionally zero. At :math:`m = 1` this is the
    model's standard initialisation.
+4. **Residual-branch multiplier** (forward, every load; only with depth scaling): each attention and MLP branch
+   output is multiplied by :math:`(L/L_0)^{-\alpha}` before the residual add (a forward hook on ``o_proj`` /
+   ``down_proj``, GPT-2's ``c_proj`` of attention and MLP, OLMo-2's post-branch norms; see
+   :mod:`mup_integration.depth`). GPT-2's ``c_proj`` init keeps the *base* depth's :math:`\sigma/\sqrt{2L_0}`.
 
 Supported: the model types of :data:`mup_integration.adapters.ADAPTERS` (LLaMA layout: Llama, Mistral, Qwen2,
-Qwen3, OLMo, OLMo-2; GPT-2; Gemma 1/2/3; Phi-3; GPT-NeoX; Mixtral, Qwen3-MoE, OLMoE); the per-family pieces are there. References: Yang et al., "Tensor Programs V" (2022), Table 3 and Appendix J (attention).
+Qwen3, OLMo, OLMo-2; GPT-2; Gemma 1/2/3; Phi-3; GPT-NeoX; Mixtral, Qwen3-MoE, OLMoE); the per-family pieces are
+there. References: Yang et al., "Tensor Programs V" (2022), Table 3 and Appendix J (attention).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 from torch import nn
 
 from .adapters import ADAPTERS, Adapter, adapter_for
+from .depth import apply_branch_multipliers, at_base_depth, branch_multipliers_ok
 from .plan import MuPPlan, ParamInfo, get_plan, has_plan, make_plan, unwrap
 from .storage import adopt_upstream, store_plan_dict, stored_plan_dict, upstream_claim
 
@@ -133,6 +139,7 @@ def apply_mup(model: nn.Module, plan: MuPPlan | None = None, *, init: bool = Tru
         attn.scaling = attention_scale(attn, plan, inner.config)
     set_input_multiplier(_readout(inner), plan.output_mult / plan.width_mult)
     adapter.apply_forward_changes(inner, plan)
+    apply_branch_multipliers(inner, adapter, plan)  # depth scaling: m_L^-alpha on each branch (none when it is 1)
     store_plan_dict(inner.config, plan.to_dict())
     if init:
         init_weights(inner, plan, _matched=matched)
@@ -150,7 +157,8 @@ def is_mup_applied(model: nn.Module) -> bool:
     return (readout is not None and math.isclose(readout, plan.output_mult / plan.width_mult, rel_tol=1e-12)
             and all(math.isclose(a.scaling, attention_scale(a, plan, inner.config), rel_tol=1e-12)
                     for a in adapter.attention_modules(inner))
-            and adapter.forward_changes_applied(inner, plan))
+            and adapter.forward_changes_applied(inner, plan)
+            and branch_multipliers_ok(inner, adapter, plan))
 
 
 @torch.no_grad()
@@ -175,7 +183,9 @@ def init_weights(model: nn.Module, plan: MuPPlan | None = None, *, _matched: lis
 def _init_param(name: str, p: torch.Tensor, info: ParamInfo, sigma: float, adapter: Adapter, config: Any,
                 plan: MuPPlan) -> None:
     if info.kind == "hidden":
-        p.normal_(0.0, adapter.hidden_init_std(name, sigma, config) / math.sqrt(info.fan_in_mult))
+        # under depth scaling the branch multiplier carries the depth dependence: SP stds of the base depth
+        # (GPT-2's c_proj sigma/sqrt(2 L0)), so deeper models are not shrunk a second time
+        p.normal_(0.0, adapter.hidden_init_std(name, sigma, at_base_depth(config, plan)) / math.sqrt(info.fan_in_mult))
     elif info.kind == "embedding":
         p.normal_(0.0, sigma)
     elif info.kind == "readout":
@@ -198,7 +208,7 @@ def make_mup_model(
     ``device="meta"`` builds without memory and skips the init: call ``model.to_empty(device=...)`` then
     :func:`init_weights(model) <init_weights>`. ``plan_kwargs`` go to :func:`~mup_integration.plan.make_plan`
     (``base_head_dim``, ``base_intermediate_size``, ``output_mult``, ``attn_mult``, ``zero_readout``,
-    ``zero_query``).
+    ``zero_query``, ``base_depth`` and ``depth_alpha`` for depth scaling).
     """
     config = copy.deepcopy(config)
     if upstream_claim(config):  # a fresh build: adopt upstream's mup_base_width, drop its fields (storage.py)

@@ -216,3 +216,35 @@ def test_cli_export(tmp_path, capsys):
     AutoModelForCausalLM.from_config(tiny_llama_config()).save_pretrained(plain)
     assert main(["export", str(plain), str(tmp_path / "dst2")]) == 2
     assert "no muP plan" in capsys.readouterr().err
+
+
+# ---- with a real depth plan (branch h15: plan.residual_multiplier, forward hooks on the branch outputs) ---------
+def test_export_with_a_depth_plan(tmp_path):
+    """A depth-scaled muP model (4 layers over base depth 2): r = (4/2)^-alpha, by hand 0.5 (alpha 1, CompleteP)
+    and 2^-0.5 (alpha 1/2, depth-muP); every export reloads in a fresh interpreter with the same logits."""
+    from test_mup_architectures import build as build_arch
+
+    cases, paths = {}, []
+    for tied in (False, True):
+        torch.manual_seed(0)
+        cfg = tiny_llama_config(hidden_size=128, num_layers=4, tie_word_embeddings=tied, num_key_value_heads=2)
+        model = randomize(mi.make_mup_model(cfg, base_width=32, base_depth=2, depth_alpha=1.0, output_mult=2.0))
+        assert mi.get_plan(model).residual_multiplier == 0.5
+        for to in ("granite", "llama", "native"):
+            cases[(to, tied)] = (model, ex.export_standard(model, to=to))
+    for arch in ("gemma2", "mixtral", "gpt_neox"):
+        model = randomize(build_arch(arch, base_depth=1, depth_alpha=0.5), std=0.1)  # 2 layers over 1
+        assert mi.get_plan(model).residual_multiplier == pytest.approx(2 ** -0.5, rel=1e-12)
+        cases[("native", arch)] = (model, ex.export_standard(model, to="native"))
+    refs = {}
+    for key, (model, exported) in cases.items():
+        path = str(tmp_path / "-".join(map(str, key)))
+        exported.save_pretrained(path)
+        refs[path] = logits(model)
+        paths.append(path)
+        if key[0] == "granite":
+            with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+                assert json.load(f)["residual_multiplier"] == 0.5
+    fresh = load_in_fresh_interpreter(paths, tmp_path)
+    for path in paths:
+        torch.testing.assert_close(fresh[path][1], refs[path], rtol=1e-5, atol=1e-5, msg=path)

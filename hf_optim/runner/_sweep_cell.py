@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._sweep_config import Cell
+from ._sweep_config import DEPTH_ALPHA, Cell
 from ._sweep_data import CharData, vocab_size
 from .schedules import cosine_to_floor
 
@@ -73,7 +73,10 @@ def build_model(cell: Cell) -> torch.nn.Module:
         return _model_class(cell.model.arch)(config)
     from mup_integration.surgery import make_mup_model
 
-    return make_mup_model(config, model_config(cell, cell.model.base_width), model_cls=_model_class(cell.model.arch))
+    alpha = DEPTH_ALPHA.get(cell.parametrization)  # depth scaling: m_L = layers / base_depth (mup_integration.depth)
+    depth = {} if alpha is None else {"base_depth": cell.model.base_depth, "depth_alpha": alpha}
+    return make_mup_model(config, model_config(cell, cell.model.base_width), model_cls=_model_class(cell.model.arch),
+                          **depth)
 
 
 def lr_multiplier(step: int, cell: Cell) -> float:

@@ -28,6 +28,10 @@ RMSNorm on each block's output before the residual add, which makes the hidden m
 ``hidden`` (only the attention q/k/v/o and MLP gate/up/down matrices). See docs/experiments/README.md for why this
 decides which decay mode keeps the best λ in place.
 
+A grid may instead vary the depth at one width: ``depth: [2, 4, 8, 16]`` sets ``model.layers`` per cell, and the
+parametrizations ``depth_mup`` (branch multiplier (L/L0)^-0.5) and ``completep`` ((L/L0)^-1), with the lr and eps rules
+of mup_integration.depth, need ``model.base_depth`` (L0); ``mup`` is width-only muP, ``sp`` the HF model.
+
 Every value is type-checked at load (YAML 1.1 reads ``1e-1`` without a dot as a *string*: write ``1.0e-1``), and
 integers (widths, seeds, steps) must be integers: ``48.9`` is an error, not 48. A weight decay of 0 is the same run
 in every decay mode, so it is expanded once (as ``coupled``) and shared by every mode's heat-map.
@@ -39,7 +43,7 @@ import hashlib
 import itertools
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +56,9 @@ from mup_integration.groups import WD_RULES
 from .bundled import recipes_dir
 
 DEFAULT_OPTIMIZER = "adamw_v2"
+#: ``sp``, width-only ``mup``, and muP with depth scaling (mup_integration.depth): parametrization -> depth_alpha.
+DEPTH_ALPHA = {"depth_mup": 0.5, "completep": 1.0}
+PARAMETRIZATIONS = ("sp", "mup", *DEPTH_ALPHA)
 # Set by the sweep itself (or by the grid's lr / weight_decay axes), so not allowed in an entry's ``args``.
 _RESERVED_ARGS = {"params", "lr", "weight_decay", "weight_decay_mode", "param_overrides"}
 ARCHS = ("llama", "olmo2")
@@ -76,6 +83,9 @@ class ModelSettings:
     # far a normalised branch is scale-invariant: a branch whose mean square is ~eps is damped, not normalised, and a
     # width-64 block of 0.02-std matrices (or a strongly decayed one) outputs a mean square of 1e-5..1e-7.
     norm_eps: float | None = None
+    # The tuned depth of the depth parametrizations (``depth_mup``, ``completep``): m_L = layers / base_depth. Left
+    # out of the cell key when unset.
+    base_depth: int | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,7 @@ _LIMITS: dict[str, tuple[Any, str]] = {
     "ffn_mult": (lambda x: x >= 1, ">= 1"), "seq_len": (lambda x: x >= 1, ">= 1"),
     "batch_size": (lambda x: x >= 1, ">= 1"), "base_width": (lambda x: x >= 1, ">= 1"),
     "init_std": (lambda x: x > 0, "> 0"), "norm_eps": (lambda x: x is None or x > 0, "> 0 or null"),
+    "base_depth": (lambda x: x is None or x >= 1, ">= 1 or null"),
     "steps": (lambda x: x >= 1, ">= 1"), "warmup_steps": (lambda x: x >= 0, ">= 0"),
     "schedule": (lambda x: x in SCHEDULES, f"one of {list(SCHEDULES)}"),
     "min_lr_ratio": (lambda x: 0 <= x <= 1, "in [0, 1]"),
@@ -203,6 +214,8 @@ class Cell:
             del payload["model"]["arch"]
         if payload["model"]["norm_eps"] is None:
             del payload["model"]["norm_eps"]
+        if payload["model"]["base_depth"] is None:
+            del payload["model"]["base_depth"]
         if payload["train"]["decay"] == "all":
             del payload["train"]["decay"]
         return hashlib.sha1(json.dumps(payload, sort_keys=True, default=float).encode()).hexdigest()[:16]
@@ -213,7 +226,8 @@ class Cell:
         arch = "" if self.model.arch == "llama" else f" {self.model.arch}"
         decay = "" if self.train.decay == "all" else f" decay={self.train.decay}"
         mode = "no-decay" if self.weight_decay == 0 else self.weight_decay_mode
-        return (f"{self.grid}{arch} {self.parametrization} w={self.width} lr=2^{math.log2(self.lr):.1f} "
+        depth = "" if self.model.base_depth is None else f" L={self.model.layers}"
+        return (f"{self.grid}{arch} {self.parametrization} w={self.width}{depth} lr=2^{math.log2(self.lr):.1f} "
                 f"{self.optimizer}{args} {mode} wd={self.weight_decay:g}{decay} seed={self.seed}")
 
 
@@ -265,7 +279,7 @@ def _learning_rates(grid: dict[str, Any], where: str) -> list[float]:
 def _expand_grid(grid: dict[str, Any], model: ModelSettings, train: TrainSettings, index: int) -> list[Cell]:
     name = grid.get("name", f"grid{index}")
     where = f"grids[{index}] ({name})"
-    known = {"name", "width", "lr", "log2_lr", "parametrization", "optimizer", "seed", "model", "train"}
+    known = {"name", "width", "depth", "lr", "log2_lr", "parametrization", "optimizer", "seed", "model", "train"}
     for key in grid:
         if key not in known:
             raise ValueError(f"{where}: unknown key {key!r}; allowed: {sorted(known)}.{v.closest(key, known)}")
@@ -279,7 +293,8 @@ def _expand_grid(grid: dict[str, Any], model: ModelSettings, train: TrainSetting
             raise ValueError(f"{where}: width {w} is not a multiple of head_dim={model.head_dim}.")
     params = _list(grid, "parametrization", where, ["sp"])
     for p in params:
-        v.check_choice(f"{where}: parametrization", p, ("sp", "mup"))
+        v.check_choice(f"{where}: parametrization", p, PARAMETRIZATIONS)
+    models = _depth_axis(grid, model, widths, params, where)
     optimizers = _list(grid, "optimizer", where, [{"weight_decay_mode": "coupled", "weight_decay": [0.0]}])
     opt_variants: list[tuple[str, tuple[tuple[str, Any], ...], str, float, str]] = []
     for opt in optimizers:
@@ -315,9 +330,27 @@ def _expand_grid(grid: dict[str, Any], model: ModelSettings, train: TrainSetting
     seeds = [as_int(f"{where}: seed", s) for s in _list(grid, "seed", where, [0])]
     lrs = _learning_rates(grid, where)
     return [
-        Cell(name, w, lr, p, mode, wd, rule, s, model, train, optimizer=opt, optimizer_args=args)
-        for p, w, (opt, args, mode, wd, rule), s, lr in itertools.product(params, widths, opt_variants, seeds, lrs)
+        Cell(name, w, lr, p, mode, wd, rule, s, m, train, optimizer=opt, optimizer_args=args)
+        for p, w, m, (opt, args, mode, wd, rule), s, lr in itertools.product(params, widths, models, opt_variants,
+                                                                              seeds, lrs)
     ]
+
+
+def _depth_axis(grid: dict[str, Any], model: ModelSettings, widths: list[int], params: list[str],
+                where: str) -> list[ModelSettings]:
+    """The grid's model settings, one per ``depth`` (``model.layers``) when the grid has a depth axis."""
+    if any(p in DEPTH_ALPHA for p in params) and model.base_depth is None:
+        raise ValueError(f"{where}: parametrizations {sorted(set(params) & set(DEPTH_ALPHA))} need "
+                         "model.base_depth (the depth the lr is tuned at).")
+    if "depth" not in grid:
+        return [model]
+    depths = [as_int(f"{where}: depth", d) for d in _list(grid, "depth", where)]
+    if min(depths) < 1:
+        raise ValueError(f"{where}: depth must be >= 1, got {depths!r}.")
+    if len(depths) > 1 and len(widths) > 1:
+        # the width analysis averages over everything but the width: a grid varies one of the two
+        raise ValueError(f"{where}: a grid varies width or depth, not both (got widths {widths}, depths {depths}).")
+    return [replace(model, layers=d) for d in depths]
 
 
 def load_config(path: str | Path) -> SweepConfig:

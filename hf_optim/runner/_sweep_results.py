@@ -20,7 +20,7 @@ from hf_optim.decay import decay_rate
 
 from ._sweep_config import DEFAULT_OPTIMIZER, Cell
 
-COLUMNS = ["key", "grid", "optimizer", "optimizer_args", "parametrization", "width", "lr", "log2_lr",
+COLUMNS = ["key", "grid", "optimizer", "optimizer_args", "parametrization", "width", "layers", "lr", "log2_lr",
            "weight_decay_mode", "weight_decay",
            "wd_rule", "seed", "train_loss", "val_loss", "diverged", "steps_done", "n_params", "seconds", "device"]
 
@@ -73,7 +73,7 @@ class ResultStore:
         with (self.out_dir / "results.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({**r, "layers": r.get("settings", {}).get("model", {}).get("layers")} for r in rows)
         # JSON cannot hold NaN portably: diverged losses become null.
         clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
                  for r in rows]
@@ -265,4 +265,7 @@ def summarize(rows: list[dict[str, Any]], metric: str = "val_loss") -> dict[str,
             "best_wd_move_grid_steps_all_lrs": index[lrs[-1]] - index[lrs[0]],
         })
     summary["lr_wd_per_step_decay"] = per_step_decay(rows, metric)
+    from ._sweep_depth import depth_transfer  # imports this module
+
+    summary["depth_transfer"] = depth_transfer(rows, metric)
     return summary

@@ -66,7 +66,7 @@ SCHEMA: dict[str, Any] = {
         "arch": ("llama", "gpt2"), "hidden_size": int, "num_layers": int, "num_heads": int,
         "intermediate_size": int, "tie_word_embeddings": bool,
         "mup": {"base_width": int, "wd_rule": ("independent", "mup", "none"), "zero_readout": bool,
-                "zero_query": bool, "output_mult": float},
+                "zero_query": bool, "output_mult": float, "base_depth": int, "depth_alpha": float},
     },
     "data": {"corpus": str, "tokenizer": ("char", "byte"), "block_size": int, "val_fraction": float,
              "max_tokens": int},

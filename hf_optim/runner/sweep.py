@@ -8,7 +8,9 @@ Runs, on a CPU in minutes, the two experiments behind muP and decoupled weight d
   learning rate under PyTorch's lr-coupled AdamW decay and under lr-independent decay. Which of the two stays put
   depends on which weights are decayed (docs/experiments/README.md): decaying the embedding and readout of a short,
   overfitting run keeps the coupled λ put; decaying only scale-invariant hidden matrices (``model.arch: olmo2``,
-  ``train.decay: hidden``) is the regime of the published picture.
+  ``train.decay: hidden``) is the regime of the published picture;
+- *depth transfer* (Dey et al. 2025, CompleteP, Fig. 1): a grid with a ``depth`` axis at a fixed width compares
+  width-only muP with depth-µP and CompleteP (``parametrization: depth_mup / completep``, ``model.base_depth``).
 
 Each cell trains a small ``LlamaForCausalLM`` (or ``Olmo2ForCausalLM``) built from a config (no download) on the
 bundled character-level tiny Shakespeare with a registered optimizer (default :class:`hf_optim.adam.AdamW`) and, for
@@ -93,9 +95,9 @@ def run_sweep(config_path: str, out_dir: Path, *, jobs: int = 1, device: str = "
         log(f"[{total - len(todo) + finished}/{total}] {cell.describe()}: {status} "
             f"({result['seconds']:.1f}s) elapsed {_fmt_seconds(elapsed)} ETA {_fmt_seconds(eta)}", flush=True)
 
-    # Seed by seed (an interrupted sweep leaves whole replicas), wide (expensive) cells first within a seed so
+    # Seed by seed (an interrupted sweep leaves whole replicas), wide or deep (expensive) cells first within a seed so
     # parallel workers finish together instead of waiting on one straggler.
-    todo.sort(key=lambda c: (c.seed, -c.width))
+    todo.sort(key=lambda c: (c.seed, -_cost(c)))
     if jobs == 1:
         for cell in todo:
             record(cell, _run(cell, device))
@@ -114,14 +116,19 @@ def run_sweep(config_path: str, out_dir: Path, *, jobs: int = 1, device: str = "
     summary["config"] = config.name
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     if plots:
+        from ._sweep_depth import plot_depth_transfer
         from ._sweep_plots import plot_lr_wd, plot_width_transfer
 
-        written = plot_width_transfer(rows, out_dir) + plot_lr_wd(rows, out_dir)
+        written = plot_width_transfer(rows, out_dir) + plot_lr_wd(rows, out_dir) + plot_depth_transfer(rows, out_dir)
         log("plots: " + ", ".join(p.name for p in written))
     for entry in summary["width_transfer"]:
         log(f"{entry['grid']} {entry['optimizer']} {entry['parametrization']:>3} ({entry['weight_decay_mode']}, "
             f"wd={entry['weight_decay']:g}): best log2 lr per width {entry['best_log2_lr']} "
             f"-> shift {entry['shift_grid_steps']} grid steps")
+    for entry in summary["depth_transfer"]:
+        log(f"{entry['grid']} {entry['optimizer']} {entry['parametrization']:>9} width {entry['width']}: best log2 lr "
+            f"per depth {entry['best_log2_lr']} -> shift {entry['shift_grid_steps']} grid steps; loss at the "
+            f"shallowest depth's best lr {({d: round(x, 3) for d, x in entry['loss_at_transferred_lr'].items()})}")
     for entry in summary["lr_wd"]:
         log(f"{entry['grid']} {entry['optimizer']} {entry['parametrization']} w={entry['width']} "
             f"{entry['weight_decay_mode']}: best wd per log2 lr {entry['best_weight_decay_per_log2_lr']}; "

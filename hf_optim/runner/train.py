@@ -94,7 +94,9 @@ def build_model(model_cfg: Mapping[str, Any], vocab_size: int, block_size: int):
         return model_cls(config)
     from mup_integration.surgery import make_mup_model
 
-    plan_kwargs = {k: mup[k] for k in ("zero_readout", "zero_query", "output_mult") if mup.get(k) is not None}
+    # base_depth + depth_alpha (both or neither, checked by make_plan): depth scaling, see mup_integration.depth
+    plan_kwargs = {k: mup[k] for k in ("zero_readout", "zero_query", "output_mult", "base_depth", "depth_alpha")
+                   if mup.get(k) is not None}
     return make_mup_model(config, base_width=mup["base_width"], model_cls=model_cls, **plan_kwargs)
 
 
