@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-startup": ("hf_optim.bench_startup", "what the .pth import hook adds to Python start-up"),
     "sweep": ("hf_optim.runner.sweep", "width x learning-rate x weight-decay sweeps (muP / decay-mode experiments)"),
     "coord-check": ("mup_integration.coord_check", "muP coordinate check: activation size per width, SP vs muP"),
+    "export": ("mup_integration.export", "write a muP checkpoint as a stock Granite/LLaMA model (same logits)"),
     "list": ("hf_optim.cli", "list the registered optimizers (--recipes: the bundled recipes and sweeps)"),
 }
 

@@ -99,9 +99,9 @@ def read_depth_fields(d: Mapping[str, Any]) -> dict[str, Any]:
     base_depth, depth, alpha = (d.get(name) for name in DEPTH_FIELDS)
     check_depth_args(base_depth, alpha)
     if (depth is None) != (base_depth is None):
-        raise ValueError(f"config.mup has base_depth={base_depth!r} but depth={depth!r}: both or neither.")
+        raise ValueError(f"The muP plan has base_depth={base_depth!r} but depth={depth!r}: both or neither.")
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
-        raise ValueError(f"config.mup depth must be a positive int, got {depth!r}.")
+        raise ValueError(f"The muP plan's depth must be a positive int, got {depth!r}.")
     return {"base_depth": base_depth, "depth": depth, "depth_alpha": None if alpha is None else float(alpha)}
 
 

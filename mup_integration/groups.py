@@ -130,7 +130,7 @@ def param_overrides(
 ) -> dict[torch.Tensor, dict[str, Any]]:
     """``{Parameter: override}`` for every trainable parameter of ``model`` (wrapped or not), for ``param_overrides=``.
 
-    ``plan`` defaults to ``model.config.mup``; a plan that does not match the model's parameters raises ValueError.
+    ``plan`` defaults to the model's stored plan; a plan that does not match the model's parameters raises ValueError.
     ``eps``: the optimizer's epsilon; with depth scaling, block parameters get ``eps · m_L^-α``.
     """
     _check(family, wd_rule, decay_vectors, eps)

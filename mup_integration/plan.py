@@ -2,7 +2,7 @@ r"""The muP plan: for every parameter *name*, its kind and width multipliers, as
 
 A plan is computed from the target config and a base config by building both models on the ``meta`` device (no
 memory, no initialisation) and comparing parameter shapes, as ``mup.set_base_shapes`` does, but keyed by name and
-stored in ``model.config.mup`` instead of as attributes on Parameters. Names survive ``copy.deepcopy``, meta-device
+stored in the model's config instead of as attributes on Parameters. Names survive ``copy.deepcopy``, meta-device
 construction + ``to_empty``, ``load_state_dict(assign=True)`` and FSDP2's ``fully_shard``; the prefixes that DDP
 (``module.``) and ``torch.compile`` (``_orig_mod.``) add are stripped when a name is looked up.
 
@@ -35,6 +35,7 @@ from torch import nn
 from hf_optim import _validation as v
 
 from .depth import DEPTH_FIELDS, at_target_depth, depth_fields, read_depth_fields
+from .storage import clear_plan, stored_plan_dict
 
 PLAN_VERSION = 1
 KINDS = ("hidden", "vector", "embedding", "readout")
@@ -78,7 +79,7 @@ class ParamInfo:
 
 @dataclass
 class MuPPlan:
-    """What muP changes in one model. ``to_dict()`` is what goes into ``config.mup``.
+    """What muP changes in one model. ``to_dict()`` is what goes into ``config.hf_optim_mup`` (see storage.py).
 
     Attributes:
         params: canonical parameter name (no wrapper prefix) -> :class:`ParamInfo`.
@@ -124,9 +125,9 @@ class MuPPlan:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MuPPlan:
         if not isinstance(d, Mapping) or "params" not in d:
-            raise ValueError(f"config.mup must be a dict written by MuPPlan.to_dict() (with 'params'), got {d!r:.200}.")
+            raise ValueError(f"A muP plan must be a dict written by MuPPlan.to_dict() (with 'params'), got {d!r:.200}.")
         if d.get("version", PLAN_VERSION) != PLAN_VERSION:
-            raise ValueError(f"config.mup has version {d.get('version')!r}; this code reads version {PLAN_VERSION}.")
+            raise ValueError(f"The muP plan has version {d.get('version')!r}; this code reads version {PLAN_VERSION}.")
         kwargs = {k: d[k] for k in ("width_mult", "head_dim", "base_head_dim", "output_mult", "attn_mult",
                                     "zero_readout", "zero_query", "base_config") if k in d}
         kwargs.update(read_depth_fields(d))
@@ -202,7 +203,7 @@ def derive_base_config(
     if not isinstance(base_width, int):
         raise TypeError(f"base_width must be an int, got {base_width!r}.")
     base = copy.deepcopy(config)
-    base.mup = None
+    clear_plan(base)
     base.hidden_size = base_width
     ratio = base_width / width
 
@@ -213,6 +214,9 @@ def derive_base_config(
                              f"{width}); pass it explicitly (base_{name}=...).")
         return int(round(result))
 
+    moe = getattr(config, "moe_intermediate_size", None)
+    if isinstance(moe, int):  # Qwen3-MoE's expert width: always proportional
+        base.moe_intermediate_size = scaled("moe_intermediate_size", moe)
     for attr in ("intermediate_size", "n_inner"):  # LLaMA family / GPT-2 (None there = 4 * hidden)
         value = getattr(config, attr, None)
         if isinstance(value, int):
@@ -252,6 +256,8 @@ def _fan_dims(module: nn.Module, param_name: str, ndim: int) -> tuple[int | None
         return 0, 1
     if type(module).__name__ == "Conv1D":  # GPT-2's transposed linear: weight is (in, out)
         return 0, 1
+    if ndim == 3:  # stacked expert matrices (experts, out, in), applied with F.linear per expert (Mixtral, Qwen3-MoE)
+        return 2, 1
     return 1, 0  # nn.Linear and anything else stored (out, in)
 
 
@@ -388,14 +394,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def get_plan(model: nn.Module) -> MuPPlan:
-    """The plan stored in ``model.config.mup`` (looking through DDP / compile wrappers)."""
-    config = getattr(unwrap(model), "config", None)
-    raw = getattr(config, "mup", None)
+    """The plan stored in the model's config (``hf_optim_mup``, or an old ``mup`` dict; see storage.py), looking
+    through DDP / compile wrappers."""
+    raw = stored_plan_dict(getattr(unwrap(model), "config", None))
     if not raw:
-        raise ValueError(f"{type(model).__name__} carries no muP plan (config.mup is missing). Build the model with "
-                         "mup_integration.make_mup_model(...) or call apply_mup(model, make_plan(...)).")
+        raise ValueError(f"{type(model).__name__} carries no muP plan (config.hf_optim_mup is missing). Build the "
+                         "model with mup_integration.make_mup_model(...) or call apply_mup(model, make_plan(...)).")
     return MuPPlan.from_dict(raw)
 
 
 def has_plan(model: nn.Module) -> bool:
-    return bool(getattr(getattr(unwrap(model), "config", None), "mup", None))
+    """Whether the model's config carries a plan; a ValueError when it carries upstream transformers' muP switch."""
+    return bool(stored_plan_dict(getattr(unwrap(model), "config", None)))

@@ -88,8 +88,8 @@ def mup_param_overrides(
         if not required:
             return None
         raise ValueError(
-            f"mup=true for {where}, but the model carries no muP plan (model.config.mup is not set). Apply muP to "
-            "the model first (mup_integration.make_mup_model / apply_mup), or drop mup=true."
+            f"mup=true for {where}, but the model carries no muP plan (model.config.hf_optim_mup is not set). Apply "
+            "muP to the model first (mup_integration.make_mup_model / apply_mup), or drop mup=true."
         )
     if not _takes_param_overrides(cls):
         raise TypeError(
@@ -99,7 +99,7 @@ def mup_param_overrides(
         )
     if not is_mup_applied(inner):
         raise ValueError(
-            "The model carries a muP plan (model.config.mup) but not its forward changes (readout multiplier, "
+            "The model carries a muP plan (model.config.hf_optim_mup) but not its forward changes (readout multiplier, "
             "attention scale): it was probably loaded with a plain from_pretrained. Load it with "
             "mup_integration.from_pretrained(cls, path) or call mup_integration.apply_mup(model, init=False) before "
             "training, or pass mup=false."

@@ -21,8 +21,9 @@ and :math:`\sigma` = ``config.initializer_range``:
    ``down_proj``, GPT-2's ``c_proj`` of attention and MLP, OLMo-2's post-branch norms; see
    :mod:`mup_integration.depth`). GPT-2's ``c_proj`` init keeps the *base* depth's :math:`\sigma/\sqrt{2L_0}`.
 
-Supported: ``LlamaForCausalLM`` and models with the same module layout (Mistral, Qwen2, Qwen3, OLMo, OLMo-2) and
-``GPT2LMHeadModel``. References: Yang et al., "Tensor Programs V" (2022), Table 3 and Appendix J (attention).
+Supported: the model types of :data:`mup_integration.adapters.ADAPTERS` (LLaMA layout: Llama, Mistral, Qwen2,
+Qwen3, OLMo, OLMo-2; GPT-2; Gemma 1/2/3; Phi-3; GPT-NeoX; Mixtral, Qwen3-MoE, OLMoE); the per-family pieces are
+there. References: Yang et al., "Tensor Programs V" (2022), Table 3 and Appendix J (attention).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from torch import nn
 from .adapters import ADAPTERS, Adapter, adapter_for
 from .depth import apply_branch_multipliers, at_base_depth, branch_multipliers_ok
 from .plan import MuPPlan, ParamInfo, get_plan, has_plan, make_plan, unwrap
+from .storage import adopt_upstream, store_plan_dict, stored_plan_dict, upstream_claim
 
 #: ``config.model_type`` -> adapter name (kept for callers of the old table; the adapters are in adapters.py).
 SUPPORTED_MODEL_TYPES: dict[str, str] = {model_type: a.name for model_type, a in ADAPTERS.items()}
@@ -61,14 +63,32 @@ class ReadoutMultiplier:
         return f"ReadoutMultiplier({self.multiplier})"
 
 
+def input_multiplier(module: nn.Module) -> float | None:
+    """The :class:`ReadoutMultiplier` of ``module`` (``None`` without one; a ValueError with several)."""
+    hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, ReadoutMultiplier)]
+    if len(hooks) > 1:
+        raise ValueError(f"{type(module).__name__} has {len(hooks)} muP input multipliers; expected at most one.")
+    return hooks[0].multiplier if hooks else None
+
+
+def set_input_multiplier(module: nn.Module, multiplier: float | None) -> None:
+    """Replace ``module``'s :class:`ReadoutMultiplier` by one with ``multiplier`` (``None``: remove it)."""
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if isinstance(hook, ReadoutMultiplier):
+            del module._forward_pre_hooks[key]
+    if multiplier is not None:
+        module.register_forward_pre_hook(ReadoutMultiplier(multiplier))
+
+
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return adapter_for(model.config).attention_modules(model)
 
 
 def attention_scale(attn: nn.Module, plan: MuPPlan, config: Any) -> float:
     r""":math:`s_{SP}\cdot\text{attn\_mult}\cdot\sqrt{d_0/d}`, :math:`s_{SP}` the adapter's SP scale."""
-    sp = adapter_for(config).sp_attention_scale(attn, config)
-    return sp * plan.attn_mult * math.sqrt(plan.base_head_dim / attn.head_dim)
+    adapter = adapter_for(config)
+    sp = adapter.sp_attention_scale(attn, config)
+    return sp * plan.attn_mult * math.sqrt(plan.base_head_dim / adapter.head_dim(attn))
 
 
 #: ``mup``'s readout classes: ``nn.Linear`` subclasses whose forward already divides by ``width_mult``.
@@ -96,7 +116,8 @@ def is_tied(model: nn.Module) -> bool:
 
 
 def apply_mup(model: nn.Module, plan: MuPPlan | None = None, *, init: bool = True) -> nn.Module:
-    """Apply ``plan`` (default: the one in ``model.config.mup``) to ``model`` in place and record it in the config.
+    """Apply ``plan`` (default: the one in the model's config) to ``model`` in place and record it in the config
+    (``config.hf_optim_mup``; an old ``config.mup`` dict moves there, see storage.py).
 
     ``init=True`` re-initialises every parameter the muP way: use it only on a freshly constructed model (or after
     ``to_empty``). ``init=False`` only sets the forward changes (attention scale, readout multiplier): use it after
@@ -104,6 +125,7 @@ def apply_mup(model: nn.Module, plan: MuPPlan | None = None, *, init: bool = Tru
     """
     inner = unwrap(model)
     adapter = check_supported_config(inner.config)
+    stored_plan_dict(inner.config)  # refuses upstream transformers' muP switch before anything changes
     plan = plan if plan is not None else get_plan(inner)
     matched = plan.match(inner.named_parameters())  # raises if the plan was made for another model
     attns = adapter.attention_modules(inner)
@@ -111,17 +133,14 @@ def apply_mup(model: nn.Module, plan: MuPPlan | None = None, *, init: bool = Tru
         raise ValueError(f"{type(inner).__name__}: no attention module with `scaling` and `head_dim` attributes "
                          f"found; it does not have the {adapter.name!r} layout muP surgery expects.")
     for attn in attns:
-        if attn.head_dim != plan.head_dim:
+        if adapter.head_dim(attn) != plan.head_dim:
             raise ValueError(f"The plan is for head_dim={plan.head_dim} but the model's attention has head_dim="
-                             f"{attn.head_dim}; rebuild the plan for this config.")
+                             f"{adapter.head_dim(attn)}; rebuild the plan for this config.")
         attn.scaling = attention_scale(attn, plan, inner.config)
-    readout = _readout(inner)
-    for key, hook in list(readout._forward_pre_hooks.items()):
-        if isinstance(hook, ReadoutMultiplier):
-            del readout._forward_pre_hooks[key]
-    readout.register_forward_pre_hook(ReadoutMultiplier(plan.output_mult / plan.width_mult))
+    set_input_multiplier(_readout(inner), plan.output_mult / plan.width_mult)
+    adapter.apply_forward_changes(inner, plan)
     apply_branch_multipliers(inner, adapter, plan)  # depth scaling: m_L^-alpha on each branch (none when it is 1)
-    inner.config.mup = plan.to_dict()
+    store_plan_dict(inner.config, plan.to_dict())
     if init:
         init_weights(inner, plan, _matched=matched)
     return model
@@ -133,12 +152,13 @@ def is_mup_applied(model: nn.Module) -> bool:
     if not has_plan(inner):
         return False
     plan = get_plan(inner)
-    hooks = [h for h in _readout(inner)._forward_pre_hooks.values() if isinstance(h, ReadoutMultiplier)]
-    expected = plan.output_mult / plan.width_mult
-    return (len(hooks) == 1 and math.isclose(hooks[0].multiplier, expected, rel_tol=1e-12)
+    adapter = adapter_for(inner.config)
+    readout = input_multiplier(_readout(inner))
+    return (readout is not None and math.isclose(readout, plan.output_mult / plan.width_mult, rel_tol=1e-12)
             and all(math.isclose(a.scaling, attention_scale(a, plan, inner.config), rel_tol=1e-12)
-                    for a in _attention_modules(inner))
-            and branch_multipliers_ok(inner, check_supported_config(inner.config), plan))
+                    for a in adapter.attention_modules(inner))
+            and adapter.forward_changes_applied(inner, plan)
+            and branch_multipliers_ok(inner, adapter, plan))
 
 
 @torch.no_grad()
@@ -157,6 +177,7 @@ def init_weights(model: nn.Module, plan: MuPPlan | None = None, *, _matched: lis
         _init_param(name, p, info, sigma, adapter, config, plan)
     if plan.zero_query:
         adapter.zero_query(inner)
+    adapter.apply_forward_changes(inner, plan)  # buffers (Gemma's embedding scale) hold garbage after to_empty
 
 
 def _init_param(name: str, p: torch.Tensor, info: ParamInfo, sigma: float, adapter: Adapter, config: Any,
@@ -189,9 +210,12 @@ def make_mup_model(
     (``base_head_dim``, ``base_intermediate_size``, ``output_mult``, ``attn_mult``, ``zero_readout``,
     ``zero_query``, ``base_depth`` and ``depth_alpha`` for depth scaling).
     """
-    plan = make_plan(config, base_config, base_width=base_width, model_cls=model_cls, **plan_kwargs)
     config = copy.deepcopy(config)
-    config.mup = plan.to_dict()
+    if upstream_claim(config):  # a fresh build: adopt upstream's mup_base_width, drop its fields (storage.py)
+        adopted = adopt_upstream(config, base_width if base_config is None else base_config.hidden_size)
+        base_width = adopted if base_config is None else None
+    plan = make_plan(config, base_config, base_width=base_width, model_cls=model_cls, **plan_kwargs)
+    store_plan_dict(config, plan.to_dict())
     with torch.device(device) if device is not None else contextlib.nullcontext():
         if model_cls is None:
             from transformers import AutoModelForCausalLM
@@ -206,7 +230,7 @@ def from_pretrained(model_cls: Any, path: str, **kwargs: Any) -> nn.Module:
     """``model_cls.from_pretrained(path, **kwargs)`` then re-apply the stored plan's forward changes (no re-init)."""
     model = model_cls.from_pretrained(path, **kwargs)
     if not has_plan(model):
-        raise ValueError(f"The model at {path!r} has no muP plan in its config (config.mup); load it with "
+        raise ValueError(f"The model at {path!r} has no muP plan in its config (config.hf_optim_mup); load it with "
                          f"{getattr(model_cls, '__name__', model_cls)}.from_pretrained instead.")
     return apply_mup(model, init=False)
 

@@ -83,10 +83,10 @@ def test_explicit_base_config_with_fixed_head_dim():
 
 # ---- clear errors ---------------------------------------------------------------------------------------------
 def test_unknown_model_type_is_rejected():
-    from transformers import GPTNeoXConfig
+    from transformers import OPTConfig
 
-    with pytest.raises(ValueError, match="model_type='gpt_neox'.*Supported"):
-        mi.make_plan(GPTNeoXConfig(hidden_size=64, num_attention_heads=4, intermediate_size=128), base_width=32)
+    with pytest.raises(ValueError, match="model_type='opt'.*Supported"):
+        mi.make_plan(OPTConfig(hidden_size=64, num_attention_heads=4, ffn_dim=128), base_width=32)
 
 
 def test_base_wider_than_target_is_rejected():
@@ -306,11 +306,11 @@ def test_gpt2_tied_readout_multiplier():
 
 
 def test_apply_mup_rejects_an_unknown_model_type(mup_llama):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import OPTConfig, OPTForCausalLM
 
-    other = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                                             num_hidden_layers=1, vocab_size=64))
-    with pytest.raises(ValueError, match="model_type='gpt_neox'.*Supported"):
+    other = OPTForCausalLM(OPTConfig(hidden_size=32, num_attention_heads=4, ffn_dim=64, num_hidden_layers=1,
+                                     vocab_size=64, word_embed_proj_dim=32))
+    with pytest.raises(ValueError, match="model_type='opt'.*Supported"):
         mi.apply_mup(other, mi.get_plan(mup_llama))
 
 

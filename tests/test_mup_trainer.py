@@ -157,7 +157,7 @@ def test_model_with_a_plan_but_no_surgery_is_refused(tmp_path):
     model = _mup_llama()
     model.save_pretrained(tmp_path / "saved")
     plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "saved")  # plan in config, no forward changes
-    assert plain.config.mup and not mi.is_mup_applied(plain)
+    assert plain.config.hf_optim_mup and not mi.is_mup_applied(plain)
     with pytest.raises(ValueError, match=r"not its forward changes.*apply_mup\(model, init=False\).*mup=false"):
         _create(tmp_path, "adamw_v2", model=plain)
     _create(tmp_path, "adamw_v2", "mup=false", model=plain)  # the explicit opt-out still works

@@ -203,7 +203,7 @@ def test_mup_plan_adds_param_overrides(tmp_path, monkeypatch):
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config())
-    model.config.mup = {"fake": "plan"}
+    model.config.hf_optim_mup = {"fake": "plan"}
     calls = []
     hidden = model.model.layers[0].mlp.up_proj.weight
 
@@ -223,8 +223,8 @@ def test_mup_plan_adds_param_overrides(tmp_path, monkeypatch):
     # opt-out, and an explicit mup=true without a plan is an error
     _, kwargs = Trainer.get_optimizer_cls_and_kwargs(_args(tmp_path, optim="adamw_v2", optim_args="mup=false"), model)
     assert "param_overrides" not in kwargs
-    model.config.mup = None
-    with pytest.raises(ValueError, match="model.config.mup is not set"):
+    model.config.hf_optim_mup = None
+    with pytest.raises(ValueError, match="model.config.hf_optim_mup is not set"):
         Trainer.get_optimizer_cls_and_kwargs(_args(tmp_path, optim="adamw_v2", optim_args="mup=true"), model)
 
 
@@ -246,7 +246,7 @@ def test_real_mup_model_gets_its_multipliers_and_mup_false_opts_out(tmp_path):
     # lr/m, embedding / readout / vectors keep lr; decayed tensors switch to width-independent decay; the Trainer's
     # no-decay group (norms, biases) keeps weight decay 0.
     model = _mup_model()
-    assert model.config.mup["width_mult"] == 2.0
+    assert model.config.hf_optim_mup["width_mult"] == 2.0
     lr, wd = 1e-2, 1e-4
     args = _args(tmp_path, optim="adamw_v2", learning_rate=lr, weight_decay=wd, max_steps=2, logging_steps=1,
                  per_device_train_batch_size=4, lr_scheduler_type="constant")

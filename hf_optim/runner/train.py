@@ -50,7 +50,7 @@ def _section(recipe: Mapping[str, Any], name: str, defaults: Mapping[str, Any]) 
 
 
 def build_model(model_cfg: Mapping[str, Any], vocab_size: int, block_size: int):
-    """A LLaMA or GPT-2 causal LM from config; with ``mup.base_width`` a muP model (plan in ``config.mup``)."""
+    """A LLaMA or GPT-2 causal LM from config; with ``mup.base_width`` a muP model (plan in ``config.hf_optim_mup``)."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     width, layers, heads = model_cfg["hidden_size"], model_cfg["num_layers"], model_cfg["num_heads"]
