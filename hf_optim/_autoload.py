@@ -24,8 +24,9 @@ Nothing here may raise into transformers' own import: a failed registration beco
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 ENV_DISABLE = "HF_OPTIM_DISABLE_AUTOLOAD"
 

@@ -90,7 +90,7 @@ def check_trainer_optimizer(module: ModuleType) -> dict[Any, Any]:
         raise _incompatible("transformers.trainer_optimizer._OPTIMIZER_HANDLERS is missing or not a dict")
     context = getattr(module, "OptimizerContext", None)
     fields = {f.name for f in dataclasses.fields(context)} if dataclasses.is_dataclass(context) else set()
-    if not _OPTIMIZER_CONTEXT_FIELDS <= fields:
+    if not fields >= _OPTIMIZER_CONTEXT_FIELDS:
         raise _incompatible(
             f"transformers.trainer_optimizer.OptimizerContext lacks fields {sorted(_OPTIMIZER_CONTEXT_FIELDS - fields)}"
         )
@@ -265,7 +265,7 @@ def on_module_loaded(module: ModuleType) -> None:
     """Hook callback: never raises into transformers' import; an incompatibility becomes a warning."""
     try:
         _register(registry.list_optimizers(), just_loaded=module)
-    except Exception as error:  # noqa: BLE001 - a broken plugin must not break `import transformers`
+    except Exception as error:
         warnings.warn(f"hf-optim: --optim names not registered: {error}", RuntimeWarning, stacklevel=2)
 
 

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .hooks import input_multiplier, set_input_multiplier
+
 
 class Adapter:
     """LLaMA module layout: ``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``, pre-norm residual blocks."""
@@ -275,21 +277,15 @@ class MoEAdapter(Adapter):
         return [(m, 1.0 / plan.params[name].width_mult) for name, m in self.routers(model)]
 
     def apply_forward_changes(self, model: nn.Module, plan: Any) -> None:
-        from .surgery import set_input_multiplier
-
         for router, mult in self._router_multipliers(model, plan):
             set_input_multiplier(router, mult)
 
     def forward_changes_applied(self, model: nn.Module, plan: Any) -> bool:
-        from .surgery import input_multiplier
-
         return all(input_multiplier(r) is not None and math.isclose(input_multiplier(r), mult, rel_tol=1e-12)
                    for r, mult in self._router_multipliers(model, plan))
 
     @torch.no_grad()
     def fold_forward_changes(self, model: nn.Module, plan: Any) -> None:
-        from .surgery import set_input_multiplier
-
         for router, mult in self._router_multipliers(model, plan):
             router.weight.copy_(router.weight.double() * mult)
             set_input_multiplier(router, None)

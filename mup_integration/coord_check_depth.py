@@ -27,7 +27,7 @@ from torch import nn
 
 from hf_optim import _validation as v
 
-from .coord_check import _batches, _config
+from ._coord_inputs import _batches, _config
 
 #: parametrization -> depth_alpha (None = width-only muP)
 DEPTH_PARAMETRIZATIONS: dict[str, float | None] = {"mup": None, "depth_mup": 0.5, "completep": 1.0}

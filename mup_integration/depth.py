@@ -76,7 +76,7 @@ def depth_fields(config: Any, base_depth: int | None, depth_alpha: float | None)
     """The plan's depth fields for ``config``: all None for width-only muP."""
     check_depth_args(base_depth, depth_alpha)
     if base_depth is None:
-        return {name: None for name in DEPTH_FIELDS}
+        return dict.fromkeys(DEPTH_FIELDS)
     return {"base_depth": base_depth, "depth": num_layers(config), "depth_alpha": float(depth_alpha)}
 
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from hf_optim import _validation as v
 
+from .adapters import adapter_for
 from .depth import DEPTH_FIELDS, at_target_depth, depth_fields, read_depth_fields
 from .storage import clear_plan, stored_plan_dict
 
@@ -339,9 +340,7 @@ def make_plan(
     if (base_config is None) == (base_width is None):
         raise ValueError("Pass exactly one of base_config (a config of the narrow model) and base_width (its hidden "
                          f"size), got base_config={type(base_config).__name__}, base_width={base_width!r}.")
-    from .surgery import check_supported_config
-
-    check_supported_config(config)
+    adapter_for(config)  # a ValueError naming the supported model types
     for name, value in (("output_mult", output_mult), ("attn_mult", attn_mult)):
         v.check_positive(name, value)
     for name, value in (("zero_readout", zero_readout), ("zero_query", zero_query)):

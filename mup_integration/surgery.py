@@ -38,6 +38,7 @@ from torch import nn
 
 from .adapters import ADAPTERS, Adapter, adapter_for
 from .depth import apply_branch_multipliers, at_base_depth, branch_multipliers_ok
+from .hooks import input_multiplier, set_input_multiplier
 from .plan import MuPPlan, ParamInfo, get_plan, has_plan, make_plan, unwrap
 from .storage import adopt_upstream, store_plan_dict, stored_plan_dict, upstream_claim
 
@@ -48,36 +49,6 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {model_type: a.name for model_type, a in
 def check_supported_config(config: Any) -> Adapter:
     """The adapter for ``config``; a ValueError naming the supported model types otherwise."""
     return adapter_for(config)
-
-
-class ReadoutMultiplier:
-    """Forward pre-hook multiplying the readout's input by a constant (a plain picklable, deep-copyable object)."""
-
-    def __init__(self, multiplier: float) -> None:
-        self.multiplier = float(multiplier)
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (args[0] * self.multiplier, *args[1:])
-
-    def __repr__(self) -> str:
-        return f"ReadoutMultiplier({self.multiplier})"
-
-
-def input_multiplier(module: nn.Module) -> float | None:
-    """The :class:`ReadoutMultiplier` of ``module`` (``None`` without one; a ValueError with several)."""
-    hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, ReadoutMultiplier)]
-    if len(hooks) > 1:
-        raise ValueError(f"{type(module).__name__} has {len(hooks)} muP input multipliers; expected at most one.")
-    return hooks[0].multiplier if hooks else None
-
-
-def set_input_multiplier(module: nn.Module, multiplier: float | None) -> None:
-    """Replace ``module``'s :class:`ReadoutMultiplier` by one with ``multiplier`` (``None``: remove it)."""
-    for key, hook in list(module._forward_pre_hooks.items()):
-        if isinstance(hook, ReadoutMultiplier):
-            del module._forward_pre_hooks[key]
-    if multiplier is not None:
-        module.register_forward_pre_hook(ReadoutMultiplier(multiplier))
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers.optimization import Adafactor as HFAdafactor
 
-from hf_optim.adafactor import Adafactor, check_factorable
 from hf_optim._adafactor_rule import stochastic_round_
+from hf_optim.adafactor import Adafactor, check_factorable
 
 SHAPES = [(8, 6), (5,), (3, 4, 5)]  # a matrix, a vector and a 3-D tensor in every comparison
 
@@ -373,7 +373,7 @@ def test_relative_step_inverse_sqrt_branch_matches_formula(implementation):
     """rho_max = 1: min(1, 1/sqrt(t)) = 1/sqrt(t) at every step (the T5 preset otherwise sits at rho_max = 1e-2)."""
     torch.manual_seed(0)
     x0, grads = torch.randn(_SMALL, dtype=torch.float64), _grads(_SMALL)
-    make = lambda p: Adafactor(p, lr=0.5, preset="t5", rho_max=1.0, min_dim_size_to_factor=2,  # noqa: E731
+    make = lambda p: Adafactor(p, lr=0.5, preset="t5", rho_max=1.0, min_dim_size_to_factor=2,
                                implementation=implementation)
     ours = _run_ours(x0, grads, make, _cosine)
     t5 = dict(_V2, lr=0.5, beta1=None, cap=None, relative_step=True, scale_parameter=True)

@@ -14,7 +14,6 @@ import warnings
 
 import pytest
 import torch
-
 from optimizer_cases import CASE_IDS, CASES, Case
 
 SHAPES = [(6, 4), (5,), (2, 3, 2), ()]

@@ -17,7 +17,7 @@ from conftest import tiny_llama_config
 import mup_integration as mi
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from train_tiny_clm import RuleDataset  # noqa: E402
+from train_tiny_clm import RuleDataset
 
 transformers = pytest.importorskip("transformers")
 from transformers import HfArgumentParser, Trainer, TrainingArguments  # noqa: E402

@@ -22,7 +22,7 @@ import hf_optim
 from hf_optim._adafactor_presets import PRESETS
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_llama_config  # noqa: E402
+from conftest import tiny_llama_config
 
 LR, WD, BETAS, EPS = 2.0**-7, 1e-4, (0.9, 0.95), 1e-6
 WIDTH, BASE_WIDTH = 64, 16  # width_mult 4

@@ -158,7 +158,7 @@ def test_gpt3_token_based_warmup_and_floor():
 def test_deepseek_schedules_at_token_counts():
     v3 = schema.load("deepseek_v3")
     steps = build.published_num_steps(v3)
-    at = lambda tokens: lr_at(v3, int(tokens / 14.8e12 * steps))  # noqa: E731
+    at = lambda tokens: lr_at(v3, int(tokens / 14.8e12 * steps))
     assert lr_at(v3, 1000) == pytest.approx(2.2e-4 * 1000 / 2000)
     assert at(5e12) == pytest.approx(2.2e-4)
     assert at(12.15e12) == pytest.approx(2.2e-5 + (2.2e-4 - 2.2e-5) * 0.5, rel=1e-3)  # cosine midpoint
@@ -197,7 +197,7 @@ def test_llama1_cosine_over_the_whole_run_per_size():
 def test_llama3_405b_warmup_8000_cosine_to_8e_7_over_1_2m_steps():
     r = schema.load("llama3")
     multiplier = build.multiplier(r, num_training_steps=1_200_000, size="405B")
-    lr = lambda k: 8e-5 * multiplier(k)  # noqa: E731
+    lr = lambda k: 8e-5 * multiplier(k)
     assert lr(4000) == pytest.approx(4e-5)
     assert lr(8000) == pytest.approx(8e-5)
     assert lr(8000 + (1_200_000 - 8000) // 2) == pytest.approx(8e-7 + (8e-5 - 8e-7) * 0.5)
@@ -267,6 +267,7 @@ def test_tiny_demo_inherits_llama2_settings_with_its_own_lr_and_warmup():
     assert peak * m(165) == pytest.approx(peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 135 / 270))))
     assert peak * m(300) == pytest.approx(3e-4)
     from transformers import LlamaForCausalLM
+
     from mup_integration.surgery import make_mup_model
 
     model = make_mup_model(tiny_llama_config(hidden_size=64), base_width=32, model_cls=LlamaForCausalLM)

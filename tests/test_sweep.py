@@ -16,7 +16,7 @@ import yaml
 from hf_optim.runner import sweep
 from hf_optim.runner._sweep_config import Cell, ModelSettings, TrainSettings, load_config
 from hf_optim.runner._sweep_data import CharData, _encoded
-from hf_optim.runner._sweep_results import summarize
+from hf_optim.runner._sweep_summary import summarize
 
 TINY = """
 name: tiny
@@ -149,8 +149,8 @@ def test_bad_optimizer_entry(tmp_path, entry, message):
 
 def test_optimizer_axis_sgd_under_mup(tmp_path):
     """A registered non-Adam optimizer with fixed args: built as that class, muP's SGD rule, and it trains."""
-    from hf_optim.sgd import SGDW
     from hf_optim.runner._sweep_cell import build_model, build_optimizer, run_cell
+    from hf_optim.sgd import SGDW
 
     text = TINY.replace("parametrization: [sp, mup]", "parametrization: [mup]\n    optimizer: "
                         "[{weight_decay_mode: coupled}, {name: sgdw_v2, args: {momentum: 0.9}}]")

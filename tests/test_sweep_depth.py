@@ -13,7 +13,7 @@ import pytest
 from hf_optim.runner import sweep
 from hf_optim.runner._sweep_config import load_config
 from hf_optim.runner._sweep_depth import depth_transfer
-from hf_optim.runner._sweep_results import summarize
+from hf_optim.runner._sweep_summary import summarize
 
 EXPERIMENTS = Path(__file__).parent.parent / "docs" / "experiments"
 TINY = """

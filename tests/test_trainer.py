@@ -9,21 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama_config
 
 import hf_optim
 from hf_optim import registry
 from hf_optim import trainer as plugin
 from hf_optim._group_logging import group_log_values
 
-from conftest import tiny_llama_config
-
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from train_tiny_clm import RuleDataset  # noqa: E402
+from train_tiny_clm import RuleDataset
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
-from transformers.training_args import OptimizerNames  # noqa: E402
 from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS  # noqa: E402
+from transformers.training_args import OptimizerNames  # noqa: E402
 
 NAMES = ["adafactor_v2", "adamw_v2", "adam_v2", "radam_v2", "sgdw_v2", "adagrad_v2", "rmsprop_v2", "adam_atan2"]
 

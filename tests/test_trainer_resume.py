@@ -7,15 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama_config
 
 import hf_optim  # noqa: F401  (registers the names)
 
-from conftest import tiny_llama_config
-
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from train_tiny_clm import RuleDataset  # noqa: E402
-
-from transformers import LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
+from train_tiny_clm import RuleDataset
+from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
 
 def _train(out: Path, name: str, resume: str | None = None) -> dict[str, torch.Tensor]:

@@ -27,7 +27,6 @@ from ._sweep_config import DEPTH_ALPHA, Cell
 from ._sweep_data import CharData, vocab_size
 from .schedules import cosine_to_floor
 
-
 #: The hidden matrices (``train.decay: hidden``): attention q/k/v/o and MLP gate/up/down of every block. Same names in
 #: LLaMA and OLMo-2 (and kept by the muP surgery).
 HIDDEN_MATRIX = re.compile(r"(^|\.)layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")

@@ -53,6 +53,7 @@ from hf_optim import _validation as v
 from hf_optim.decay import WEIGHT_DECAY_MODES
 from hf_optim.registry import get_spec
 from mup_integration.groups import WD_RULES
+
 from .bundled import recipes_dir
 
 DEFAULT_OPTIMIZER = "adamw_v2"
@@ -141,8 +142,8 @@ def _yaml_string_hint(value: Any) -> str:
 
 def as_int(where: str, value: Any) -> int:
     """``value`` as an int; a ValueError for bools, strings and non-integral numbers (no silent truncation)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or isinstance(value, float) and (
-            not math.isfinite(value) or not value.is_integer()):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and (
+            not math.isfinite(value) or not value.is_integer())):
         raise ValueError(f"{where} must be an integer, got {value!r}{_yaml_string_hint(value)}.")
     return int(value)
 

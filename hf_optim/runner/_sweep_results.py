@@ -215,7 +215,7 @@ def per_step_decay(rows: list[dict[str, Any]], metric: str = "val_loss") -> list
     return out
 
 
-def summarize(rows: list[dict[str, Any]], metric: str = "val_loss") -> dict[str, Any]:
+def summarize_width_and_lr_wd(rows: list[dict[str, Any]], metric: str = "val_loss") -> dict[str, Any]:
     """Best lr per width (and its shift, in grid steps, narrowest → widest) and best wd per lr per heat-map.
 
     For a heat-map, "moves" are signed λ-grid steps from the smallest to the largest lr of a range (negative: the
@@ -265,7 +265,4 @@ def summarize(rows: list[dict[str, Any]], metric: str = "val_loss") -> dict[str,
             "best_wd_move_grid_steps_all_lrs": index[lrs[-1]] - index[lrs[0]],
         })
     summary["lr_wd_per_step_decay"] = per_step_decay(rows, metric)
-    from ._sweep_depth import depth_transfer  # imports this module
-
-    summary["depth_transfer"] = depth_transfer(rows, metric)
     return summary

@@ -31,8 +31,8 @@ BUNDLED = {"tinyshakespeare": "tinyshakespeare.txt"}
 class Corpus:
     """The tokenized blocks and what is needed to decode them."""
 
-    train: "datasets.Dataset"  # noqa: F821 - imported lazily
-    val: "datasets.Dataset"  # noqa: F821
+    train: datasets.Dataset  # noqa: F821 - imported lazily
+    val: datasets.Dataset  # noqa: F821
     vocab_size: int
     tokenizer: str
     chars: str  # the char vocabulary ('' for byte level)

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from hf_optim._validation import closest
+
 from .bundled import recipes_dir
 
 RECIPES_DIR = recipes_dir()

@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from ._sweep_config import Cell, load_config
+from ._sweep_results import ResultStore, row_for
+from ._sweep_summary import summarize
 from .bundled import recipes_dir
-from ._sweep_results import ResultStore, row_for, summarize
 
 
 def _init_worker() -> None:
