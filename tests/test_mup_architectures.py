@@ -23,7 +23,7 @@ from mup_integration import export as ex
 from mup_integration.adapters import adapter_for
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from train_tiny_clm import RuleDataset  # noqa: E402
+from train_tiny_clm import RuleDataset
 
 VOCAB = 64
 
