@@ -42,9 +42,10 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for
+from .hooks import input_multiplier, set_input_multiplier
 from .plan import MuPPlan, get_plan, unwrap
 from .storage import clear_plan
-from .surgery import input_multiplier, is_mup_applied, is_tied, set_input_multiplier
+from .surgery import is_mup_applied, is_tied
 
 TARGETS = ("granite", "llama", "native")
 #: families whose modules map one-to-one onto LLaMA's / Granite's; why the others do not

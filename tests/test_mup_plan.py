@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_gpt2_config, tiny_llama_config
 
 import mup_integration as mi
-from mup_integration.surgery import ReadoutMultiplier
+from mup_integration.hooks import ReadoutMultiplier
 
 
 def llama_cfg(width: int, **kw):
