@@ -27,7 +27,23 @@ _LAZY = {
     "resolve_optimizer": "hf_optim.factory",
 }
 
-__all__ = [*_LAZY, "OptimizerSpec", "get_spec", "list_optimizers", "register_optimizer", "__version__"]
+__all__ = [
+    "SGDW",
+    "AdaGrad",
+    "Adafactor",
+    "Adam",
+    "AdamAtan2",
+    "AdamW",
+    "OptimizerSpec",
+    "RAdam",
+    "RMSProp",
+    "__version__",
+    "create_optimizer",
+    "get_spec",
+    "list_optimizers",
+    "register_optimizer",
+    "resolve_optimizer",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,1 +1,7 @@
-from hf_optim.cli import main; import sys; sys.exit(main())
+"""``python -m hf_optim`` = the ``hf-optim`` command."""
+
+import sys
+
+from hf_optim.cli import main
+
+sys.exit(main())

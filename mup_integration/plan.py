@@ -213,7 +213,7 @@ def derive_base_config(
         if abs(result - round(result)) > 1e-9 or round(result) < 1:
             raise ValueError(f"{name}={value} does not scale to an integer at base_width={base_width} (hidden size "
                              f"{width}); pass it explicitly (base_{name}=...).")
-        return int(round(result))
+        return round(result)
 
     moe = getattr(config, "moe_intermediate_size", None)
     if isinstance(moe, int):  # Qwen3-MoE's expert width: always proportional

@@ -89,10 +89,8 @@ def _describe(pid: int) -> str:
 
 def _signal_all(pids: Sequence[int], sig: signal.Signals) -> None:
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def _wait_gone(marker: str, seconds: float) -> list[int]:

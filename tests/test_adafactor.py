@@ -304,9 +304,9 @@ def test_errors_name_the_argument():
     p = [torch.nn.Parameter(torch.zeros(2, 2))]
     with pytest.raises(ValueError, match="preset"):
         Adafactor(p, preset="fairseq")
-    with pytest.raises(TypeError, match="beta_1.*Did you mean 'beta1'"):
+    with pytest.raises(TypeError, match=r"beta_1.*Did you mean 'beta1'"):
         Adafactor(p, beta_1=0.9)
-    with pytest.raises(ValueError, match="decay_rate.*0.8"):
+    with pytest.raises(ValueError, match=r"decay_rate.*0.8"):
         Adafactor(p, decay_rate=-0.8)
     with pytest.raises(ValueError, match="warmup_init"):
         Adafactor(p, warmup_init=True)

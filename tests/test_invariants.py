@@ -311,7 +311,7 @@ def test_every_implementation_equals_for_loop(case: Case):
         results[impl] = [p.detach() for p in params]
     for impl, result in results.items():
         for a, b in zip(result, results["for-loop"]):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=lambda m: f"{impl}: {m}")
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=lambda m, impl=impl: f"{impl}: {m}")
 
 
 ADAFACTOR_CASES = [case for case in CASES if case.cls_name == "Adafactor"]

@@ -45,7 +45,8 @@ def test_cli_writes_csv_and_png(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "coord-check mup width=   64" in out and "wrote" in out
-    rows = list(csv.DictReader(open(tmp_path / "coord_check.csv")))
+    with open(tmp_path / "coord_check.csv") as handle:
+        rows = list(csv.DictReader(handle))
     assert len(rows) == 2 * 2 * 2 * 8  # parametrizations x widths x steps x (embed, 2 x (attn, mlp, block), logits)
     assert set(rows[0]) == {"parametrization", "width", "step", "module", "mean_abs"}
     assert (tmp_path / "coord_check.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -100,7 +100,7 @@ def test_bad_stored_depth_fields():
 def test_plan_for_another_depth_is_rejected():
     plan = mi.make_plan(cfg("llama", 32, 4), base_width=16, base_depth=2, depth_alpha=1.0)
     model = build("llama", 32, 4)
-    with pytest.raises(ValueError, match="does not match|plan is for 4 layers"):
+    with pytest.raises(ValueError, match=r"does not match|plan is for 4 layers"):
         mi.apply_mup(build("llama", 32, 6), plan, init=False)
     mi.apply_mup(model, plan, init=False)
     assert mi.is_mup_applied(model)

@@ -55,7 +55,7 @@ def randomize(model, std=0.15, seed=0):
     logits: a missing factor must show up far above the 1e-5 tolerance."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
             else:
@@ -188,7 +188,7 @@ def test_refusals():
     cfg = MistralConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, sliding_window=16)
     model = mi.make_mup_model(cfg, base_width=32)
-    with pytest.raises(ValueError, match="sliding-window attention .sliding_window=16 < max_position_embeddings=64"):
+    with pytest.raises(ValueError, match=r"sliding-window attention .sliding_window=16 < max_position_embeddings=64"):
         ex.export_standard(model, to="llama")
     with pytest.raises(ValueError, match=r"to must be one of \['granite', 'llama', 'native'\], got 'gguf'"):
         ex.export_standard(model, to="gguf")

@@ -37,7 +37,7 @@ def test_infshapes_become_the_same_plan_as_make_plan():
 
 
 def test_missing_infshape_is_a_clear_error():
-    with pytest.raises(ValueError, match="no `infshape` attribute.*set_base_shapes"):
+    with pytest.raises(ValueError, match=r"no `infshape` attribute.*set_base_shapes"):
         mi.plan_from_infshapes(_llama(64))
 
 

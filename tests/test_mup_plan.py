@@ -85,7 +85,7 @@ def test_explicit_base_config_with_fixed_head_dim():
 def test_unknown_model_type_is_rejected():
     from transformers import OPTConfig
 
-    with pytest.raises(ValueError, match="model_type='opt'.*Supported"):
+    with pytest.raises(ValueError, match=r"model_type='opt'.*Supported"):
         mi.make_plan(OPTConfig(hidden_size=64, num_attention_heads=4, ffn_dim=128), base_width=32)
 
 
@@ -110,7 +110,7 @@ def test_plan_for_another_model_is_rejected(mup_llama):
     from transformers import LlamaForCausalLM
 
     other = LlamaForCausalLM(llama_cfg(128, num_layers=3))
-    with pytest.raises(ValueError, match="does not match the model's parameters.*not in the plan"):
+    with pytest.raises(ValueError, match=r"does not match the model's parameters.*not in the plan"):
         mi.param_overrides(other, plan=mi.get_plan(mup_llama))
     wrong_width = LlamaForCausalLM(llama_cfg(64))
     with pytest.raises(ValueError, match="shape mismatch"):
@@ -310,7 +310,7 @@ def test_apply_mup_rejects_an_unknown_model_type(mup_llama):
 
     other = OPTForCausalLM(OPTConfig(hidden_size=32, num_attention_heads=4, ffn_dim=64, num_hidden_layers=1,
                                      vocab_size=64, word_embed_proj_dim=32))
-    with pytest.raises(ValueError, match="model_type='opt'.*Supported"):
+    with pytest.raises(ValueError, match=r"model_type='opt'.*Supported"):
         mi.apply_mup(other, mi.get_plan(mup_llama))
 
 

@@ -180,7 +180,7 @@ def test_optimizer_without_param_overrides_is_refused_under_mup(tmp_path, monkey
         hf_optim.register_optimizer(spec)
         with pytest.raises(TypeError, match=r"does not accept param_overrides.*mup=false"):
             _create(tmp_path, "plain_sgd_test")
-        model, group_of = _create(tmp_path, "plain_sgd_test", "mup=false")
+        _model, group_of = _create(tmp_path, "plain_sgd_test", "mup=false")
         assert {g["lr"] for g in group_of.values()} == {LR}
     finally:
         registry._REGISTRY.pop(spec.name, None)

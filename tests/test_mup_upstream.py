@@ -99,7 +99,7 @@ def test_both_plans_on_one_config_are_refused():
     model = _model()
     model.config.mup = True
     model.config.mup_base_width = 32
-    with pytest.raises(ValueError, match="both an hf-optim muP plan.*and upstream's muP switch"):
+    with pytest.raises(ValueError, match=r"both an hf-optim muP plan.*and upstream's muP switch"):
         mi.get_plan(model)
 
 
@@ -112,7 +112,7 @@ def test_trainer_refuses_upstream_mup_unless_opted_out(tmp_path):
         return TrainingArguments(output_dir=str(tmp_path), optim="adamw_v2", optim_args=optim_args, report_to="none",
                                  use_cpu=True)
 
-    with pytest.raises(ValueError, match="muP switch of upstream.*mup=false"):
+    with pytest.raises(ValueError, match=r"muP switch of upstream.*mup=false"):
         Trainer.get_optimizer_cls_and_kwargs(args(), model)
     _, kwargs = Trainer.get_optimizer_cls_and_kwargs(args("mup=false"), model)
     assert "param_overrides" not in kwargs

@@ -135,7 +135,7 @@ def test_every_entry_point_builds_the_same_optimizer(name, preset, mup, tmp_path
 
 def test_factory_errors_name_the_argument():
     model = _model(False)
-    with pytest.raises(ValueError, match="Unknown knob 'betta1'.*beta1"):
+    with pytest.raises(ValueError, match=r"Unknown knob 'betta1'.*beta1"):
         hf_optim.create_optimizer("adafactor_v2", model, lr=1e-3, betta1=0.9)
     with pytest.raises(ValueError, match="given twice"):
         hf_optim.create_optimizer("adamw_v2", model, lr=1e-3, eps=1e-6, optim_args="eps=1e-7")

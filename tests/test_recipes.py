@@ -134,7 +134,7 @@ def test_weight_decay_sentinel_is_validated(tmp_path):
     with pytest.raises(schema.RecipeError, match=r"optimizer\.weight_decay must be a number or 'lr_peak'.*'lr'"):
         schema.load("palm", ["optimizer.weight_decay=lr"])
     text = "name: x\nkind: demo\noptimizer: {name: adamw_v2, weight_decay: lr_peak}\n"
-    with pytest.raises(schema.RecipeError, match="states no optimizer.lr"):
+    with pytest.raises(schema.RecipeError, match=r"states no optimizer.lr"):
         schema.load(_write(tmp_path, text))
     # A number still works and is used as is.
     assert build.weight_decay(schema.load("palm", ["optimizer.weight_decay=0.5"])) == 0.5
@@ -306,7 +306,7 @@ def test_unknown_key_names_key_and_closest(tmp_path, text, key, hint):
 def test_override_typo_and_value_parsing():
     r = schema.load("llama2", ["optimizer.lr=3e-3", "optimizer.betas=[0.9, 0.99]"])
     assert r["optimizer"]["lr"] == 3e-3 and r["optimizer"]["betas"] == [0.9, 0.99]
-    with pytest.raises(schema.RecipeError, match="Did you mean 'run.max_steps'"):
+    with pytest.raises(schema.RecipeError, match=r"Did you mean 'run.max_steps'"):
         schema.load("demo", ["run.max_stepz=3"])
 
 
@@ -366,12 +366,12 @@ def test_published_recipe_must_list_unstated_fields(tmp_path):
     base = yaml.safe_load((schema.RECIPES_DIR / "llm" / "llama2.yaml").read_text())
     base["optimizer"]["eps"] = None
     path = _write(tmp_path, yaml.safe_dump(base))
-    with pytest.raises(schema.RecipeError, match="optimizer.eps has no value"):
+    with pytest.raises(schema.RecipeError, match=r"optimizer.eps has no value"):
         schema.load(path)
     base["unknown"].append("optimizer.eps")
     base["optimizer"]["eps"] = 1e-8
     path = _write(tmp_path, yaml.safe_dump(base))
-    with pytest.raises(schema.RecipeError, match="assumptions.optimizer.eps"):
+    with pytest.raises(schema.RecipeError, match=r"assumptions.optimizer.eps"):
         schema.load(path)
     del base["sources"]
     with pytest.raises(schema.RecipeError, match="sources"):
@@ -415,7 +415,7 @@ def test_corpus_char_and_byte():
     assert corpus.decode(row) == Path(schema.RECIPES_DIR.parent / "hf_optim/data/tinyshakespeare.txt").read_text()[:32]
     byte = load_corpus(tokenizer="byte", block_size=16, max_tokens=1000)
     assert byte.vocab_size == 256 and byte.decode(byte.train[0]["input_ids"]) == "First Citizen:\nB"
-    with pytest.raises(ValueError, match="data.tokenizer"):
+    with pytest.raises(ValueError, match=r"data.tokenizer"):
         load_corpus(tokenizer="bpe")
 
 

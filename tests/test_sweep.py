@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import math
 from pathlib import Path
@@ -241,10 +242,10 @@ def test_bundled_configs_have_the_promised_grids():
     assert {(c.model.arch, c.train.decay) for c in hidden} == {("olmo2", "hidden")}
     assert all(c.model.layers >= 2 and c.train.steps >= 1000 for c in hidden)
     lrs = sorted({c.lr for c in hidden})
-    assert len(lrs) == 5 and all(b / a == 2 for a, b in zip(lrs, lrs[1:]))
+    assert len(lrs) == 5 and all(b / a == 2 for a, b in itertools.pairwise(lrs))
     for mode in ("coupled", "independent"):
         wds = sorted({c.weight_decay for c in hidden if c.weight_decay_mode == mode and c.weight_decay > 0})
-        assert len(wds) == 5 and all(b / a == 4 for a, b in zip(wds, wds[1:]))
+        assert len(wds) == 5 and all(b / a == 4 for a, b in itertools.pairwise(wds))
     assert {c.seed for c in hidden} == {0, 1, 2, 3}
     assert len([c for c in hidden if c.weight_decay == 0]) == len(lrs) * 4 == len(hidden) // 11
 

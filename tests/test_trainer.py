@@ -213,7 +213,7 @@ def test_mup_plan_adds_param_overrides(tmp_path, monkeypatch):
     monkeypatch.setattr(policy, "param_overrides", fake_param_overrides)
     monkeypatch.setattr(policy, "is_mup_applied", lambda m: True)  # the fake plan has no surgery
     args = _args(tmp_path, optim="sgdw_v2", learning_rate=0.1, optim_args="mup_wd_rule=mup")
-    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    _cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     assert calls == [(model, "sgd", "mup")] and kwargs["param_overrides"] == {hidden: {"lr_mult": 0.25}}
     optimizer = Trainer(model=model, args=_args(tmp_path, optim="adamw_v2", learning_rate=0.1)).create_optimizer()
     assert calls[-1] == (model, "adam", "independent")
@@ -223,7 +223,7 @@ def test_mup_plan_adds_param_overrides(tmp_path, monkeypatch):
     _, kwargs = Trainer.get_optimizer_cls_and_kwargs(_args(tmp_path, optim="adamw_v2", optim_args="mup=false"), model)
     assert "param_overrides" not in kwargs
     model.config.hf_optim_mup = None
-    with pytest.raises(ValueError, match="model.config.hf_optim_mup is not set"):
+    with pytest.raises(ValueError, match=r"model.config.hf_optim_mup is not set"):
         Trainer.get_optimizer_cls_and_kwargs(_args(tmp_path, optim="adamw_v2", optim_args="mup=true"), model)
 
 

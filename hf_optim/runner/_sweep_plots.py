@@ -148,7 +148,7 @@ def plot_lr_wd(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             clipped = [[min(v, vmax) if math.isfinite(v) else vmax for v in line] for line in grid_values]
             image = ax.imshow(clipped, origin="lower", aspect="auto", cmap="viridis_r", vmin=vmin, vmax=vmax)
             fig.colorbar(image, ax=ax, label="final val loss (clipped)")
-            for j, lr in enumerate(lrs):
+            for j, _lr in enumerate(lrs):
                 column = [grid_values[i][j] for i in range(len(wds))]
                 best = min(range(len(wds)), key=lambda i: column[i])
                 if math.isfinite(column[best]):

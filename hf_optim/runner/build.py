@@ -69,7 +69,7 @@ def weight_decay(recipe: Mapping[str, Any], size: str | None = None) -> float | 
 def _tokens_to_steps(tokens: float, batch_tokens: float | None, what: str) -> int:
     if not batch_tokens:
         raise ValueError(f"schedule.{what} is given in tokens but the recipe has no batch_tokens to convert it to steps.")
-    return int(round(tokens / batch_tokens))
+    return round(tokens / batch_tokens)
 
 
 def published_num_steps(recipe: Mapping[str, Any], size: str | None = None) -> int | None:
@@ -79,7 +79,7 @@ def published_num_steps(recipe: Mapping[str, Any], size: str | None = None) -> i
     if total_steps:
         return int(total_steps)
     if s["total_tokens"] and s["batch_tokens"]:
-        return int(round(s["total_tokens"] / s["batch_tokens"]))
+        return round(s["total_tokens"] / s["batch_tokens"])
     return None
 
 
@@ -102,7 +102,7 @@ def schedule_kwargs(recipe: Mapping[str, Any], num_training_steps: int | None = 
     elif sched.get("warmup_fraction") is not None:
         # [0, 1): a fraction of 1 or more would leave no step after the warm-up, so the peak lr is never reached.
         v.check_unit_interval("schedule.warmup_fraction", sched["warmup_fraction"])
-        warmup = int(round(sched["warmup_fraction"] * total))
+        warmup = round(sched["warmup_fraction"] * total)
     else:
         warmup = 0
     kwargs: dict[str, Any] = {"num_training_steps": int(total), "num_warmup_steps": warmup}

@@ -15,6 +15,7 @@ Recipes are referred to by path or by bundled name (``demo``, ``llm/palm``, ``pa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Mapping
 from pathlib import Path
@@ -300,10 +301,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     value = yaml.safe_load(raw) if raw.strip() else None
     # YAML 1.1 reads "3e-3" as a string (it wants "3.0e-3"); accept the form people type.
     if isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value)
-        except ValueError:
-            pass
     return key.split("."), value
 
 
