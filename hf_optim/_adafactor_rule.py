@@ -110,8 +110,14 @@ def rms(x: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
 
 
 def preconditioned_gradient(
-    g: torch.Tensor, state: dict[str, Any], dims: tuple[int, int] | None, beta2: float, eps1: float,
-    eps1_mode: str, spec: ShardSpec | None, scratch: torch.Tensor | None = None,
+    g: torch.Tensor,
+    state: dict[str, Any],
+    dims: tuple[int, int] | None,
+    beta2: float,
+    eps1: float,
+    eps1_mode: str,
+    spec: ShardSpec | None,
+    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Update the second-moment statistics and return the preconditioned gradient ``U = g / sqrt(V)``.
 
@@ -188,21 +194,40 @@ def eager_step(items: Sequence[Item], group: dict[str, Any], foreach: bool, scra
     for idx in chunks:
         pick = lambda seq, idx=idx: [seq[i] for i in idx]
         scratch = None if foreach else scratch_for(gs[idx[0]])
-        apply_update(pick(xs), pick(x32s), pick(gs), pick(specs), pick(states), pick(dims_list), pick(scalars),
-                     group, foreach, scratch)
+        apply_update(
+            pick(xs),
+            pick(x32s),
+            pick(gs),
+            pick(specs),
+            pick(states),
+            pick(dims_list),
+            pick(scalars),
+            group,
+            foreach,
+            scratch,
+        )
 
 
 def apply_update(
-    xs: list[torch.Tensor], x32s: list[torch.Tensor], gs: list[torch.Tensor], specs: list[ShardSpec | None],
-    states: list[dict[str, Any]], dims_list: list[Any], scalars: list[StepScalars], group: dict[str, Any],
-    foreach: bool, scratch: torch.Tensor | None,
+    xs: list[torch.Tensor],
+    x32s: list[torch.Tensor],
+    gs: list[torch.Tensor],
+    specs: list[ShardSpec | None],
+    states: list[dict[str, Any]],
+    dims_list: list[Any],
+    scalars: list[StepScalars],
+    group: dict[str, Any],
+    foreach: bool,
+    scratch: torch.Tensor | None,
 ) -> None:
     """Steps 2-6 of the algorithm for a list of tensors: step size, direction, clipping, momentum, decay, write."""
     # Step size α_t: measured on x_{t-1}, before any decay (as transformers and torch).
     alphas: list[Any] = [s.rho for s in scalars]
     if group["scale_parameter"]:
-        alphas = [python_max(rms(x, s), group["max_ignores_nan"], group["eps2"]) * rho
-                  for x, s, rho in zip(x32s, specs, alphas)]
+        alphas = [
+            python_max(rms(x, s), group["max_ignores_nan"], group["eps2"]) * rho
+            for x, s, rho in zip(x32s, specs, alphas)
+        ]
 
     # Preconditioned direction (per tensor: its statistics are reductions over its own dims).
     updates = []
@@ -245,8 +270,12 @@ def python_max(x: torch.Tensor, ignores_nan: bool, floor: float = 1.0) -> torch.
 
 
 def deltas_with_momentum(
-    updates: list[torch.Tensor], alphas: list[Any], clips: list[torch.Tensor] | None, states: list[dict[str, Any]],
-    group: dict[str, Any], foreach: bool,
+    updates: list[torch.Tensor],
+    alphas: list[Any],
+    clips: list[torch.Tensor] | None,
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    foreach: bool,
 ) -> list[torch.Tensor]:
     """The tensors Δ to subtract: clip and lr scaling, with β1 momentum before or after the lr scaling.
 

@@ -182,8 +182,21 @@ def fused(params, grads, exp_avgs, exp_avg_sqs, steps, rule: Rule) -> None:
         eps = rule.eps / math.sqrt(1.0 - rule.beta2**count) if rule.eps_mode == "tf" else rule.eps
         for p, g, m, v, s in _by_device_and_dtype(bucket):
             kernel(
-                p, g, m, v, [], s, amsgrad=False, lr=rule.lr, beta1=rule.beta1, beta2=rule.beta2,
-                weight_decay=wd, eps=eps, maximize=rule.maximize, grad_scale=None, found_inf=None,
+                p,
+                g,
+                m,
+                v,
+                [],
+                s,
+                amsgrad=False,
+                lr=rule.lr,
+                beta1=rule.beta1,
+                beta2=rule.beta2,
+                weight_decay=wd,
+                eps=eps,
+                maximize=rule.maximize,
+                grad_scale=None,
+                found_inf=None,
             )
 
 
@@ -226,13 +239,28 @@ def compiled(params, grads, exp_avgs, exp_avg_sqs, steps, rule: Rule) -> None:
         # In the graph only the division branch reads sigma == 0 as RAdam's momentum step (momentum_only implies
         # sigma == 0); the atan2 branch never does, so AdamAtan2's b = 0 stays an atan2 step there too.
         alpha, sigma, eps = (torch.tensor(c, dtype=cd, device=dev) for c in (coefs.alpha, coefs.sigma, coefs.eps))
-        args = (pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), alpha, sigma, eps,
-                torch.tensor(decay, dtype=cd, device=dev), k)
-        key = (tuple((tuple(params[i].shape), params[i].dtype, grads[i].dtype) for i in idx), str(dev),
-               tuple(sorted(k.items())))
+        args = (
+            pick(params),
+            pick(grads),
+            pick(exp_avgs),
+            pick(exp_avg_sqs),
+            alpha,
+            sigma,
+            eps,
+            torch.tensor(decay, dtype=cd, device=dev),
+            k,
+        )
+        key = (
+            tuple((tuple(params[i].shape), params[i].dtype, grads[i].dtype) for i in idx),
+            str(dev),
+            tuple(sorted(k.items())),
+        )
         # The eager fallback counts the step itself; the compiled path counts it after the graph ran.
         _compiled.run_or_fallback(
-            _compiled.adam_step, key, dev.type, args,
+            _compiled.adam_step,
+            key,
+            dev.type,
+            args,
             lambda pick=pick: for_loop(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), rule),
         )
     for s, c in zip(steps, counts):
@@ -241,5 +269,8 @@ def compiled(params, grads, exp_avgs, exp_avg_sqs, steps, rule: Rule) -> None:
 
 
 KERNELS: dict[str, Callable[..., None]] = {
-    "for-loop": for_loop, "foreach": foreach, "fused": fused, "compiled": compiled,
+    "for-loop": for_loop,
+    "foreach": foreach,
+    "fused": fused,
+    "compiled": compiled,
 }

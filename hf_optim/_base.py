@@ -157,8 +157,10 @@ class BaseOptimizer(torch.optim.Optimizer):
         name = type(self).__name__
         for p in params:
             if p.is_complex() and not self.supports_complex:
-                raise TypeError(f"{name} does not support complex parameters (got one of dtype {p.dtype}, shape "
-                                f"{tuple(p.shape)}); use torch.view_as_real on it or another optimizer.")
+                raise TypeError(
+                    f"{name} does not support complex parameters (got one of dtype {p.dtype}, shape "
+                    f"{tuple(p.shape)}); use torch.view_as_real on it or another optimizer."
+                )
             # Maths run in fp32 for bf16/fp16/fp32 parameters, fp64 for fp64 (complex: their real dtype).
             real = p.real.dtype if p.is_complex() else p.dtype
             compute = torch.float64 if real == torch.float64 else torch.float32
@@ -168,14 +170,18 @@ class BaseOptimizer(torch.optim.Optimizer):
                     raise ValueError(
                         f"{knob}={value!r} is 0 in {compute} (the compute dtype of a {p.dtype} parameter): a zero "
                         f"gradient would give 0/0 = NaN. Use {knob} >= {torch.finfo(compute).tiny:.3g} (the smallest "
-                        f"normal {compute}).")
+                        f"normal {compute})."
+                    )
 
     @classmethod
     def knob_names(cls) -> tuple[str, ...]:
         """The knobs a group of this class holds (the named constructor arguments)."""
         skip = {"self", "params", "param_overrides"}
-        return tuple(n for n, p in inspect.signature(cls.__init__).parameters.items()
-                     if n not in skip and p.kind is not inspect.Parameter.VAR_KEYWORD)
+        return tuple(
+            n
+            for n, p in inspect.signature(cls.__init__).parameters.items()
+            if n not in skip and p.kind is not inspect.Parameter.VAR_KEYWORD
+        )
 
     def _state_specs(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, _state_loading.StateSpec]:
         """The state entries this class keeps for ``p`` in ``group`` (keys, shapes): what loading accepts."""

@@ -69,8 +69,10 @@ def check_limits(max_spread: float, max_drift: float) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # The table
 # ----------------------------------------------------------------------------------------------------------------
-HEADER = (f"{'optimizer':52s} {'median ms':>10s} {'x fused':>7s} {'first ms':>10s} {'state MiB':>9s} "
-          f"{'xstate':>6s} {'B/p':>5s} {'GB/s':>6s} {'spread':>6s} flags")
+HEADER = (
+    f"{'optimizer':52s} {'median ms':>10s} {'x fused':>7s} {'first ms':>10s} {'state MiB':>9s} "
+    f"{'xstate':>6s} {'B/p':>5s} {'GB/s':>6s} {'spread':>6s} flags"
+)
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -84,10 +86,12 @@ def format_row(r: Any) -> str:
     first_ms = r.first_step_s * 1e3 if r.first_step_s is not None else None
     state_mib = r.state_bytes / 2**20 if r.state_bytes is not None else None
     codes = "".join(FLAG_CODES[f] for f in r.flags)
-    return (f"{r.name:52s} {_fmt(median_ms, '10.2f')} {_fmt(r.ratio_to_reference, '7.2f')} "
-            f"{_fmt(first_ms, '10.1f')} {_fmt(state_mib, '9.1f')} {_fmt(r.state_ratio_to_reference, '6.3f')} "
-            f"{_fmt(r.bytes_per_param, '5.1f')} {_fmt(r.gbytes_per_s, '6.1f')} {_fmt(r.spread, '6.2f')} "
-            f"{'!' + codes if codes else ''}")
+    return (
+        f"{r.name:52s} {_fmt(median_ms, '10.2f')} {_fmt(r.ratio_to_reference, '7.2f')} "
+        f"{_fmt(first_ms, '10.1f')} {_fmt(state_mib, '9.1f')} {_fmt(r.state_ratio_to_reference, '6.3f')} "
+        f"{_fmt(r.bytes_per_param, '5.1f')} {_fmt(r.gbytes_per_s, '6.1f')} {_fmt(r.spread, '6.2f')} "
+        f"{'!' + codes if codes else ''}"
+    )
 
 
 def footnote(rows: Sequence[Any], max_spread: float, max_drift: float) -> list[str]:
@@ -123,8 +127,10 @@ def load_note(start: float | None, end: float | None, cpus: int) -> list[str]:
     if not loads or max(loads) <= cpus:
         return []
     shown = ", ".join(f"{x:.1f}" for x in loads)
-    line = (f"# ! load average {shown} (start, end) on {cpus} CPUs: other work competed with every step; times and "
-            "ratios are not comparable with a quiet machine's.")
+    line = (
+        f"# ! load average {shown} (start, end) on {cpus} CPUs: other work competed with every step; times and "
+        "ratios are not comparable with a quiet machine's."
+    )
     return [line]
 
 

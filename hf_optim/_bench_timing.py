@@ -52,8 +52,13 @@ class Reference:
         return timed_step(self.optimizer, self.device, self.clock)
 
 
-def timed_repeats(optimizer: torch.optim.Optimizer, device: torch.device, repeats: int,
-                  reference: Reference | None, clock: Clock = time.perf_counter) -> tuple[list[float], list[float]]:
+def timed_repeats(
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    repeats: int,
+    reference: Reference | None,
+    clock: Clock = time.perf_counter,
+) -> tuple[list[float], list[float]]:
     """``repeats`` timed steps of ``optimizer`` and, with a reference, as many reference steps taken in pairs.
 
     The order within a pair alternates (reference first on even repeats) so that neither side always finds the

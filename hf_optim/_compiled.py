@@ -49,8 +49,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # Adafactor
 # --------------------------------------------------------------------------------------------------------------------
 def _adafactor_one(
-    p: Tensor, g: Tensor, row: Tensor | None, col: Tensor | None, v: Tensor | None, m: Tensor | None,
-    lr: Tensor, beta2: Tensor, decay: Tensor, dims: tuple[int, int] | None, k: dict[str, Any],
+    p: Tensor,
+    g: Tensor,
+    row: Tensor | None,
+    col: Tensor | None,
+    v: Tensor | None,
+    m: Tensor | None,
+    lr: Tensor,
+    beta2: Tensor,
+    decay: Tensor,
+    dims: tuple[int, int] | None,
+    k: dict[str, Any],
 ) -> None:
     r"""One parameter's Adafactor update (the algorithm box of :class:`hf_optim.adafactor.Adafactor`), written back
     in place.
@@ -128,9 +137,17 @@ def _python_max(x: Tensor, ignores_nan: bool, floor: float = 1.0) -> Tensor:
 
 
 def adafactor_step(
-    params: Sequence[Tensor], grads: Sequence[Tensor], rows: Sequence[Tensor | None], cols: Sequence[Tensor | None],
-    vs: Sequence[Tensor | None], momenta: Sequence[Tensor | None], lr: Tensor, beta2: Tensor, decay: Tensor,
-    dims: tuple[tuple[int, int] | None, ...], k: dict[str, Any],
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    rows: Sequence[Tensor | None],
+    cols: Sequence[Tensor | None],
+    vs: Sequence[Tensor | None],
+    momenta: Sequence[Tensor | None],
+    lr: Tensor,
+    beta2: Tensor,
+    decay: Tensor,
+    dims: tuple[tuple[int, int] | None, ...],
+    k: dict[str, Any],
 ) -> None:
     """Adafactor update of a list of parameters (see :func:`_adafactor_one`); ``lr``, ``beta2``, ``decay`` 0-d."""
     for i in range(len(params)):
@@ -141,8 +158,15 @@ def adafactor_step(
 # Adam-atan2 and RAdam: the Adam family's rule x <- x(1 - decay) - α F(m, σ sqrt(v) + ε)  (see _adam_kernels)
 # --------------------------------------------------------------------------------------------------------------------
 def adam_step(
-    params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
-    alpha: Tensor, sigma: Tensor, eps: Tensor, decay: Tensor, k: dict[str, Any],
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    alpha: Tensor,
+    sigma: Tensor,
+    eps: Tensor,
+    decay: Tensor,
+    k: dict[str, Any],
 ) -> None:
     r""":math:`g \leftarrow \pm g + \lambda_{l2} x`, :math:`m \leftarrow \mathrm{lerp}(m, g, 1-\beta_1)`,
     :math:`v \leftarrow \beta_2 v + (1-\beta_2) g^2`,
@@ -173,8 +197,15 @@ def adam_step(
 #: by < lr·1e-6, far inside the 1e-6 the fast paths are tested to. Two terms fewer than an ulp-exact fit saves ~4
 #: vector ops per element in a step that is compute-bound on the CPU. Fitted for this module; the exact
 #: ``torch.atan2`` is the for-loop reference it is tested against.
-_ATAN_COEFFS = (0.9999961114262754, -0.3331736764006073, 0.19807811666843822, -0.13233326663521364,
-                0.07962337960541209, -0.03360395713251685, 0.0068117030319365945)
+_ATAN_COEFFS = (
+    0.9999961114262754,
+    -0.3331736764006073,
+    0.19807811666843822,
+    -0.13233326663521364,
+    0.07962337960541209,
+    -0.03360395713251685,
+    0.0068117030319365945,
+)
 
 
 def _atan2_nonneg_x(y: Tensor, x: Tensor) -> Tensor:
@@ -216,7 +247,7 @@ def buckets(tensors: Sequence[Tensor], extra_keys: Sequence[Any] | None = None) 
         extra = extra_keys[i] if extra_keys is not None else None
         shape = "small" if t.numel() < SMALL_NUMEL else tuple(t.shape)
         groups.setdefault((shape, t.dtype, t.device, extra), []).append(i)
-    return [idx[j:j + CHUNK] for idx in groups.values() for j in range(0, len(idx), CHUNK)]
+    return [idx[j : j + CHUNK] for idx in groups.values() for j in range(0, len(idx), CHUNK)]
 
 
 _COMPILED: dict[tuple[str, Any], Callable[..., None]] = {}
@@ -237,8 +268,9 @@ def compile_broken(device_type: str) -> bool:
     return device_type in _BROKEN
 
 
-def run_or_fallback(fn: Callable[..., None], key: Any, device_type: str, args: tuple[Any, ...],
-                    eager: Callable[[], None]) -> None:
+def run_or_fallback(
+    fn: Callable[..., None], key: Any, device_type: str, args: tuple[Any, ...], eager: Callable[[], None]
+) -> None:
     """Run the compiled ``fn(*args)``; if compilation fails (no C++ compiler, no Triton, an unsupported op), warn
     once, remember it, and run ``eager()`` instead. Compilation errors are raised before the graph runs, so no state
     has been touched when ``eager()`` starts."""
@@ -263,8 +295,12 @@ def run_or_fallback(fn: Callable[..., None], key: Any, device_type: str, args: t
 def _is_compile_error(exc: Exception) -> bool:
     """Errors from Dynamo/Inductor or the toolchain, as opposed to errors of the maths (shape mismatch, ...)."""
     module = type(exc).__module__ or ""
-    return (module.startswith(("torch._dynamo", "torch._inductor")) or isinstance(exc, (OSError, ImportError))
-            or "CppCompileError" in type(exc).__name__ or "InductorError" in type(exc).__name__)
+    return (
+        module.startswith(("torch._dynamo", "torch._inductor"))
+        or isinstance(exc, (OSError, ImportError))
+        or "CppCompileError" in type(exc).__name__
+        or "InductorError" in type(exc).__name__
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -273,6 +309,7 @@ def _is_compile_error(exc: Exception) -> bool:
 #: ``implementation="auto"`` compiles a group only from this many elements: a compilation costs seconds per bucket
 #: (``docs/benchmarks.md``), which a small model never earns back (and unit tests stay eager).
 AUTO_MIN_NUMEL = 1 << 20
+
 
 def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.tensor(value, dtype=dtype, device=device)
@@ -290,10 +327,15 @@ def adafactor_group(items: Sequence[Any], group: dict[str, Any], eager: Callable
     power = items[0].scalars.decay_power if items else 0
     beta1 = group["beta1"]
     base = dict(
-        maximize=group["maximize"], l2=l2_coefficient(mode, wd), clamp=group["eps1_mode"] == "clamp",
-        clip=group["clip_threshold"], max_ignores_nan=group["max_ignores_nan"],
+        maximize=group["maximize"],
+        l2=l2_coefficient(mode, wd),
+        clamp=group["eps1_mode"] == "clamp",
+        clip=group["clip_threshold"],
+        max_ignores_nan=group["max_ignores_nan"],
         param_scale_eps2=group["eps2"] if group["scale_parameter"] else None,
-        beta1=beta1, momentum_before_lr=group["momentum_before_lr"], decay_power=power,
+        beta1=beta1,
+        momentum_before_lr=group["momentum_before_lr"],
+        decay_power=power,
         decay_as_factor=group["decay_as_factor"],
     )
     xs = [it.x for it in items]
@@ -306,15 +348,22 @@ def adafactor_group(items: Sequence[Any], group: dict[str, Any], eager: Callable
         states = [items[i].state for i in idx]
         dims = tuple(items[i].dims for i in idx)
         args = (
-            [xs[i] for i in idx], [items[i].g for i in idx],
+            [xs[i] for i in idx],
+            [items[i].g for i in idx],
             [s.get("exp_avg_sq_row") if d is not None else None for s, d in zip(states, dims)],
             [s.get("exp_avg_sq_col") if d is not None else None for s, d in zip(states, dims)],
             [s.get("exp_avg_sq") if d is None else None for s, d in zip(states, dims)],
             [moms[i] for i in idx],
-            _scalar(sc.rho, cd, dev), _scalar(sc.beta2, cd, dev), _scalar(sc.decay_coef, cd, dev), dims, k,
+            _scalar(sc.rho, cd, dev),
+            _scalar(sc.beta2, cd, dev),
+            _scalar(sc.decay_coef, cd, dev),
+            dims,
+            k,
         )
         # Not the step scalars (they are tensor arguments): one graph serves every step.
-        key = (tuple((tuple(xs[i].shape), xs[i].dtype, items[i].g.dtype, extra[i][0], extra[i][2]) for i in idx),
-               str(dev),
-               tuple(sorted(k.items())))
+        key = (
+            tuple((tuple(xs[i].shape), xs[i].dtype, items[i].g.dtype, extra[i][0], extra[i][2]) for i in idx),
+            str(dev),
+            tuple(sorted(k.items())),
+        )
         run_or_fallback(adafactor_step, key, dev.type, args, lambda idx=idx: eager([items[i] for i in idx]))

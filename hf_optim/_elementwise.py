@@ -163,28 +163,52 @@ class ElementwiseOptimizer(BaseOptimizer):
             return
         self._step_real(group, params, work, grads, states, low)
 
-    def _step_complex(self, group: dict[str, Any], params: list[torch.Tensor], work: list[torch.Tensor],
-                      grads: list[torch.Tensor], states: list[State]) -> None:
+    def _step_complex(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        work: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: list[State],
+    ) -> None:
         """Complex parameters as torch steps them: real and imaginary parts are independent coordinates. The rule
         runs on real views; the state stays complex (as torch keeps it), so state dicts are interchangeable."""
         as_real = [torch.view_as_real(x) if x.is_complex() else x for x in work]
         real_grads = [torch.view_as_real(g) if g.is_complex() else g for g in grads]
-        views = [{k: torch.view_as_real(v) if torch.is_tensor(v) and v.is_complex() else v for k, v in s.items()}
-                 for s in states]
+        views = [
+            {k: torch.view_as_real(v) if torch.is_tensor(v) and v.is_complex() else v for k, v in s.items()}
+            for s in states
+        ]
         self._step_real(group, params, as_real, real_grads, views, [False] * len(params))
         for p, state, view in zip(params, states, views):
             for key, value in view.items():
-                if p.is_complex() and torch.is_tensor(value) and not value.is_complex() and value.dim() > 0 \
-                        and value.shape[-1] == 2 and key != "step":
+                if (
+                    p.is_complex()
+                    and torch.is_tensor(value)
+                    and not value.is_complex()
+                    and value.dim() > 0
+                    and value.shape[-1] == 2
+                    and key != "step"
+                ):
                     # a buffer created (or replaced) on the real view: store it complex again
-                    if not (torch.is_tensor(state.get(key)) and state[key].is_complex()
-                            and torch.view_as_real(state[key]).data_ptr() == value.data_ptr()):
+                    if not (
+                        torch.is_tensor(state.get(key))
+                        and state[key].is_complex()
+                        and torch.view_as_real(state[key]).data_ptr() == value.data_ptr()
+                    ):
                         state[key] = torch.view_as_complex(value.contiguous())
                 else:
                     state[key] = value
 
-    def _step_real(self, group: dict[str, Any], params: list[torch.Tensor], work: list[torch.Tensor],
-                   grads: list[torch.Tensor], states: list[State], low: list[bool]) -> None:
+    def _step_real(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        work: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: list[State],
+        low: list[bool],
+    ) -> None:
         steps: list[float] = [0.0] * len(params)
         if self.counts_steps:
             for s in states:

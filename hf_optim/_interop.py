@@ -60,9 +60,13 @@ def _host_step(state: dict[str, Any]) -> dict[str, Any]:
     state = dict(state)
     if "step" in state:
         step = state["step"]
-        state["step"] = (step.detach().to("cpu", torch.float32).reshape(()) if torch.is_tensor(step) and step.numel() == 1
-                         else torch.tensor(float(step), dtype=torch.float32) if isinstance(step, (int, float))
-                         else step)  # anything else is refused by the checks that follow
+        state["step"] = (
+            step.detach().to("cpu", torch.float32).reshape(())
+            if torch.is_tensor(step) and step.numel() == 1
+            else torch.tensor(float(step), dtype=torch.float32)
+            if isinstance(step, (int, float))
+            else step
+        )  # anything else is refused by the checks that follow
     return state
 
 
@@ -81,9 +85,15 @@ def _adam_group(saved: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, 
             "no counterpart), so continuing would change the update. Continue with torch.optim.Adam(amsgrad=True)."
         )
     betas = tuple(_float(b) for b in saved["betas"])
-    return {"lr": _float(saved["lr"]), "betas": betas, "eps": saved["eps"], "weight_decay": saved["weight_decay"],
-            "weight_decay_mode": _l2_or_decoupled(saved, live), "eps_mode": "torch",
-            "maximize": saved.get("maximize", False)}
+    return {
+        "lr": _float(saved["lr"]),
+        "betas": betas,
+        "eps": saved["eps"],
+        "weight_decay": saved["weight_decay"],
+        "weight_decay_mode": _l2_or_decoupled(saved, live),
+        "eps_mode": "torch",
+        "maximize": saved.get("maximize", False),
+    }
 
 
 def _radam_group(saved: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
@@ -92,21 +102,40 @@ def _radam_group(saved: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str,
 
 
 def _sgd_group(saved: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
-    return {"lr": _float(saved["lr"]), "momentum": saved["momentum"], "dampening": saved["dampening"],
-            "nesterov": saved["nesterov"], "weight_decay": saved["weight_decay"], "weight_decay_mode": "l2",
-            "maximize": saved.get("maximize", False)}
+    return {
+        "lr": _float(saved["lr"]),
+        "momentum": saved["momentum"],
+        "dampening": saved["dampening"],
+        "nesterov": saved["nesterov"],
+        "weight_decay": saved["weight_decay"],
+        "weight_decay_mode": "l2",
+        "maximize": saved.get("maximize", False),
+    }
 
 
 def _adagrad_group(saved: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
-    return {"lr": _float(saved["lr"]), "lr_decay": saved["lr_decay"], "eps": saved["eps"],
-            "initial_accumulator_value": saved["initial_accumulator_value"], "weight_decay": saved["weight_decay"],
-            "weight_decay_mode": "l2", "maximize": saved.get("maximize", False)}
+    return {
+        "lr": _float(saved["lr"]),
+        "lr_decay": saved["lr_decay"],
+        "eps": saved["eps"],
+        "initial_accumulator_value": saved["initial_accumulator_value"],
+        "weight_decay": saved["weight_decay"],
+        "weight_decay_mode": "l2",
+        "maximize": saved.get("maximize", False),
+    }
 
 
 def _rmsprop_group(saved: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
-    return {"lr": _float(saved["lr"]), "alpha": saved["alpha"], "eps": saved["eps"], "momentum": saved["momentum"],
-            "centered": saved["centered"], "weight_decay": saved["weight_decay"], "weight_decay_mode": "l2",
-            "maximize": saved.get("maximize", False)}
+    return {
+        "lr": _float(saved["lr"]),
+        "alpha": saved["alpha"],
+        "eps": saved["eps"],
+        "momentum": saved["momentum"],
+        "centered": saved["centered"],
+        "weight_decay": saved["weight_decay"],
+        "weight_decay_mode": "l2",
+        "maximize": saved.get("maximize", False),
+    }
 
 
 #: Adafactor knobs that are not part of the maths a saved dict defines: they keep the live optimizer's values.
@@ -126,9 +155,16 @@ def _pair(value: Any, what: str) -> tuple[Any, Any]:
 
 def _torch_adafactor_group(saved: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
     eps1, eps2 = _pair(saved["eps"], "torch.optim.Adafactor")
-    return {**_adafactor_preset("torch", live), "lr": _float(saved["lr"]), "decay_rate": -saved["beta2_decay"],
-            "eps1": eps1, "eps2": eps2, "clip_threshold": saved["d"], "weight_decay": saved["weight_decay"],
-            "maximize": saved.get("maximize", False)}
+    return {
+        **_adafactor_preset("torch", live),
+        "lr": _float(saved["lr"]),
+        "decay_rate": -saved["beta2_decay"],
+        "eps1": eps1,
+        "eps2": eps2,
+        "clip_threshold": saved["d"],
+        "weight_decay": saved["weight_decay"],
+        "maximize": saved.get("maximize", False),
+    }
 
 
 def _transformers_adafactor_group(saved: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
@@ -138,10 +174,19 @@ def _transformers_adafactor_group(saved: Mapping[str, Any], live: Mapping[str, A
     lr = 1.0 if relative else _float(saved["lr"])
     if lr is None:
         raise ValueError("the saved transformers Adafactor group has lr=None with relative_step=False.")
-    return {**_adafactor_preset("hf", live), "lr": lr, "decay_rate": -saved["decay_rate"], "eps1": eps1,
-            "eps2": eps2, "clip_threshold": saved["clip_threshold"], "beta1": saved["beta1"],
-            "weight_decay": saved["weight_decay"], "scale_parameter": saved["scale_parameter"],
-            "relative_step": relative, "warmup_init": saved["warmup_init"]}
+    return {
+        **_adafactor_preset("hf", live),
+        "lr": lr,
+        "decay_rate": -saved["decay_rate"],
+        "eps1": eps1,
+        "eps2": eps2,
+        "clip_threshold": saved["clip_threshold"],
+        "beta1": saved["beta1"],
+        "weight_decay": saved["weight_decay"],
+        "scale_parameter": saved["scale_parameter"],
+        "relative_step": relative,
+        "warmup_init": saved["warmup_init"],
+    }
 
 
 def _squeezed(t: Any, dim: int) -> Any:
@@ -170,22 +215,47 @@ def _keys(*names: str) -> frozenset[str]:
 
 
 FORMATS: dict[str, Format] = {
-    "torch.optim.Adam/AdamW": Format("torch.optim.Adam/AdamW", _keys("betas", "eps", "amsgrad"),
-                                     _keys("momentum_decay", *NATIVE_MARKERS), _adam_group, _host_step),
-    "torch.optim.RAdam": Format("torch.optim.RAdam", _keys("betas", "eps", "decoupled_weight_decay"),
-                                _keys("amsgrad", "momentum_decay", *NATIVE_MARKERS), _radam_group, _host_step),
-    "torch.optim.SGD": Format("torch.optim.SGD", _keys("momentum", "dampening", "nesterov"), NATIVE_MARKERS,
-                              _sgd_group, _host_step),
-    "torch.optim.Adagrad": Format("torch.optim.Adagrad", _keys("lr_decay", "initial_accumulator_value", "eps"),
-                                  NATIVE_MARKERS, _adagrad_group, _host_step),
-    "torch.optim.RMSprop": Format("torch.optim.RMSprop", _keys("alpha", "centered", "momentum", "eps"),
-                                  NATIVE_MARKERS, _rmsprop_group, _host_step),
-    "torch.optim.Adafactor": Format("torch.optim.Adafactor", _keys("beta2_decay", "d", "eps"), NATIVE_MARKERS,
-                                    _torch_adafactor_group, _torch_adafactor_state),
+    "torch.optim.Adam/AdamW": Format(
+        "torch.optim.Adam/AdamW",
+        _keys("betas", "eps", "amsgrad"),
+        _keys("momentum_decay", *NATIVE_MARKERS),
+        _adam_group,
+        _host_step,
+    ),
+    "torch.optim.RAdam": Format(
+        "torch.optim.RAdam",
+        _keys("betas", "eps", "decoupled_weight_decay"),
+        _keys("amsgrad", "momentum_decay", *NATIVE_MARKERS),
+        _radam_group,
+        _host_step,
+    ),
+    "torch.optim.SGD": Format(
+        "torch.optim.SGD", _keys("momentum", "dampening", "nesterov"), NATIVE_MARKERS, _sgd_group, _host_step
+    ),
+    "torch.optim.Adagrad": Format(
+        "torch.optim.Adagrad",
+        _keys("lr_decay", "initial_accumulator_value", "eps"),
+        NATIVE_MARKERS,
+        _adagrad_group,
+        _host_step,
+    ),
+    "torch.optim.RMSprop": Format(
+        "torch.optim.RMSprop", _keys("alpha", "centered", "momentum", "eps"), NATIVE_MARKERS, _rmsprop_group, _host_step
+    ),
+    "torch.optim.Adafactor": Format(
+        "torch.optim.Adafactor",
+        _keys("beta2_decay", "d", "eps"),
+        NATIVE_MARKERS,
+        _torch_adafactor_group,
+        _torch_adafactor_state,
+    ),
     "transformers Adafactor": Format(
-        "transformers Adafactor", _keys("clip_threshold", "decay_rate", "scale_parameter", "relative_step",
-                                        "warmup_init"),
-        NATIVE_MARKERS, _transformers_adafactor_group, _transformers_adafactor_state),
+        "transformers Adafactor",
+        _keys("clip_threshold", "decay_rate", "scale_parameter", "relative_step", "warmup_init"),
+        NATIVE_MARKERS,
+        _transformers_adafactor_group,
+        _transformers_adafactor_state,
+    ),
 }
 
 

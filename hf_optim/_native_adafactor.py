@@ -51,8 +51,17 @@ _SOURCE_PATH = Path(__file__).with_name("_native_adafactor.c")
 # rounds as the eager path does. -fassociative-math lets the compiler
 # vectorise the reductions. No -ffast-math, which could set flush-to-zero for
 # the whole process and change torch's own results.
-_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
-          "-fassociative-math"]
+_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-fPIC",
+    "-shared",
+    "-ffp-contract=off",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fno-signed-zeros",
+    "-fassociative-math",
+]
 
 _lib: Any = None
 _broken: str | None = None
@@ -116,20 +125,36 @@ def library() -> Any | None:
         except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
             detail = getattr(err, "stderr", b"") or b""
             _broken = f"{err} {detail.decode(errors='replace')[:500]}".strip()
-            warnings.warn(f"hf-optim: the native Adafactor kernel could not be built ({_broken}); using the other "
-                          "implementations.", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"hf-optim: the native Adafactor kernel could not be built ({_broken}); using the other "
+                "implementations.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return _lib
 
 
 def supports_group(group: dict[str, Any]) -> bool:
     """Knobs the kernel implements (the others are per-tensor conditions, see :func:`supports_tensor`)."""
-    return group["eps1_mode"] == "add" and group["eps1"] is not None and not group["max_ignores_nan"] and not (
-        group["weight_decay"] and group["weight_decay_mode"] == "l2")
+    return (
+        group["eps1_mode"] == "add"
+        and group["eps1"] is not None
+        and not group["max_ignores_nan"]
+        and not (group["weight_decay"] and group["weight_decay_mode"] == "l2")
+    )
 
 
 def supports_tensor(x: torch.Tensor, g: torch.Tensor, dims: tuple[int, int] | None) -> bool:
-    return (dims == (0, 1) and x.dim() == 2 and x.device.type == "cpu" and x.dtype == torch.float32
-            and g.dtype == torch.float32 and x.is_contiguous() and g.is_contiguous() and x.numel() > 0)
+    return (
+        dims == (0, 1)
+        and x.dim() == 2
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and g.dtype == torch.float32
+        and x.is_contiguous()
+        and g.is_contiguous()
+        and x.numel() > 0
+    )
 
 
 #: Below this many elements a matrix is stepped on one thread (thread hand-off costs more than it saves).
@@ -166,13 +191,27 @@ class Job(NamedTuple):
     decay: float  # the decay rate r_t
 
 
-def adafactor_steps(jobs: list[Job], *, eps1: float, clip: float | None, decay_as_factor: bool, maximize: bool,
-                    beta1: float | None, momentum_before_lr: bool) -> None:
+def adafactor_steps(
+    jobs: list[Job],
+    *,
+    eps1: float,
+    clip: float | None,
+    decay_as_factor: bool,
+    maximize: bool,
+    beta1: float | None,
+    momentum_before_lr: bool,
+) -> None:
     """Step every matrix of ``jobs`` in place: matrices large enough for several threads one at a time in row
     blocks (:func:`adafactor_step`), all the others in a single C call."""
     threads = torch.get_num_threads()
-    group_knobs = dict(eps1=eps1, clip=clip, decay_as_factor=decay_as_factor, maximize=maximize, beta1=beta1,
-                       momentum_before_lr=momentum_before_lr)
+    group_knobs = dict(
+        eps1=eps1,
+        clip=clip,
+        decay_as_factor=decay_as_factor,
+        maximize=maximize,
+        beta1=beta1,
+        momentum_before_lr=momentum_before_lr,
+    )
     batch = []
     for job in jobs:
         if threads > 1 and job.x.numel() >= PARALLEL_MIN_NUMEL:
@@ -188,8 +227,14 @@ def adafactor_steps(jobs: list[Job], *, eps1: float, clip: float | None, decay_a
         m = state.get("exp_avg") if beta1 is not None else None
         m32 = m.data_ptr() if m is not None and m.dtype == torch.float32 else 0
         m16 = m.data_ptr() if m is not None and m.dtype == torch.bfloat16 else 0
-        ptrs += [x.data_ptr(), g.data_ptr(), state["exp_avg_sq_row"].data_ptr(), state["exp_avg_sq_col"].data_ptr(),
-                 m32, m16]
+        ptrs += [
+            x.data_ptr(),
+            g.data_ptr(),
+            state["exp_avg_sq_row"].data_ptr(),
+            state["exp_avg_sq_col"].data_ptr(),
+            m32,
+            m16,
+        ]
         dims += x.shape
         vals += [1.0 - beta2, alpha, decay]
     # The tables are float32 / int64 tensors, so the kernel sees exactly the float32 scalars adafactor_step passes.
@@ -197,14 +242,36 @@ def adafactor_steps(jobs: list[Job], *, eps1: float, clip: float | None, decay_a
     dim_table = torch.tensor(dims, dtype=torch.long)
     val_table = torch.tensor(vals, dtype=torch.float32)
     scratch = torch.empty(max(x.shape[0] + 3 * x.shape[1] for x, *_ in batch), dtype=torch.float32)
-    _lib.af_step_batch(len(batch), ptr_table.data_ptr(), dim_table.data_ptr(), val_table.data_ptr(),
-                       scratch.data_ptr(), eps1, 0.0 if clip is None else clip, int(maximize), mode,
-                       0.0 if beta1 is None else beta1, int(decay_as_factor))
+    _lib.af_step_batch(
+        len(batch),
+        ptr_table.data_ptr(),
+        dim_table.data_ptr(),
+        val_table.data_ptr(),
+        scratch.data_ptr(),
+        eps1,
+        0.0 if clip is None else clip,
+        int(maximize),
+        mode,
+        0.0 if beta1 is None else beta1,
+        int(decay_as_factor),
+    )
 
 
-def adafactor_step(x: torch.Tensor, g: torch.Tensor, state: dict[str, Any], *, beta2: float, eps1: float,
-                   clip: float | None, alpha: float, decay: float, decay_as_factor: bool, maximize: bool,
-                   beta1: float | None, momentum_before_lr: bool) -> None:
+def adafactor_step(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    state: dict[str, Any],
+    *,
+    beta2: float,
+    eps1: float,
+    clip: float | None,
+    alpha: float,
+    decay: float,
+    decay_as_factor: bool,
+    maximize: bool,
+    beta1: float | None,
+    momentum_before_lr: bool,
+) -> None:
     """One factored step of ``x`` in place (see the module docstring)."""
     lib = _lib
     rows, cols = x.shape
@@ -220,8 +287,10 @@ def adafactor_step(x: torch.Tensor, g: torch.Tensor, state: dict[str, Any], *, b
     gp, xp, f4 = g.data_ptr(), x.data_ptr(), 4 * cols  # bytes per row
     rp, w = row.data_ptr(), 1.0 - beta2
 
-    _map(lambda k, lo, hi: lib.af_sums(gp + lo * f4, rp + 4 * lo, cs + k * f4, ts + k * f4, hi - lo, cols, w, eps1),
-         blocks)
+    _map(
+        lambda k, lo, hi: lib.af_sums(gp + lo * f4, rp + 4 * lo, cs + k * f4, ts + k * f4, hi - lo, cols, w, eps1),
+        blocks,
+    )
     sumsq = lib.af_finalize(rp, col.data_ptr(), cs, ts, parts, a, b, rows, cols, w, eps1)
     scale = 1.0
     if clip is not None:
@@ -235,8 +304,21 @@ def adafactor_step(x: torch.Tensor, g: torch.Tensor, state: dict[str, Any], *, b
 
     def apply(_: int, lo: int, hi: int) -> None:
         m_ptr = None if m is None else m.data_ptr() + lo * cols * m_bytes
-        lib.af_apply(xp + lo * f4, gp + lo * f4, a + 4 * lo, b, hi - lo, cols, scale, alpha,
-                     mode, 0.0 if beta1 is None else beta1, m_ptr if m_bytes == 4 else None,
-                     m_ptr if m_bytes == 2 else None, decay, int(decay_as_factor))
+        lib.af_apply(
+            xp + lo * f4,
+            gp + lo * f4,
+            a + 4 * lo,
+            b,
+            hi - lo,
+            cols,
+            scale,
+            alpha,
+            mode,
+            0.0 if beta1 is None else beta1,
+            m_ptr if m_bytes == 4 else None,
+            m_ptr if m_bytes == 2 else None,
+            decay,
+            int(decay_as_factor),
+        )
 
     _map(apply, blocks)

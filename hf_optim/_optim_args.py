@@ -48,11 +48,24 @@ _FROM_TRAINING_ARGS = {"lr": "--learning_rate", "weight_decay": "--weight_decay"
 
 _INT = re.compile(r"[+-]?\d+")
 _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?inf|nan", re.IGNORECASE)
-_NAMED_KINDS: dict[str, type] = {"float": float, "int": int, "bool": bool, "str": str, "tuple": tuple,
-                                  "Tuple": tuple, "None": type(None)}
+_NAMED_KINDS: dict[str, type] = {
+    "float": float,
+    "int": int,
+    "bool": bool,
+    "str": str,
+    "tuple": tuple,
+    "Tuple": tuple,
+    "None": type(None),
+}
 #: How an error names each kind (in this order).
-_KIND_WORDS: dict[type, str] = {float: "a float", int: "an integer", bool: "true/false", str: "a name",
-                                tuple: "':'-separated numbers (e.g. 0.9:0.95)", type(None): "none"}
+_KIND_WORDS: dict[type, str] = {
+    float: "a float",
+    int: "an integer",
+    bool: "true/false",
+    str: "a name",
+    tuple: "':'-separated numbers (e.g. 0.9:0.95)",
+    type(None): "none",
+}
 _TRUE = ("true", "yes", "on")
 _FALSE = ("false", "no", "off")
 
@@ -206,8 +219,9 @@ def parse_optim_args(
             default = HANDLER_DEFAULT_TYPES[key]
             raw = optim_args[key]
             # A rule is a name: keep the text, so that `mup_wd_rule=none` is the rule "none", not None.
-            options[key] = raw.strip() if isinstance(default, str) and isinstance(raw, str) else _coerce(
-                key, value, default, text)
+            options[key] = (
+                raw.strip() if isinstance(default, str) and isinstance(raw, str) else _coerce(key, value, default, text)
+            )
             continue
         if key not in defaults:
             raise ValueError(

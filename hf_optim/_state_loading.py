@@ -68,7 +68,8 @@ def prepare(opt: BaseOptimizer, state_dict: Any) -> dict[str, Any]:
             entry = saved_state[pid]
             if not isinstance(entry, Mapping):  # a malformed state dict: ValueError like every other mismatch
                 raise ValueError(
-                    f"state_dict['state'][{pid!r}] must be a dict of state values, got {type(entry).__name__}.")
+                    f"state_dict['state'][{pid!r}] must be a dict of state values, got {type(entry).__name__}."
+                )
             entry = fmt.state(dict(entry)) if fmt is not None else dict(entry)
             _check_entry(opt, gi, pi, p, group, entry, saved_groups, saved_state)
             state[pid] = entry
@@ -78,24 +79,35 @@ def prepare(opt: BaseOptimizer, state_dict: Any) -> dict[str, Any]:
 def _structure(opt: BaseOptimizer, state_dict: Any) -> tuple[list[Mapping[str, Any]], Mapping[Any, Any]]:
     name = type(opt).__name__
     if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
-        raise ValueError(f"{name}.load_state_dict expects a dict with keys 'state' and 'param_groups' (what "
-                         f"Optimizer.state_dict() returns), got {type(state_dict).__name__}"
-                         f"{' with keys ' + str(sorted(map(str, state_dict))) if isinstance(state_dict, Mapping) else ''}.")
+        raise ValueError(
+            f"{name}.load_state_dict expects a dict with keys 'state' and 'param_groups' (what "
+            f"Optimizer.state_dict() returns), got {type(state_dict).__name__}"
+            f"{' with keys ' + str(sorted(map(str, state_dict))) if isinstance(state_dict, Mapping) else ''}."
+        )
     groups, state = state_dict["param_groups"], state_dict["state"]
-    if not isinstance(state, Mapping) or not isinstance(groups, (list, tuple)) or not all(
-            isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple)) for g in groups):
-        raise ValueError(f"{name}.load_state_dict: 'state' must be a dict and 'param_groups' a list of dicts with a "
-                         "'params' list of parameter ids.")
+    if (
+        not isinstance(state, Mapping)
+        or not isinstance(groups, (list, tuple))
+        or not all(isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple)) for g in groups)
+    ):
+        raise ValueError(
+            f"{name}.load_state_dict: 'state' must be a dict and 'param_groups' a list of dicts with a "
+            "'params' list of parameter ids."
+        )
     if len(groups) != len(opt.param_groups):
-        raise ValueError(f"{name}.load_state_dict: the state dict has {len(groups)} parameter group(s), this "
-                         f"optimizer {len(opt.param_groups)}. Build the optimizer with the same groups it was saved "
-                         "with (the Trainer: the same decay/no-decay split).")
+        raise ValueError(
+            f"{name}.load_state_dict: the state dict has {len(groups)} parameter group(s), this "
+            f"optimizer {len(opt.param_groups)}. Build the optimizer with the same groups it was saved "
+            "with (the Trainer: the same decay/no-decay split)."
+        )
     seen: set[Any] = set()
     for index, (saved, live) in enumerate(zip(groups, opt.param_groups)):
         if len(saved["params"]) != len(live["params"]):
-            raise ValueError(f"{name}.load_state_dict: param_groups[{index}] holds {len(saved['params'])} "
-                             f"parameter(s) in the state dict and {len(live['params'])} in this optimizer: the state "
-                             "dict belongs to another model or to groups in another order.")
+            raise ValueError(
+                f"{name}.load_state_dict: param_groups[{index}] holds {len(saved['params'])} "
+                f"parameter(s) in the state dict and {len(live['params'])} in this optimizer: the state "
+                "dict belongs to another model or to groups in another order."
+            )
         for pid in saved["params"]:
             try:
                 duplicate = pid in seen
@@ -107,8 +119,9 @@ def _structure(opt: BaseOptimizer, state_dict: Any) -> tuple[list[Mapping[str, A
     return list(groups), state
 
 
-def _translate_group(opt: BaseOptimizer, index: int, saved: Mapping[str, Any],
-                     live: Mapping[str, Any]) -> tuple[dict[str, Any], Format | None]:
+def _translate_group(
+    opt: BaseOptimizer, index: int, saved: Mapping[str, Any], live: Mapping[str, Any]
+) -> tuple[dict[str, Any], Format | None]:
     """hf-optim knobs for a saved group: its own values, the live optimizer's where it lacks them."""
     name, keys = type(opt).__name__, set(saved)
     knobs = {k: v for k, v in live.items() if k != "params"}
@@ -163,20 +176,32 @@ def _checked_knobs(opt: BaseOptimizer, index: int, group: dict[str, Any]) -> dic
     return trial
 
 
-def _check_entry(opt: BaseOptimizer, gi: int, pi: int, p: torch.Tensor, group: dict[str, Any],
-                 entry: dict[str, Any], saved_groups: list[Mapping[str, Any]], saved_state: Mapping[Any, Any]) -> None:
+def _check_entry(
+    opt: BaseOptimizer,
+    gi: int,
+    pi: int,
+    p: torch.Tensor,
+    group: dict[str, Any],
+    entry: dict[str, Any],
+    saved_groups: list[Mapping[str, Any]],
+    saved_state: Mapping[Any, Any],
+) -> None:
     name = type(opt).__name__
     where = f"{name}.load_state_dict: param_groups[{gi}] parameter {pi}"
     specs = opt._state_specs(p, group)
     missing = sorted(k for k, s in specs.items() if s.required and k not in entry)
     if entry and missing:
-        raise ValueError(f"{where}: the state lacks {missing} (a {name} state holds "
-                         f"{sorted(k for k, s in specs.items() if s.required)}).")
+        raise ValueError(
+            f"{where}: the state lacks {missing} (a {name} state holds "
+            f"{sorted(k for k, s in specs.items() if s.required)})."
+        )
     for key, value in entry.items():
         spec = specs.get(key)
         if spec is None:
-            raise ValueError(f"{where}: state key {key!r} is not kept by {name} for this parameter (expected a subset "
-                             f"of {sorted(specs)}, shape {tuple(local(p).shape)}). {_cause(gi, saved_groups, saved_state, opt)}")
+            raise ValueError(
+                f"{where}: state key {key!r} is not kept by {name} for this parameter (expected a subset "
+                f"of {sorted(specs)}, shape {tuple(local(p).shape)}). {_cause(gi, saved_groups, saved_state, opt)}"
+            )
         if spec.shape is None:
             _check_step(where, value)
             continue
@@ -193,8 +218,10 @@ def _check_entry(opt: BaseOptimizer, gi: int, pi: int, p: torch.Tensor, group: d
         wanted_complex = spec.like_param and p.is_complex()
         if value.is_complex() != wanted_complex or not (value.is_floating_point() or value.is_complex()):
             kind = "complex" if wanted_complex else "real floating-point"
-            raise ValueError(f"{where}: state[{key!r}] has dtype {value.dtype}, expected a {kind} dtype for the "
-                             f"parameter of dtype {p.dtype}.")
+            raise ValueError(
+                f"{where}: state[{key!r}] has dtype {value.dtype}, expected a {kind} dtype for the "
+                f"parameter of dtype {p.dtype}."
+            )
 
 
 def _check_step(where: str, value: Any) -> None:
@@ -205,8 +232,9 @@ def _check_step(where: str, value: Any) -> None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         number = value if ok else None
     if not ok or not (number is not None and 0 <= float(number) < float("inf")):
-        raise ValueError(f"{where}: state['step'] must be a finite number >= 0 (or a 1-element tensor of one), got "
-                         f"{value!r}.")
+        raise ValueError(
+            f"{where}: state['step'] must be a finite number >= 0 (or a 1-element tensor of one), got {value!r}."
+        )
 
 
 def _signature(entry: Any) -> tuple[int, ...] | None:
@@ -219,14 +247,21 @@ def _signature(entry: Any) -> tuple[int, ...] | None:
     return tuple(max(tensors, key=lambda t: (t.dim(), t.numel())).shape)
 
 
-def _cause(gi: int, saved_groups: list[Mapping[str, Any]], saved_state: Mapping[Any, Any],
-           opt: BaseOptimizer) -> str:
+def _cause(gi: int, saved_groups: list[Mapping[str, Any]], saved_state: Mapping[Any, Any], opt: BaseOptimizer) -> str:
     saved = [_signature(saved_state.get(pid)) for pid in saved_groups[gi]["params"]]
     for j, live in enumerate(opt.param_groups):
         shapes = [tuple(local(p).shape) for p in live["params"]]
-        if j != gi and len(shapes) == len(saved) and all(s is None or s == t for s, t in zip(saved, shapes)) \
-                and any(s is not None for s in saved):
-            return (f"Likely cause: the parameter groups are in another order (saved group {gi} fits this "
-                    f"optimizer's group {j}); build the optimizer with the groups in the order they were saved.")
-    return ("Likely cause: the state dict was saved for another model (another size or architecture) or for "
-            "parameter groups in another order; load it into the optimizer of the model it was saved with.")
+        if (
+            j != gi
+            and len(shapes) == len(saved)
+            and all(s is None or s == t for s, t in zip(saved, shapes))
+            and any(s is not None for s in saved)
+        ):
+            return (
+                f"Likely cause: the parameter groups are in another order (saved group {gi} fits this "
+                f"optimizer's group {j}); build the optimizer with the groups in the order they were saved."
+            )
+    return (
+        "Likely cause: the state dict was saved for another model (another size or architecture) or for "
+        "parameter groups in another order; load it into the optimizer of the model it was saved with."
+    )

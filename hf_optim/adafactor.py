@@ -170,8 +170,16 @@ class Adafactor(BaseOptimizer):
         group["weight_decay"] = self._resolve_group_value("weight_decay", group.get("weight_decay"), group, group)
         group["momentum_dtype"] = _DTYPE_ALIASES.get(group["momentum_dtype"], group["momentum_dtype"])
         super()._check_group(group)
-        for name in ("factored", "decay_as_factor", "momentum_before_lr", "relative_step", "warmup_init",
-                     "scale_parameter", "stochastic_rounding", "max_ignores_nan"):
+        for name in (
+            "factored",
+            "decay_as_factor",
+            "momentum_before_lr",
+            "relative_step",
+            "warmup_init",
+            "scale_parameter",
+            "stochastic_rounding",
+            "max_ignores_nan",
+        ):
             v.check_bool(name, group[name])
         v.check_choice("factor_dims", group["factor_dims"], ("last_two", "largest_two"))
         size = group["min_dim_size_to_factor"]
@@ -215,13 +223,18 @@ class Adafactor(BaseOptimizer):
     def _check_group_params(self, group: dict[str, Any], params: Any) -> None:
         super()._check_group_params(group, params)
         eps1 = group["eps1"]
-        if group["eps1_mode"] == "clamp" and isinstance(eps1, float) and eps1 * eps1 < torch.finfo(torch.float32).tiny \
-                and any(p.dtype != torch.float64 for p in params):
+        if (
+            group["eps1_mode"] == "clamp"
+            and isinstance(eps1, float)
+            and eps1 * eps1 < torch.finfo(torch.float32).tiny
+            and any(p.dtype != torch.float64 for p in params)
+        ):
             # clamp mode bounds V below by eps1²: a square that underflows in fp32 leaves V = 0 (0/0 for zero rows).
             raise ValueError(
                 f"eps1={eps1!r} with eps1_mode='clamp': eps1**2 = {eps1 * eps1:.3g} underflows in float32 (the compute "
                 f"dtype), so a zero gradient gives 0/0 = NaN. Use eps1 >= {math.sqrt(torch.finfo(torch.float32).tiny):.3g}"
-                " or None (the dtype's machine epsilon, torch's default).")
+                " or None (the dtype's machine epsilon, torch's default)."
+            )
 
     def _state_specs(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
         shape = tuple(local(p).shape)
@@ -231,8 +244,8 @@ class Adafactor(BaseOptimizer):
             specs["exp_avg_sq"] = StateSpec(shape)
         else:
             row, col = dims
-            specs["exp_avg_sq_row"] = StateSpec(shape[:col] + shape[col + 1:])
-            specs["exp_avg_sq_col"] = StateSpec(shape[:row] + shape[row + 1:])
+            specs["exp_avg_sq_row"] = StateSpec(shape[:col] + shape[col + 1 :])
+            specs["exp_avg_sq_col"] = StateSpec(shape[:row] + shape[row + 1 :])
         return specs
 
     def _check_still_factorable(self, index: int, group: dict[str, Any]) -> None:
@@ -260,8 +273,8 @@ class Adafactor(BaseOptimizer):
         f32 = dict(dtype=torch.float64 if g.dtype == torch.float64 else torch.float32, device=g.device)
         if dims is not None and "exp_avg_sq_row" not in state:
             row, col = dims
-            state["exp_avg_sq_row"] = torch.zeros(g.shape[:col] + g.shape[col + 1:], **f32)
-            state["exp_avg_sq_col"] = torch.zeros(g.shape[:row] + g.shape[row + 1:], **f32)
+            state["exp_avg_sq_row"] = torch.zeros(g.shape[:col] + g.shape[col + 1 :], **f32)
+            state["exp_avg_sq_col"] = torch.zeros(g.shape[:row] + g.shape[row + 1 :], **f32)
         elif dims is None and "exp_avg_sq" not in state:
             state["exp_avg_sq"] = torch.zeros(g.shape, **f32)
         if group["beta1"] is not None and "exp_avg" not in state:
@@ -363,11 +376,16 @@ def _adafactor_group(opt: Adafactor, params: list[torch.Tensor], group: dict[str
     if impl == "compiled":
         # FSDP2 shards need cross-rank reductions, empty tensors have nothing to fuse, stochastic rounding draws
         # eager random bits, and Inductor mishandles 0-d float64 (_compiled.inductor_ok): those stay eager.
-        fast = [it for it in items if shard_spec(it.param) is None and it.x.numel() > 0 and _compiled.inductor_ok(it.x)
-                and not (group["stochastic_rounding"] and it.x.dtype == torch.bfloat16)]
+        fast = [
+            it
+            for it in items
+            if shard_spec(it.param) is None
+            and it.x.numel() > 0
+            and _compiled.inductor_ok(it.x)
+            and not (group["stochastic_rounding"] and it.x.dtype == torch.bfloat16)
+        ]
         if fast:
-            _compiled.adafactor_group(fast, group,
-                                      lambda sub: eager_step(sub, group, False, opt._scratch_for))
+            _compiled.adafactor_group(fast, group, lambda sub: eager_step(sub, group, False, opt._scratch_for))
             fast_ids = {id(it) for it in fast}
             items = [it for it in items if id(it) not in fast_ids]
     if items:
@@ -384,8 +402,11 @@ def _native_steps(items: list[Item], group: dict[str, Any]) -> None:
             alpha = max(group["eps2"], torch.linalg.vector_norm(it.x).item() / math.sqrt(it.x.numel())) * sc.rho
         jobs.append(_native.Job(it.x, it.g, it.state, sc.beta2, alpha, float(sc.decay_rate(alpha))))
     _native.adafactor_steps(
-        jobs, eps1=group["eps1"], clip=group["clip_threshold"], decay_as_factor=group["decay_as_factor"],
-        maximize=group["maximize"], beta1=group["beta1"], momentum_before_lr=group["momentum_before_lr"],
+        jobs,
+        eps1=group["eps1"],
+        clip=group["clip_threshold"],
+        decay_as_factor=group["decay_as_factor"],
+        maximize=group["maximize"],
+        beta1=group["beta1"],
+        momentum_before_lr=group["momentum_before_lr"],
     )
-
-

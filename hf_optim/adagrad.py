@@ -74,8 +74,13 @@ class AdaGrad(ElementwiseOptimizer):
         param_overrides: ParamOverrides | None = None,
     ) -> None:
         defaults = dict(
-            lr=lr, lr_decay=lr_decay, initial_accumulator_value=initial_accumulator_value, eps=eps,
-            weight_decay=weight_decay, weight_decay_mode=weight_decay_mode, maximize=maximize,
+            lr=lr,
+            lr_decay=lr_decay,
+            initial_accumulator_value=initial_accumulator_value,
+            eps=eps,
+            weight_decay=weight_decay,
+            weight_decay_mode=weight_decay_mode,
+            maximize=maximize,
             implementation=implementation,
         )
         super().__init__(params, defaults, param_overrides=param_overrides)

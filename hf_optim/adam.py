@@ -76,8 +76,11 @@ class _AdamFamily(BaseOptimizer):
 
     def _state_specs(self, p: Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
         # _step_group creates all three at once, only for an empty state: a partial state cannot be stepped.
-        return {"step": StateSpec(None, required=True), "exp_avg": like(p, required=True),
-                "exp_avg_sq": like(p, required=True)}
+        return {
+            "step": StateSpec(None, required=True),
+            "exp_avg": like(p, required=True),
+            "exp_avg_sq": like(p, required=True),
+        }
 
     def _normalize_state_dtypes(self) -> None:
         # The kernels (fused ones above all) take the moments in the dtype _step_group creates them in.
@@ -100,10 +103,17 @@ class _AdamFamily(BaseOptimizer):
     def _rule(self, group: dict[str, Any]) -> Rule:
         beta1, beta2 = group["betas"]
         return Rule(
-            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group.get("eps", 0.0),
-            eps_mode=group.get("eps_mode", "torch"), weight_decay=group["weight_decay"],
-            weight_decay_mode=group["weight_decay_mode"], lr_peak=group["lr_peak"], maximize=group["maximize"],
-            rectify=self._rectify, atan2=(group["a"], group["b"]) if self._atan2 else None,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group.get("eps", 0.0),
+            eps_mode=group.get("eps_mode", "torch"),
+            weight_decay=group["weight_decay"],
+            weight_decay_mode=group["weight_decay_mode"],
+            lr_peak=group["lr_peak"],
+            maximize=group["maximize"],
+            rectify=self._rectify,
+            atan2=(group["a"], group["b"]) if self._atan2 else None,
         )
 
     def _resolve(self, group: dict[str, Any], params: list[Tensor]) -> str:
@@ -112,8 +122,11 @@ class _AdamFamily(BaseOptimizer):
             return impl
         if "fused" in self.implementations and all(p.device.type in _FUSED_DEVICES for p in params):
             return "fused"
-        if ("compiled" in self.implementations and sum(p.numel() for p in params) >= _compiled.AUTO_MIN_NUMEL
-                and not _compiled.compile_broken(params[0].device.type)):
+        if (
+            "compiled" in self.implementations
+            and sum(p.numel() for p in params) >= _compiled.AUTO_MIN_NUMEL
+            and not _compiled.compile_broken(params[0].device.type)
+        ):
             return "compiled"
         return "foreach"
 
@@ -253,8 +266,14 @@ class Adam(_AdamFamily):
         param_overrides: ParamOverrides | None = None,
     ) -> None:
         defaults = _defaults(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, weight_decay_mode=weight_decay_mode,
-            eps_mode=eps_mode, maximize=maximize, implementation=implementation,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            weight_decay_mode=weight_decay_mode,
+            eps_mode=eps_mode,
+            maximize=maximize,
+            implementation=implementation,
         )
         super().__init__(params, defaults, param_overrides=param_overrides)
 
@@ -307,8 +326,16 @@ class AdamW(Adam):
         param_overrides: ParamOverrides | None = None,
     ) -> None:
         super().__init__(
-            params, lr, betas, eps, weight_decay, weight_decay_mode=weight_decay_mode, eps_mode=eps_mode,
-            maximize=maximize, implementation=implementation, param_overrides=param_overrides,
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            weight_decay_mode=weight_decay_mode,
+            eps_mode=eps_mode,
+            maximize=maximize,
+            implementation=implementation,
+            param_overrides=param_overrides,
         )
 
 
@@ -356,8 +383,14 @@ class AdamAtan2(_AdamFamily):
         param_overrides: ParamOverrides | None = None,
     ) -> None:
         defaults = _defaults(
-            lr=lr, betas=betas, a=a, b=b, weight_decay=weight_decay, weight_decay_mode=weight_decay_mode,
-            maximize=maximize, implementation=implementation,
+            lr=lr,
+            betas=betas,
+            a=a,
+            b=b,
+            weight_decay=weight_decay,
+            weight_decay_mode=weight_decay_mode,
+            maximize=maximize,
+            implementation=implementation,
         )
         super().__init__(params, defaults, param_overrides=param_overrides)
 
@@ -414,7 +447,13 @@ class RAdam(_AdamFamily):
         param_overrides: ParamOverrides | None = None,
     ) -> None:
         defaults = _defaults(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, weight_decay_mode=weight_decay_mode,
-            eps_mode=eps_mode, maximize=maximize, implementation=implementation,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            weight_decay_mode=weight_decay_mode,
+            eps_mode=eps_mode,
+            maximize=maximize,
+            implementation=implementation,
         )
         super().__init__(params, defaults, param_overrides=param_overrides)

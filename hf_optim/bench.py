@@ -94,8 +94,14 @@ class BenchResult:
 # Cases
 # ----------------------------------------------------------------------------------------------------------------
 #: Short names for knobs in case names (``adamw_v2[coupled,wd=0.1,eps=tf]/fused``); a value alone for modes/presets.
-_LABELS = {"weight_decay_mode": "", "preset": "", "weight_decay": "wd=", "eps_mode": "eps=", "beta1": "beta1=",
-           "momentum_dtype": "m="}
+_LABELS = {
+    "weight_decay_mode": "",
+    "preset": "",
+    "weight_decay": "wd=",
+    "eps_mode": "eps=",
+    "beta1": "beta1=",
+    "momentum_dtype": "m=",
+}
 
 
 def _ours(spec_name: str, implementation: str, grad_reads: int = 1, **kwargs: Any) -> BenchCase:
@@ -127,12 +133,16 @@ def reference_cases() -> list[BenchCase]:
         return Adafactor(params, lr=1e-3, relative_step=False, scale_parameter=False, warmup_init=False)
 
     return [
-        BenchCase(REFERENCE, lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1, fused=True), 1,
-                  {"fused": True}),
-        BenchCase("torch_adamw_foreach", lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1, foreach=True), 1,
-                  {"foreach": True}),
-        BenchCase("torch_adafactor_foreach", lambda p: torch.optim.Adafactor(p, lr=1e-2, foreach=True), 2,
-                  {"foreach": True}),
+        BenchCase(REFERENCE, lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1, fused=True), 1, {"fused": True}),
+        BenchCase(
+            "torch_adamw_foreach",
+            lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1, foreach=True),
+            1,
+            {"foreach": True},
+        ),
+        BenchCase(
+            "torch_adafactor_foreach", lambda p: torch.optim.Adafactor(p, lr=1e-2, foreach=True), 2, {"foreach": True}
+        ),
         BenchCase("hf_adafactor", hf_adafactor, 2, {"relative_step": False, "scale_parameter": False}),
     ]
 
@@ -148,8 +158,7 @@ def our_cases() -> list[BenchCase]:
             if spec.name in ("adamw_v2", "adam_v2"):
                 for mode, wd in wd_for_mode.items():
                     for eps_mode in ("torch", "tf"):
-                        cases.append(_ours(spec.name, impl, weight_decay_mode=mode, weight_decay=wd,
-                                           eps_mode=eps_mode))
+                        cases.append(_ours(spec.name, impl, weight_decay_mode=mode, weight_decay=wd, eps_mode=eps_mode))
             elif "adafactor" in spec.name:
                 for preset in ("adafactor_v2", "hf", "torch", "palm", "t5"):
                     cases.append(_ours(spec.name, impl, 2, preset=preset))
@@ -169,12 +178,22 @@ def all_cases() -> list[BenchCase]:
 # Measurement
 # ----------------------------------------------------------------------------------------------------------------
 def _new_result(case: BenchCase) -> BenchResult:
-    return BenchResult(case.name, kwargs={k: repr(v) if not isinstance(v, (int, float, str, bool, type(None)))
-                                          else v for k, v in case.kwargs.items()})
+    return BenchResult(
+        case.name,
+        kwargs={
+            k: repr(v) if not isinstance(v, (int, float, str, bool, type(None))) else v for k, v in case.kwargs.items()
+        },
+    )
 
 
-def measure(case: BenchCase, params: list[torch.Tensor], warmup: int, repeats: int,
-            reference: Reference | None = None, clock: Clock = time.perf_counter) -> BenchResult:
+def measure(
+    case: BenchCase,
+    params: list[torch.Tensor],
+    warmup: int,
+    repeats: int,
+    reference: Reference | None = None,
+    clock: Clock = time.perf_counter,
+) -> BenchResult:
     """Time one case on ``params`` (paired with ``reference`` when given); errors become a row (missing/error)."""
     result = _new_result(case)
     device = params[0].device
@@ -219,8 +238,9 @@ def _summarize(result: BenchResult, params: list[torch.Tensor], grad_reads: int)
     result.gbytes_per_s = moved / result.median_s / 1e9 if result.median_s > 0 else None
 
 
-def _start_reference(case: BenchCase, params: list[torch.Tensor], warmup: int, own_repeats: int,
-                     clock: Clock) -> tuple[BenchResult, Reference | None]:
+def _start_reference(
+    case: BenchCase, params: list[torch.Tensor], warmup: int, own_repeats: int, clock: Clock
+) -> tuple[BenchResult, Reference | None]:
     """Build the reference, time its first step, warm it up (and time ``own_repeats`` steps when it runs alone)."""
     result = _new_result(case)
     device = params[0].device
@@ -239,8 +259,9 @@ def _start_reference(case: BenchCase, params: list[torch.Tensor], warmup: int, o
     return result, Reference(optimizer, device, clock)
 
 
-def _finish(results: list[BenchResult], params: list[torch.Tensor], grad_reads: int, max_spread: float,
-            max_drift: float) -> float | None:
+def _finish(
+    results: list[BenchResult], params: list[torch.Tensor], grad_reads: int, max_spread: float, max_drift: float
+) -> float | None:
     """Pool the reference's paired steps into its row, set every row's drift and flags; return the run's drift."""
     ref, rows = results[0], results[1:]
     paired = [r for r in rows if r.status == "ok" and r.reference_times_s]
@@ -278,14 +299,25 @@ def _progress_line(i: int, n: int, r: BenchResult) -> str:
         return f"[{i}/{n}] {r.name}: {r.status}: {r.error[:80]}"
     ratio = f", x{r.ratio_to_reference:.2f} fused" if r.ratio_to_reference is not None else ""
     spread_text = f", spread {r.spread:.2f}" if r.spread is not None else ""
-    return f"[{i}/{n}] {r.name}: {r.median_s * 1e3:.2f} ms{ratio}{spread_text} (first step {r.first_step_s * 1e3:.1f} ms)"
+    return (
+        f"[{i}/{n}] {r.name}: {r.median_s * 1e3:.2f} ms{ratio}{spread_text} (first step {r.first_step_s * 1e3:.1f} ms)"
+    )
 
 
-def run(size: str = "58m", device: str = "cpu", threads: int | None = None, only: str | None = None,
-        warmup: int = 2, repeats: int = DEFAULT_REPEATS, dtype: str = "float32",
-        cases: Sequence[BenchCase] | None = None, progress: Callable[[str], None] | None = None,
-        max_spread: float = DEFAULT_MAX_SPREAD, max_drift: float = DEFAULT_MAX_DRIFT,
-        clock: Clock = time.perf_counter) -> dict[str, Any]:
+def run(
+    size: str = "58m",
+    device: str = "cpu",
+    threads: int | None = None,
+    only: str | None = None,
+    warmup: int = 2,
+    repeats: int = DEFAULT_REPEATS,
+    dtype: str = "float32",
+    cases: Sequence[BenchCase] | None = None,
+    progress: Callable[[str], None] | None = None,
+    max_spread: float = DEFAULT_MAX_SPREAD,
+    max_drift: float = DEFAULT_MAX_DRIFT,
+    clock: Clock = time.perf_counter,
+) -> dict[str, Any]:
     """Run the benchmark and return the JSON-able report (``meta`` + ``results``, the reference first).
 
     ``clock`` (seconds, monotonic) is what steps are timed with; tests pass a fake one.
@@ -302,14 +334,22 @@ def run(size: str = "58m", device: str = "cpu", threads: int | None = None, only
     say = progress or (lambda msg: print(msg, flush=True))
     numel = sum(p.numel() for p in params)
     threads_now = torch.get_num_threads()
-    say(f"# {size}: {format_count(numel)} on {dev}, {threads_now} thread{'s' * (threads_now != 1)}; per case: first "
+    say(
+        f"# {size}: {format_count(numel)} on {dev}, {threads_now} thread{'s' * (threads_now != 1)}; per case: first "
         f"step, {warmup} warm-up + {repeats} timed steps, each paired with a timed step of {REFERENCE}; "
-        f"{len(others) + 1} case{'s' * bool(others)}")
+        f"{len(others) + 1} case{'s' * bool(others)}"
+    )
     load_start = load_average()
     ref_row, reference = _start_reference(ref_case, params, warmup, 0 if others else repeats, clock)
     results = [ref_row]
-    say(f"[1/{len(others) + 1}] {REFERENCE}: " + (f"first step {ref_row.first_step_s * 1e3:.1f} ms"
-                                                  if ref_row.status == "ok" else f"error: {ref_row.error[:80]}"))
+    say(
+        f"[1/{len(others) + 1}] {REFERENCE}: "
+        + (
+            f"first step {ref_row.first_step_s * 1e3:.1f} ms"
+            if ref_row.status == "ok"
+            else f"error: {ref_row.error[:80]}"
+        )
+    )
     for i, case in enumerate(others, start=2):
         for p, g in zip(params, pristine_grads):  # restore gradients an optimizer may have modified
             p.grad.copy_(g)
@@ -327,13 +367,20 @@ def run(size: str = "58m", device: str = "cpu", threads: int | None = None, only
     for line in footnote(results, max_spread, max_drift) + load_note(load_start, load_end, cpus):
         say(line)
     meta = _meta(size, dev, dtype, warmup, repeats, params, run_drift)
-    meta.update(max_spread=max_spread, max_drift=max_drift, paired=True, flagged=[r.name for r in results if r.flags],
-                load_average=[load_start, load_end], cpu_count=cpus)
+    meta.update(
+        max_spread=max_spread,
+        max_drift=max_drift,
+        paired=True,
+        flagged=[r.name for r in results if r.flags],
+        load_average=[load_start, load_end],
+        cpu_count=cpus,
+    )
     return {"meta": meta, "results": [asdict(r) for r in results]}
 
 
-def _meta(size: str, dev: torch.device, dtype: str, warmup: int, repeats: int, params: list[torch.Tensor],
-          drift: float | None) -> dict[str, Any]:
+def _meta(
+    size: str, dev: torch.device, dtype: str, warmup: int, repeats: int, params: list[torch.Tensor], drift: float | None
+) -> dict[str, Any]:
     import importlib.metadata as md
 
     def version(pkg: str) -> str | None:
@@ -343,11 +390,22 @@ def _meta(size: str, dev: torch.device, dtype: str, warmup: int, repeats: int, p
             return None
 
     return {
-        "size": size, "shape": asdict(SIZES[size]), "numel": sum(p.numel() for p in params), "dtype": dtype,
-        "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-        platform.processor() or platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": torch.get_num_threads(), "warmup": warmup, "repeats": repeats, "reference": REFERENCE,
-        "reference_drift": drift, "python": platform.python_version(), "platform": platform.platform(),
+        "size": size,
+        "shape": asdict(SIZES[size]),
+        "numel": sum(p.numel() for p in params),
+        "dtype": dtype,
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "warmup": warmup,
+        "repeats": repeats,
+        "reference": REFERENCE,
+        "reference_drift": drift,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
         "versions": {pkg: version(pkg) for pkg in ("torch", "transformers", "hf-optim")},
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -356,20 +414,34 @@ def _meta(size: str, dev: torch.device, dtype: str, warmup: int, repeats: int, p
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-optim bench", description=__doc__.split("\n")[0].replace("``", ""))
     parser.add_argument("--size", choices=sorted(SIZES), default="58m", help="parameter set (default 58m)")
-    parser.add_argument("--device", default=None,
-                        help="cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu)")
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
-    parser.add_argument("--only", default=None,
-                        help="comma-separated regexes on case names (fused AdamW, the reference, always runs)")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated regexes on case names (fused AdamW, the reference, always runs)"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (default 2)")
-    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
-                        help=f"timed steps per case, each paired with a reference step (default {DEFAULT_REPEATS})")
-    parser.add_argument("--max-spread", type=float, default=DEFAULT_MAX_SPREAD,
-                        help="flag a row (S, R) whose repeats or paired reference steps spread by more than this "
-                             f"factor, max/min (default {DEFAULT_MAX_SPREAD})")
-    parser.add_argument("--max-drift", type=float, default=DEFAULT_MAX_DRIFT,
-                        help="flag a row (D) whose paired reference median is more than this factor off the "
-                             f"reference's median over the run (default {DEFAULT_MAX_DRIFT})")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=DEFAULT_REPEATS,
+        help=f"timed steps per case, each paired with a reference step (default {DEFAULT_REPEATS})",
+    )
+    parser.add_argument(
+        "--max-spread",
+        type=float,
+        default=DEFAULT_MAX_SPREAD,
+        help="flag a row (S, R) whose repeats or paired reference steps spread by more than this "
+        f"factor, max/min (default {DEFAULT_MAX_SPREAD})",
+    )
+    parser.add_argument(
+        "--max-drift",
+        type=float,
+        default=DEFAULT_MAX_DRIFT,
+        help="flag a row (D) whose paired reference median is more than this factor off the "
+        f"reference's median over the run (default {DEFAULT_MAX_DRIFT})",
+    )
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the report to this JSON file")
     parser.add_argument("--list", action="store_true", help="print the case names and exit")
@@ -384,14 +456,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(case.name)
         return 0
     if args.repeats < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
-        parser.error(f"--repeats ({args.repeats}) and --threads ({args.threads}) must be >= 1 and --warmup "
-                     f"({args.warmup}) >= 0")
+        parser.error(
+            f"--repeats ({args.repeats}) and --threads ({args.threads}) must be >= 1 and --warmup ({args.warmup}) >= 0"
+        )
     if not (args.max_spread >= 1 and args.max_drift >= 1):  # also refuses nan
-        parser.error(f"--max-spread ({args.max_spread}) and --max-drift ({args.max_drift}) are ratios of step "
-                     "times and must be >= 1")
+        parser.error(
+            f"--max-spread ({args.max_spread}) and --max-drift ({args.max_drift}) are ratios of step "
+            "times and must be >= 1"
+        )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    report = run(args.size, device, args.threads, args.only, args.warmup, args.repeats, args.dtype,
-                 max_spread=args.max_spread, max_drift=args.max_drift)
+    report = run(
+        args.size,
+        device,
+        args.threads,
+        args.only,
+        args.warmup,
+        args.repeats,
+        args.dtype,
+        max_spread=args.max_spread,
+        max_drift=args.max_drift,
+    )
     failed = [r["name"] for r in report["results"] if r["status"] != "ok"]
     if failed:
         print(f"# {len(failed)} case(s) did not run: see the rows marked MISSING / ERROR")

@@ -26,7 +26,7 @@ TARGET_MS = 5.0
 WORKLOADS = {
     "empty": "pass",
     "stdlib imports": "import json, decimal, email.mime.text, http.client, xml.etree.ElementTree, argparse, "
-                      "logging, dataclasses, typing, pathlib, csv, sqlite3",
+    "logging, dataclasses, typing, pathlib, csv, sqlite3",
 }
 
 
@@ -42,8 +42,10 @@ def _time_once(python: str, code: str) -> float:
 
 def new_modules(sitedir: Path, python: str = sys.executable) -> list[str]:
     """Modules that processing ``sitedir`` imports in a fresh interpreter (the hook's must be none)."""
-    code = ("import site, sys; before = set(sys.modules); "
-            f"site.addsitedir({str(sitedir)!r}); print(sorted(set(sys.modules) - before))")
+    code = (
+        "import site, sys; before = set(sys.modules); "
+        f"site.addsitedir({str(sitedir)!r}); print(sorted(set(sys.modules) - before))"
+    )
     out = subprocess.run([python, "-S", "-c", code], check=True, capture_output=True, text=True).stdout
     return json.loads(out.replace("'", '"'))
 
@@ -57,8 +59,13 @@ def measure(runs: int = 40, python: str = sys.executable, progress: bool = False
         empty.mkdir()
         hooked.mkdir()
         (hooked / PTH.name).write_text(PTH.read_text())
-        report: dict[str, Any] = {"python": python, "runs": runs, "target_ms": TARGET_MS,
-                                  "modules_imported_by_hook": new_modules(hooked, python), "workloads": {}}
+        report: dict[str, Any] = {
+            "python": python,
+            "runs": runs,
+            "target_ms": TARGET_MS,
+            "modules_imported_by_hook": new_modules(hooked, python),
+            "workloads": {},
+        }
         for name, workload in WORKLOADS.items():
             base, hook = [], []
             for i in range(runs):
@@ -87,12 +94,16 @@ def _iqr(values: list[float]) -> float:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    lines = [f"# .pth start-up cost: {report['runs']} alternating pairs of fresh `{report['python']} -S` processes",
-             f"# modules the hook imports at start-up: {report['modules_imported_by_hook'] or 'none'}",
-             f"{'workload':16s} {'baseline ms':>12s} {'with hook ms':>13s} {'added ms':>9s} {'pairwise':>9s} {'IQR':>6s}"]
+    lines = [
+        f"# .pth start-up cost: {report['runs']} alternating pairs of fresh `{report['python']} -S` processes",
+        f"# modules the hook imports at start-up: {report['modules_imported_by_hook'] or 'none'}",
+        f"{'workload':16s} {'baseline ms':>12s} {'with hook ms':>13s} {'added ms':>9s} {'pairwise':>9s} {'IQR':>6s}",
+    ]
     for name, row in report["workloads"].items():
-        lines.append(f"{name:16s} {row['baseline_ms']:12.2f} {row['with_hook_ms']:13.2f} {row['added_ms']:9.3f} "
-                     f"{row['added_ms_pairwise_median']:9.3f} {row['added_ms_pairwise_iqr']:6.2f}")
+        lines.append(
+            f"{name:16s} {row['baseline_ms']:12.2f} {row['with_hook_ms']:13.2f} {row['added_ms']:9.3f} "
+            f"{row['added_ms_pairwise_median']:9.3f} {row['added_ms_pairwise_iqr']:6.2f}"
+        )
     worst = max(row["added_ms_pairwise_median"] for row in report["workloads"].values())
     verdict = "within" if worst <= report["target_ms"] else "ABOVE"
     lines.append(f"# worst added cost {worst:.3f} ms: {verdict} the {report['target_ms']:g} ms target")

@@ -20,10 +20,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def list_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hf-optim list", description="List the registered optimizers, or with "
-                                     "--recipes the bundled recipes and sweeps.")
-    parser.add_argument("--recipes", action="store_true", help="list the bundled recipes (hf-optim train NAME) and "
-                        "sweep configs (hf-optim sweep NAME) instead")
+    parser = argparse.ArgumentParser(
+        prog="hf-optim list",
+        description="List the registered optimizers, or with --recipes the bundled recipes and sweeps.",
+    )
+    parser.add_argument(
+        "--recipes",
+        action="store_true",
+        help="list the bundled recipes (hf-optim train NAME) and sweep configs (hf-optim sweep NAME) instead",
+    )
     args = parser.parse_args(argv)
     if args.recipes:
         from .runner.schema import describe_bundled
@@ -50,8 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         from ._validation import closest
 
-        print(f"hf-optim: unknown command {command!r}.{closest(command, COMMANDS)} "
-              f"Choose from {list(COMMANDS)}.", file=sys.stderr)
+        print(
+            f"hf-optim: unknown command {command!r}.{closest(command, COMMANDS)} Choose from {list(COMMANDS)}.",
+            file=sys.stderr,
+        )
         return 2
     if command == "list":
         return list_main(rest)

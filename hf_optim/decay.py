@@ -64,8 +64,12 @@ def check_weight_decay_mode(mode: str, weight_decay: float) -> None:
 
 def check_lr_peak(mode: str, weight_decay: Any, lr_peak: float) -> None:
     """Warn when a mode that divides by the peak lr gets ``lr_peak == 0`` with λ > 0 (its decay would silently be 0)."""
-    if mode in ("independent", "corrected") and isinstance(weight_decay, (int, float)) and weight_decay > 0 \
-            and lr_peak == 0:
+    if (
+        mode in ("independent", "corrected")
+        and isinstance(weight_decay, (int, float))
+        and weight_decay > 0
+        and lr_peak == 0
+    ):
         warnings.warn(
             f"weight_decay={weight_decay} with weight_decay_mode={mode!r} is disabled for this group: its peak lr "
             "(lr_peak, the lr at creation) is 0, and this mode scales the decay by lr_t/lr_peak. Create the "
@@ -92,8 +96,14 @@ def _is_number(value: Any) -> bool:
 def warn_lr_above_peak(index: int, group: dict[str, Any]) -> bool:
     """Warn (and return True) when a mode that divides by the peak lr runs above it: the decay then exceeds λ."""
     mode, wd, lr, peak = group.get("weight_decay_mode"), group.get("weight_decay"), group["lr"], group["lr_peak"]
-    if mode not in ("independent", "corrected") or not _is_number(wd) or wd <= 0 or not _is_number(lr) \
-            or peak <= 0 or lr <= peak * (1.0 + 1e-9):
+    if (
+        mode not in ("independent", "corrected")
+        or not _is_number(wd)
+        or wd <= 0
+        or not _is_number(lr)
+        or peak <= 0
+        or lr <= peak * (1.0 + 1e-9)
+    ):
         return False
     ratio = decay_rate(mode, wd, lr, peak) / decay_rate(mode, wd, peak, peak)  # lr/peak, or (lr/peak)² (corrected)
     warnings.warn(

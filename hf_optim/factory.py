@@ -75,21 +75,28 @@ def decay_parameter_names(model: nn.Module, no_decay: NoDecay = None) -> list[st
     return [n for n, p in model.named_parameters() if not excluded(n, p)]
 
 
-def param_groups(model_or_params: nn.Module | Iterable[Any], weight_decay: float,
-                 no_decay: NoDecay = None) -> list[dict[str, Any]]:
+def param_groups(
+    model_or_params: nn.Module | Iterable[Any], weight_decay: float, no_decay: NoDecay = None
+) -> list[dict[str, Any]]:
     """A decay group and a no-decay group (``weight_decay=0``) for a model; params or groups are passed through."""
     if not isinstance(model_or_params, nn.Module):
         if no_decay is not None:
-            raise ValueError("no_decay selects parameters by name, so it needs a model (nn.Module), not bare "
-                             "parameters; pass the model, or build the groups yourself.")
+            raise ValueError(
+                "no_decay selects parameters by name, so it needs a model (nn.Module), not bare "
+                "parameters; pass the model, or build the groups yourself."
+            )
         if isinstance(model_or_params, torch.Tensor):
-            raise TypeError("model_or_params must be an nn.Module or an iterable of parameters / groups, got a "
-                            "single Tensor; wrap it in a list.")
+            raise TypeError(
+                "model_or_params must be an nn.Module or an iterable of parameters / groups, got a "
+                "single Tensor; wrap it in a list."
+            )
         return list(model_or_params)
     excluded = no_decay_predicate(model_or_params, no_decay)
     named = [(n, p) for n, p in model_or_params.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in named if not excluded(n, p)], "weight_decay": weight_decay},
-              {"params": [p for n, p in named if excluded(n, p)], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for n, p in named if not excluded(n, p)], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if excluded(n, p)], "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -102,15 +109,18 @@ def _check_knobs(spec: OptimizerSpec, cls: type, knobs: Mapping[str, Any], valid
             raise TypeError(f"{key!r} is an argument of its own ({key}=...), not a knob.")
         if key not in valid:
             names = sorted(valid)
-            raise ValueError(f"Unknown knob {key!r} for {spec.name!r} ({cls.__name__}). Valid knobs: {names}."
-                             f"{closest(key, names)}")
+            raise ValueError(
+                f"Unknown knob {key!r} for {spec.name!r} ({cls.__name__}). Valid knobs: {names}.{closest(key, names)}"
+            )
 
 
 def _merge(knobs: dict[str, Any], optim_args: dict[str, Any]) -> dict[str, Any]:
     for key in knobs.keys() & optim_args.keys():
         if knobs[key] != optim_args[key]:
-            raise ValueError(f"{key} is given twice with different values: {knobs[key]!r} as a keyword argument "
-                             f"and {optim_args[key]!r} in optim_args; give it once.")
+            raise ValueError(
+                f"{key} is given twice with different values: {knobs[key]!r} as a keyword argument "
+                f"and {optim_args[key]!r} in optim_args; give it once."
+            )
     return {**knobs, **optim_args}
 
 
@@ -118,8 +128,9 @@ def _option(name: str, argument: Any, optim_args: Mapping[str, Any], parsed: Map
     """A handler option (``mup``, ``mup_wd_rule``) given as an argument or in ``optim_args`` (not both, differently)."""
     in_args = parsed[name] if name in optim_args else None
     if argument is not None and in_args is not None and argument != in_args:
-        raise ValueError(f"{name}={argument!r} as an argument conflicts with optim_args {name}={in_args!r}; "
-                         "give it once.")
+        raise ValueError(
+            f"{name}={argument!r} as an argument conflicts with optim_args {name}={in_args!r}; give it once."
+        )
     if argument is not None:
         return argument
     return in_args if in_args is not None else HANDLER_KEYS[name]
@@ -173,20 +184,31 @@ def resolve_optimizer(
     return cls, kwargs
 
 
-def _mup_overrides(spec: OptimizerSpec, cls: type, model: nn.Module | None, kwargs: dict[str, Any],
-                   explicit: set[str], use_mup: bool | None, wd_rule: str, where: str) -> Any:
+def _mup_overrides(
+    spec: OptimizerSpec,
+    cls: type,
+    model: nn.Module | None,
+    kwargs: dict[str, Any],
+    explicit: set[str],
+    use_mup: bool | None,
+    wd_rule: str,
+    where: str,
+) -> Any:
     if model is None and not use_mup:
         return None
     if model is None:
-        raise ValueError(f"mup=True for {spec.name!r}, but no model was given: the muP multipliers come from the "
-                         "model's plan (model.config); pass the model, or drop mup=True.")
+        raise ValueError(
+            f"mup=True for {spec.name!r}, but no model was given: the muP multipliers come from the "
+            "model's plan (model.config); pass the model, or drop mup=True."
+        )
     if use_mup is False:
         return None
     from mup_integration.policy import mup_param_overrides  # muP is entered here only, and only for a model
 
     knobs = {**spec.knobs(kwargs.get("preset")), **kwargs}
-    return mup_param_overrides(model, spec=spec, cls=cls, knobs=knobs, explicit=explicit, wd_rule=wd_rule,
-                               where=where, required=bool(use_mup))
+    return mup_param_overrides(
+        model, spec=spec, cls=cls, knobs=knobs, explicit=explicit, wd_rule=wd_rule, where=where, required=bool(use_mup)
+    )
 
 
 def create_optimizer(
@@ -222,6 +244,14 @@ def create_optimizer(
         opt = hf_optim.create_optimizer("adafactor_v2", model, lr=1e-2, weight_decay=1e-4, optim_args="preset=palm")
     """
     model = model_or_params if isinstance(model_or_params, nn.Module) else None
-    cls, kwargs = resolve_optimizer(name, model, lr=lr, weight_decay=weight_decay, optim_args=optim_args,
-                                    knobs=knobs, mup=mup, mup_wd_rule=mup_wd_rule)
+    cls, kwargs = resolve_optimizer(
+        name,
+        model,
+        lr=lr,
+        weight_decay=weight_decay,
+        optim_args=optim_args,
+        knobs=knobs,
+        mup=mup,
+        mup_wd_rule=mup_wd_rule,
+    )
     return cls(param_groups(model_or_params, weight_decay, no_decay), **kwargs)

@@ -76,8 +76,15 @@ class RMSProp(ElementwiseOptimizer):
         param_overrides: ParamOverrides | None = None,
     ) -> None:
         defaults = dict(
-            lr=lr, alpha=alpha, eps=eps, momentum=momentum, centered=centered, weight_decay=weight_decay,
-            weight_decay_mode=weight_decay_mode, maximize=maximize, implementation=implementation,
+            lr=lr,
+            alpha=alpha,
+            eps=eps,
+            momentum=momentum,
+            centered=centered,
+            weight_decay=weight_decay,
+            weight_decay_mode=weight_decay_mode,
+            maximize=maximize,
+            implementation=implementation,
         )
         super().__init__(params, defaults, param_overrides=param_overrides)
 

@@ -78,8 +78,14 @@ class SGDW(ElementwiseOptimizer):
         param_overrides: ParamOverrides | None = None,
     ) -> None:
         defaults = dict(
-            lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
-            weight_decay_mode=weight_decay_mode, maximize=maximize, implementation=implementation,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            weight_decay_mode=weight_decay_mode,
+            maximize=maximize,
+            implementation=implementation,
         )
         super().__init__(params, defaults, param_overrides=param_overrides)
 

@@ -291,8 +291,15 @@ def optimizer_cls_and_kwargs(
     if not spec.takes_eps and args.adam_epsilon != 1e-8:
         warnings.warn(f"--optim {name}: {spec.target} has no epsilon; --adam_epsilon is ignored.", stacklevel=3)
     fallback = {"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
-    return resolve_optimizer(name, model, lr=args.learning_rate, weight_decay=args.weight_decay,
-                             optim_args=optim_args, fallback_knobs=fallback, where=f"--optim {name}")
+    return resolve_optimizer(
+        name,
+        model,
+        lr=args.learning_rate,
+        weight_decay=args.weight_decay,
+        optim_args=optim_args,
+        fallback_knobs=fallback,
+        where=f"--optim {name}",
+    )
 
 
 registry.add_listener(register_with_transformers)

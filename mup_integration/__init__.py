@@ -22,7 +22,22 @@ from .surgery import (
 )
 
 __all__ = [
-    "MuPPlan", "ParamInfo", "apply_mup", "derive_base_config", "from_pretrained", "get_plan", "has_plan",
-    "init_weights", "is_mup_applied", "load_base_shapes", "load_mup_model", "make_mup_model", "make_plan",
-    "mup_param_groups", "param_overrides", "plan_from_base_shapes", "plan_from_infshapes", "save_base_shapes",
+    "MuPPlan",
+    "ParamInfo",
+    "apply_mup",
+    "derive_base_config",
+    "from_pretrained",
+    "get_plan",
+    "has_plan",
+    "init_weights",
+    "is_mup_applied",
+    "load_base_shapes",
+    "load_mup_model",
+    "make_mup_model",
+    "make_plan",
+    "mup_param_groups",
+    "param_overrides",
+    "plan_from_base_shapes",
+    "plan_from_infshapes",
+    "save_base_shapes",
 ]

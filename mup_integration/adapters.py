@@ -37,11 +37,14 @@ class Adapter:
 
     # ---- forward ------------------------------------------------------------------------------------------------
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
-        return [m for m in model.modules()
-                if type(m).__name__.endswith("Attention") and hasattr(m, "scaling") and hasattr(m, "head_dim")]
+        return [
+            m
+            for m in model.modules()
+            if type(m).__name__.endswith("Attention") and hasattr(m, "scaling") and hasattr(m, "head_dim")
+        ]
 
     def sp_attention_scale(self, attn: nn.Module, config: Any) -> float:
-        return attn.head_dim ** -0.5
+        return attn.head_dim**-0.5
 
     def head_dim(self, attn: nn.Module) -> int:
         return attn.head_dim
@@ -95,7 +98,7 @@ class GPT2Adapter(Adapter):
     name = "gpt2"
 
     def sp_attention_scale(self, attn: nn.Module, config: Any) -> float:
-        scaling = attn.head_dim ** -0.5 if getattr(attn, "scale_attn_weights", True) else 1.0
+        scaling = attn.head_dim**-0.5 if getattr(attn, "scale_attn_weights", True) else 1.0
         if getattr(attn, "scale_attn_by_inverse_layer_idx", False):
             scaling /= float(attn.layer_idx + 1)
         return scaling
@@ -162,7 +165,7 @@ class GemmaAdapter(Adapter):
 
     def sp_attention_scale(self, attn: nn.Module, config: Any) -> float:
         scalar = getattr(config, "query_pre_attn_scalar", None)
-        return scalar ** -0.5 if scalar else attn.head_dim ** -0.5
+        return scalar**-0.5 if scalar else attn.head_dim**-0.5
 
     def branch_outputs(self, model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
         if not self.post_norms:
@@ -226,7 +229,7 @@ class GPTNeoXAdapter(Adapter):
         return [m for m in model.modules() if type(m).__name__ == "GPTNeoXAttention"]
 
     def sp_attention_scale(self, attn: nn.Module, config: Any) -> float:
-        return attn.head_size ** -0.5
+        return attn.head_size**-0.5
 
     def head_dim(self, attn: nn.Module) -> int:
         return attn.head_size
@@ -281,8 +284,10 @@ class MoEAdapter(Adapter):
             set_input_multiplier(router, mult)
 
     def forward_changes_applied(self, model: nn.Module, plan: Any) -> bool:
-        return all(input_multiplier(r) is not None and math.isclose(input_multiplier(r), mult, rel_tol=1e-12)
-                   for r, mult in self._router_multipliers(model, plan))
+        return all(
+            input_multiplier(r) is not None and math.isclose(input_multiplier(r), mult, rel_tol=1e-12)
+            for r, mult in self._router_multipliers(model, plan)
+        )
 
     @torch.no_grad()
     def fold_forward_changes(self, model: nn.Module, plan: Any) -> None:
@@ -298,20 +303,30 @@ class MoEAdapter(Adapter):
             experts.down_proj.copy_(experts.down_proj.double() * factor)
 
     def branch_outputs(self, model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
-        return [(layer.self_attn.o_proj, getattr(layer.mlp, "down_proj", None) or layer.mlp)
-                for layer in self.layers(model)]
+        return [
+            (layer.self_attn.o_proj, getattr(layer.mlp, "down_proj", None) or layer.mlp) for layer in self.layers(model)
+        ]
 
 
 _LLAMA, _GPT2 = Adapter(), GPT2Adapter()
 
 #: ``config.model_type`` -> adapter.
 ADAPTERS: dict[str, Adapter] = {
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "olmo": _LLAMA, "olmo2": OLMo2Adapter(),
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "olmo": _LLAMA,
+    "olmo2": OLMo2Adapter(),
     "gpt2": _GPT2,
-    "gemma": GemmaAdapter(post_norms=False), "gemma2": GemmaAdapter(post_norms=True),
+    "gemma": GemmaAdapter(post_norms=False),
+    "gemma2": GemmaAdapter(post_norms=True),
     "gemma3_text": GemmaAdapter(post_norms=True),
-    "phi3": Phi3Adapter(), "gpt_neox": GPTNeoXAdapter(),
-    "mixtral": MoEAdapter(), "qwen3_moe": MoEAdapter(), "olmoe": MoEAdapter(),
+    "phi3": Phi3Adapter(),
+    "gpt_neox": GPTNeoXAdapter(),
+    "mixtral": MoEAdapter(),
+    "qwen3_moe": MoEAdapter(),
+    "olmoe": MoEAdapter(),
 }
 
 

@@ -63,9 +63,20 @@ def _optimizer(model: nn.Module, parametrization: str, lr: float) -> torch.optim
     return AdamW(model.parameters(), lr=lr, weight_decay=0.0, param_overrides=overrides)
 
 
-def run_one(parametrization: str, width: int, *, base_width: int, model: str = "llama", steps: int = 4,
-            lr: float = 3e-3, batch_size: int = 4, seq_len: int = 32, num_layers: int = 2, vocab_size: int = 256,
-            seed: int = 0) -> list[Record]:
+def run_one(
+    parametrization: str,
+    width: int,
+    *,
+    base_width: int,
+    model: str = "llama",
+    steps: int = 4,
+    lr: float = 3e-3,
+    batch_size: int = 4,
+    seq_len: int = 32,
+    num_layers: int = 2,
+    vocab_size: int = 256,
+    seed: int = 0,
+) -> list[Record]:
     """Train one model for ``steps`` Adam steps and return the per-module mean |activation| at every step."""
     from transformers import AutoModelForCausalLM
 
@@ -74,8 +85,11 @@ def run_one(parametrization: str, width: int, *, base_width: int, model: str = "
     torch.manual_seed(seed)
     config = _config(model, width, num_layers, vocab_size, seq_len)
     config._attn_implementation = "eager"
-    net = AutoModelForCausalLM.from_config(config) if parametrization == "sp" else make_mup_model(
-        config, base_width=base_width)
+    net = (
+        AutoModelForCausalLM.from_config(config)
+        if parametrization == "sp"
+        else make_mup_model(config, base_width=base_width)
+    )
     net.train()
     opt = _optimizer(net, parametrization, lr)
     records: list[Record] = []
@@ -86,6 +100,7 @@ def run_one(parametrization: str, width: int, *, base_width: int, model: str = "
             out = output[0] if isinstance(output, tuple) else output
             value = out.detach().abs().double().mean().item()
             records.append(Record(parametrization, width, step_box[0], name, value))
+
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in _watched_modules(net).items()]
@@ -167,16 +182,23 @@ def plot(records: Sequence[Record], path: str | os.PathLike, title: str = "") ->
     steps = sorted({r.step for r in records})
     modules = list(dict.fromkeys(r.module for r in records))
     data = table(records)
-    fig, axes = plt.subplots(len(params), len(steps), figsize=(3.2 * len(steps), 3.0 * len(params)),
-                             sharex=True, sharey="row", squeeze=False)
+    fig, axes = plt.subplots(
+        len(params), len(steps), figsize=(3.2 * len(steps), 3.0 * len(params)), sharex=True, sharey="row", squeeze=False
+    )
     for i, p in enumerate(params):
         for j, step in enumerate(steps):
             ax = axes[i][j]
             for k, module in enumerate(modules):
                 by_width = data.get((p, module, step), {})
                 ws = sorted(by_width)
-                ax.plot(ws, [by_width[w] for w in ws], marker="o", ms=3, label=module,
-                        color=plt.cm.viridis(k / max(1, len(modules) - 1)))
+                ax.plot(
+                    ws,
+                    [by_width[w] for w in ws],
+                    marker="o",
+                    ms=3,
+                    label=module,
+                    color=plt.cm.viridis(k / max(1, len(modules) - 1)),
+                )
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_title(f"{p.upper()}  step {step}", fontsize=9)
@@ -204,8 +226,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=".", help="where coord_check.csv and coord_check.png go")
-    parser.add_argument("--depths", default=None, help="comma-separated depths: run the depth check instead "
-                        "(width-only muP vs depth-µP vs CompleteP at a fixed --width; base depth = smallest)")
+    parser.add_argument(
+        "--depths",
+        default=None,
+        help="comma-separated depths: run the depth check instead "
+        "(width-only muP vs depth-µP vs CompleteP at a fixed --width; base depth = smallest)",
+    )
     parser.add_argument("--width", type=int, default=64, help="hidden size of the depth check")
     args = parser.parse_args(argv)
     if args.depths is not None:
@@ -215,9 +241,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--widths must be comma-separated integers, got {args.widths!r}")
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
-    records = coord_check(widths, base_width=args.base_width, model=args.model, steps=args.steps, lr=args.lr,
-                          batch_size=args.batch_size, seq_len=args.seq_len, num_layers=args.layers, seed=args.seed,
-                          progress=lambda line: print(line, flush=True))
+    records = coord_check(
+        widths,
+        base_width=args.base_width,
+        model=args.model,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        num_layers=args.layers,
+        seed=args.seed,
+        progress=lambda line: print(line, flush=True),
+    )
     os.makedirs(args.out_dir, exist_ok=True)
     csv_path, png_path = os.path.join(args.out_dir, "coord_check.csv"), os.path.join(args.out_dir, "coord_check.png")
     write_csv(records, csv_path)
@@ -240,12 +275,22 @@ def _main_depth(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     except ValueError:
         parser.error(f"--depths must be comma-separated integers, got {args.depths!r}")
     if not depths or min(depths) < 1 or args.width < 1 or args.steps < 1:
-        parser.error(f"--depths must be integers >= 1 and --width, --steps >= 1; got --depths {args.depths!r}, "
-                     f"--width {args.width}, --steps {args.steps}")
+        parser.error(
+            f"--depths must be integers >= 1 and --width, --steps >= 1; got --depths {args.depths!r}, "
+            f"--width {args.width}, --steps {args.steps}"
+        )
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
-    records = ccd.coord_check_depth(depths, width=args.width, model=args.model, steps=args.steps, lr=args.lr,
-                                    batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
-                                    progress=lambda line: print(line, flush=True))
+    records = ccd.coord_check_depth(
+        depths,
+        width=args.width,
+        model=args.model,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        progress=lambda line: print(line, flush=True),
+    )
     os.makedirs(args.out_dir, exist_ok=True)
     csv_path = os.path.join(args.out_dir, "coord_check_depth.csv")
     png_path = os.path.join(args.out_dir, "coord_check_depth.png")

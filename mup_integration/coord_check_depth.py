@@ -49,9 +49,21 @@ def _last_block(model: nn.Module) -> nn.Module:
     return layers[-1]
 
 
-def run_one_depth(parametrization: str, depth: int, *, base_depth: int, width: int = 64, model: str = "llama",
-                  steps: int = 6, lr: float = 3e-3, eps: float = 1e-8, batch_size: int = 4, seq_len: int = 32,
-                  vocab_size: int = 256, seed: int = 0) -> list[DepthRecord]:
+def run_one_depth(
+    parametrization: str,
+    depth: int,
+    *,
+    base_depth: int,
+    width: int = 64,
+    model: str = "llama",
+    steps: int = 6,
+    lr: float = 3e-3,
+    eps: float = 1e-8,
+    batch_size: int = 4,
+    seq_len: int = 32,
+    vocab_size: int = 256,
+    seed: int = 0,
+) -> list[DepthRecord]:
     """Train one model for ``steps`` Adam steps; return the probe-batch statistics before every update."""
     from hf_optim.adam import AdamW
 
@@ -65,19 +77,27 @@ def run_one_depth(parametrization: str, depth: int, *, base_depth: int, width: i
     config._attn_implementation = "eager"
     depth_kwargs = {} if alpha is None else {"base_depth": base_depth, "depth_alpha": alpha}
     net = make_mup_model(config, base_width=width, **depth_kwargs)
-    opt = AdamW(net.parameters(), lr=lr, eps=eps, weight_decay=0.0,
-                param_overrides=param_overrides(net, family="adam", wd_rule="none", eps=eps))
+    opt = AdamW(
+        net.parameters(),
+        lr=lr,
+        eps=eps,
+        weight_decay=0.0,
+        param_overrides=param_overrides(net, family="adam", wd_rule="none", eps=eps),
+    )
     *train_batches, probe = _batches(vocab_size, batch_size, seq_len, steps + 1)
     seen: dict[str, torch.Tensor] = {}
 
     def keep(name: str) -> Callable:
         def fn(module: nn.Module, args: Any, output: Any) -> None:
             seen[name] = (output[0] if isinstance(output, tuple) else output).detach().double()
+
         return fn
 
-    handles = [net.get_input_embeddings().register_forward_hook(keep("embed")),
-               _last_block(net).register_forward_hook(keep("residual")),
-               net.get_output_embeddings().register_forward_hook(keep("logits"))]
+    handles = [
+        net.get_input_embeddings().register_forward_hook(keep("embed")),
+        _last_block(net).register_forward_hook(keep("residual")),
+        net.get_output_embeddings().register_forward_hook(keep("logits")),
+    ]
     records: list[DepthRecord] = []
     first: dict[str, torch.Tensor] = {}
     try:
@@ -102,9 +122,14 @@ def run_one_depth(parametrization: str, depth: int, *, base_depth: int, width: i
     return records
 
 
-def coord_check_depth(depths: Sequence[int] = (2, 4, 8, 16, 32, 64), *, base_depth: int | None = None,
-                      parametrizations: Sequence[str] = tuple(DEPTH_PARAMETRIZATIONS),
-                      progress: Callable[[str], None] | None = None, **kwargs: Any) -> list[DepthRecord]:
+def coord_check_depth(
+    depths: Sequence[int] = (2, 4, 8, 16, 32, 64),
+    *,
+    base_depth: int | None = None,
+    parametrizations: Sequence[str] = tuple(DEPTH_PARAMETRIZATIONS),
+    progress: Callable[[str], None] | None = None,
+    **kwargs: Any,
+) -> list[DepthRecord]:
     """:func:`run_one_depth` for every depth and parametrization; ``base_depth`` defaults to the smallest depth."""
     depths = sorted(int(d) for d in depths)
     if not depths or depths[0] < 1:
@@ -123,8 +148,11 @@ def coord_check_depth(depths: Sequence[int] = (2, 4, 8, 16, 32, 64), *, base_dep
 
 
 def by_depth(records: Sequence[DepthRecord], parametrization: str, quantity: str, step: int) -> dict[int, float]:
-    return {r.depth: r.mean_abs for r in records
-            if (r.parametrization, r.quantity, r.step) == (parametrization, quantity, step)}
+    return {
+        r.depth: r.mean_abs
+        for r in records
+        if (r.parametrization, r.quantity, r.step) == (parametrization, quantity, step)
+    }
 
 
 def depth_growth(records: Sequence[DepthRecord], parametrization: str, quantity: str, step: int) -> float:
@@ -146,8 +174,12 @@ def write_csv(records: Sequence[DepthRecord], path: str | os.PathLike) -> None:
         writer.writerows(asdict(r) for r in records)
 
 
-def plot(records: Sequence[DepthRecord], path: str | os.PathLike, title: str = "",
-         quantities: Sequence[str] = ("residual", "residual_update", "logits_update")) -> None:
+def plot(
+    records: Sequence[DepthRecord],
+    path: str | os.PathLike,
+    title: str = "",
+    quantities: Sequence[str] = ("residual", "residual_update", "logits_update"),
+) -> None:
     """Rows: quantities; columns: parametrizations; mean |.| vs depth (log-log), one line per step."""
     import matplotlib
 
@@ -156,8 +188,14 @@ def plot(records: Sequence[DepthRecord], path: str | os.PathLike, title: str = "
 
     params = [p for p in DEPTH_PARAMETRIZATIONS if any(r.parametrization == p for r in records)]
     steps = sorted({r.step for r in records})
-    fig, axes = plt.subplots(len(quantities), len(params), figsize=(3.6 * len(params), 2.7 * len(quantities)),
-                             sharex=True, sharey="row", squeeze=False)
+    fig, axes = plt.subplots(
+        len(quantities),
+        len(params),
+        figsize=(3.6 * len(params), 2.7 * len(quantities)),
+        sharex=True,
+        sharey="row",
+        squeeze=False,
+    )
     for i, q in enumerate(quantities):
         for j, p in enumerate(params):
             ax = axes[i][j]
@@ -166,8 +204,14 @@ def plot(records: Sequence[DepthRecord], path: str | os.PathLike, title: str = "
                 if q.endswith("_update") and step == 0:
                     continue  # zero by definition
                 ds = sorted(values)
-                ax.plot(ds, [values[d] for d in ds], marker="o", ms=3, label=f"step {step}",
-                        color=plt.cm.coolwarm(step / max(1, steps[-1])))
+                ax.plot(
+                    ds,
+                    [values[d] for d in ds],
+                    marker="o",
+                    ms=3,
+                    label=f"step {step}",
+                    color=plt.cm.coolwarm(step / max(1, steps[-1])),
+                )
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             if i == 0:
@@ -190,7 +234,8 @@ def report(records: Sequence[DepthRecord], steps: int) -> list[str]:
     params = [p for p in DEPTH_PARAMETRIZATIONS if any(r.parametrization == p for r in records)]
     lines = [f"deepest/shallowest ratio of mean |.| at step {last}:"]
     for p in params:
-        ratios = "  ".join(f"{q} {depth_growth(records, p, q, last):6.2f}x"
-                           for q in ("residual", "residual_update", "logits_update"))
+        ratios = "  ".join(
+            f"{q} {depth_growth(records, p, q, last):6.2f}x" for q in ("residual", "residual_update", "logits_update")
+        )
         lines.append(f"  {p:9s} {ratios}")
     return lines

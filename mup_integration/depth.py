@@ -49,27 +49,34 @@ def num_layers(config: Any) -> int:
     """The number of transformer blocks of an HF config (GPT-2's ``n_layer`` is mapped to ``num_hidden_layers``)."""
     depth = getattr(config, "num_hidden_layers", None)
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"config of type {type(config).__name__} has no positive integer num_hidden_layers "
-                         f"(got {depth!r}); depth scaling needs one.")
+        raise ValueError(
+            f"config of type {type(config).__name__} has no positive integer num_hidden_layers "
+            f"(got {depth!r}); depth scaling needs one."
+        )
     return depth
 
 
 def check_depth_args(base_depth: Any, depth_alpha: Any) -> None:
     """Both or neither; ``base_depth`` a positive int, ``depth_alpha`` a real in [0.5, 1]."""
     if (base_depth is None) != (depth_alpha is None):
-        raise ValueError(f"Pass both base_depth (the tuned model's number of layers) and depth_alpha (0.5 = depth-µP, "
-                         f"1.0 = CompleteP), or neither (width-only muP); got base_depth={base_depth!r}, "
-                         f"depth_alpha={depth_alpha!r}.")
+        raise ValueError(
+            f"Pass both base_depth (the tuned model's number of layers) and depth_alpha (0.5 = depth-µP, "
+            f"1.0 = CompleteP), or neither (width-only muP); got base_depth={base_depth!r}, "
+            f"depth_alpha={depth_alpha!r}."
+        )
     if base_depth is None:
         return
     if isinstance(base_depth, bool) or not isinstance(base_depth, int):
-        raise TypeError(f"base_depth must be an int (a number of layers), got {base_depth!r} of type "
-                        f"{type(base_depth).__name__}.")
+        raise TypeError(
+            f"base_depth must be an int (a number of layers), got {base_depth!r} of type {type(base_depth).__name__}."
+        )
     v.check_positive("base_depth", base_depth)
     v.check_number("depth_alpha", depth_alpha)
     if not ALPHA_RANGE[0] <= depth_alpha <= ALPHA_RANGE[1]:
-        raise ValueError(f"depth_alpha must be in [{ALPHA_RANGE[0]}, {ALPHA_RANGE[1]}] (0.5 = depth-µP, 1.0 = "
-                         f"CompleteP), got {depth_alpha!r}.")
+        raise ValueError(
+            f"depth_alpha must be in [{ALPHA_RANGE[0]}, {ALPHA_RANGE[1]}] (0.5 = depth-µP, 1.0 = "
+            f"CompleteP), got {depth_alpha!r}."
+        )
 
 
 def depth_fields(config: Any, base_depth: int | None, depth_alpha: float | None) -> dict[str, Any]:
@@ -86,9 +93,11 @@ def at_target_depth(base_config: Any, config: Any, base_depth: int | None) -> An
     if base_layers == layers:
         return base_config
     if base_depth != base_layers:
-        raise ValueError(f"base_config has num_hidden_layers={base_layers} but config has {layers}: to transfer across "
-                         f"depth pass base_depth={base_layers} and depth_alpha (0.5 = depth-µP, 1.0 = CompleteP); got "
-                         f"base_depth={base_depth!r}.")
+        raise ValueError(
+            f"base_config has num_hidden_layers={base_layers} but config has {layers}: to transfer across "
+            f"depth pass base_depth={base_layers} and depth_alpha (0.5 = depth-µP, 1.0 = CompleteP); got "
+            f"base_depth={base_depth!r}."
+        )
     base_config = copy.deepcopy(base_config)
     base_config.num_hidden_layers = layers
     return base_config
@@ -128,12 +137,12 @@ class DepthRule:
         r""":math:`m_L^{\alpha-1}` for entry-wise normalised updates (Adam family, Adafactor), :math:`m_L^{2\alpha-1}`
         for SGD."""
         exponent = 2 * self.alpha - 1 if family == "sgd" else self.alpha - 1
-        return self.mult ** exponent
+        return self.mult**exponent
 
     @property
     def eps_factor(self) -> float:
         r""":math:`m_L^{-\alpha}`: a block's gradients carry the branch multiplier, so Adam's :math:`\epsilon` follows."""
-        return self.mult ** -self.alpha
+        return self.mult**-self.alpha
 
 
 def rule_for(name: str, plan: Any) -> DepthRule | None:
@@ -179,8 +188,10 @@ def apply_branch_multipliers(model: nn.Module, adapter: Any, plan: Any) -> None:
     config = model.config
     modules = branch_output_modules(model, adapter)
     if plan.depth is not None and (plan.depth != num_layers(config) or len(modules) != 2 * plan.depth):
-        raise ValueError(f"The plan is for {plan.depth} layers but the model has num_hidden_layers="
-                         f"{num_layers(config)} ({len(modules) // 2} blocks found); rebuild the plan for this config.")
+        raise ValueError(
+            f"The plan is for {plan.depth} layers but the model has num_hidden_layers="
+            f"{num_layers(config)} ({len(modules) // 2} blocks found); rebuild the plan for this config."
+        )
     multiplier = plan.residual_multiplier
     for module in modules:
         for key, hook in list(module._forward_hooks.items()):

@@ -56,8 +56,17 @@ _WHY_NOT_LLAMA = {
     "olmo": "its layer norms have no weights (non-parametric LayerNorm), not LLaMA's RMSNorm",
 }
 #: files of a checkpoint directory that describe tokenisation / generation and are copied unchanged
-_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-               "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json")
+_SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template.jinja",
+    "added_tokens.json",
+)
 
 
 def residual_multiplier(plan: MuPPlan) -> float:
@@ -68,8 +77,10 @@ def residual_multiplier(plan: MuPPlan) -> float:
 def _check_model(model: nn.Module) -> MuPPlan:
     plan = get_plan(model)
     if not is_mup_applied(model):
-        raise ValueError("export_standard needs the muP forward changes in place (the model was loaded with a plain "
-                         "from_pretrained?): load it with mup_integration.load_mup_model(path) first.")
+        raise ValueError(
+            "export_standard needs the muP forward changes in place (the model was loaded with a plain "
+            "from_pretrained?): load it with mup_integration.load_mup_model(path) first."
+        )
     return plan
 
 
@@ -78,12 +89,16 @@ def _check_llama_layout(model: nn.Module, to: str) -> None:
     model_type = config.model_type
     if model_type not in LLAMA_LAYOUT:
         why = _WHY_NOT_LLAMA.get(model_type, f"its block layout is not LLaMA's ({type(model).__name__})")
-        raise ValueError(f"export --to {to} cannot represent model_type={model_type!r}: {why}. Use --to native "
-                         "(the same architecture with the multipliers folded into its weights).")
+        raise ValueError(
+            f"export --to {to} cannot represent model_type={model_type!r}: {why}. Use --to native "
+            "(the same architecture with the multipliers folded into its weights)."
+        )
     window, context = getattr(config, "sliding_window", None), config.max_position_embeddings
     if window is not None and window < context:
-        raise ValueError(f"export --to {to} cannot represent sliding-window attention (sliding_window={window} < "
-                         f"max_position_embeddings={context}): {to} attends to the whole context. Use --to native.")
+        raise ValueError(
+            f"export --to {to} cannot represent sliding-window attention (sliding_window={window} < "
+            f"max_position_embeddings={context}): {to} attends to the whole context. Use --to native."
+        )
 
 
 def _llama_config_kwargs(model: nn.Module) -> dict[str, Any]:
@@ -92,9 +107,23 @@ def _llama_config_kwargs(model: nn.Module) -> dict[str, Any]:
     layer = model.model.layers[0]
     attn = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj]
     mlp = [layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
-            "rope_parameters", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id")
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "hidden_act",
+        "max_position_embeddings",
+        "initializer_range",
+        "rms_norm_eps",
+        "rope_parameters",
+        "attention_dropout",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    )
     out = {k: copy.deepcopy(getattr(c, k)) for k in keys if hasattr(c, k)}
     out["attention_bias"] = any(m.bias is not None for m in attn)
     out["mlp_bias"] = any(m.bias is not None for m in mlp)
@@ -184,8 +213,13 @@ def export_standard(model: nn.Module, to: str = "granite") -> nn.Module:
     if len(scalings) != 1:
         raise ValueError(f"export --to granite needs one attention scale for all layers, got {sorted(scalings)}.")
     rho = input_multiplier(model.get_output_embeddings())
-    config = GraniteConfig(**kwargs, attention_multiplier=scalings.pop(), embedding_multiplier=1.0,
-                           logits_scaling=1.0 / rho, residual_multiplier=residual_multiplier(plan))
+    config = GraniteConfig(
+        **kwargs,
+        attention_multiplier=scalings.pop(),
+        embedding_multiplier=1.0,
+        logits_scaling=1.0 / rho,
+        residual_multiplier=residual_multiplier(plan),
+    )
     return _build(config, _state_dict_with_zero_biases(model, _empty(config)), dtype)
 
 
@@ -200,8 +234,10 @@ def describe(model: nn.Module, to: str) -> str:
     """One line saying what the export did with the multipliers and the tying."""
     tied = is_tied(unwrap(model))
     if to == "granite":
-        return ("granite: the multipliers became GraniteConfig fields (logits_scaling, attention_multiplier, "
-                f"residual_multiplier); embeddings {'stay tied' if tied else 'untied as in the source'}.")
+        return (
+            "granite: the multipliers became GraniteConfig fields (logits_scaling, attention_multiplier, "
+            f"residual_multiplier); embeddings {'stay tied' if tied else 'untied as in the source'}."
+        )
     untie = "untied: lm_head = the readout multiplier x a copy of the embedding" if tied else "untied as in the source"
     return f"{to}: the multipliers were folded into lm_head, the query weights and the branch outputs; {untie}."
 
@@ -220,12 +256,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hf-optim export",
         description="Write a muP checkpoint as a stock architecture that plain AutoModelForCausalLM.from_pretrained "
-                    "loads and that computes the same logits (docs/mup.md, 'Export for deployment').")
+        "loads and that computes the same logits (docs/mup.md, 'Export for deployment').",
+    )
     parser.add_argument("src", help="directory of a muP checkpoint (save_pretrained of a make_mup_model model)")
     parser.add_argument("dst", help="output directory (created; must not hold a checkpoint already)")
-    parser.add_argument("--to", choices=TARGETS, default="granite",
-                        help="granite: multipliers as config fields, ties kept; llama: folded into the weights "
-                             "(untied); native: the source architecture with the multipliers folded (default granite)")
+    parser.add_argument(
+        "--to",
+        choices=TARGETS,
+        default="granite",
+        help="granite: multipliers as config fields, ties kept; llama: folded into the weights "
+        "(untied); native: the source architecture with the multipliers folded (default granite)",
+    )
     args = parser.parse_args(argv)
     from .surgery import load_mup_model
 

@@ -54,8 +54,15 @@ FAMILIES = ("adam", "adam_param_scale", "sgd")
 WD_RULES = ("independent", "mup", "none")
 
 
-def override_for(info: ParamInfo, family: str, wd_rule: str, decay_vectors: bool, *, depth: DepthRule | None = None,
-                 eps: float | None = None) -> dict[str, Any]:
+def override_for(
+    info: ParamInfo,
+    family: str,
+    wd_rule: str,
+    decay_vectors: bool,
+    *,
+    depth: DepthRule | None = None,
+    eps: float | None = None,
+) -> dict[str, Any]:
     """The override dict of one parameter (empty when nothing changes).
 
     ``depth``: the parameter's depth rule (:func:`mup_integration.depth.rule_for`; None outside the residual blocks
@@ -116,7 +123,9 @@ def _named(model: nn.Module, plan: MuPPlan | None) -> list[tuple[str, torch.Tens
                 UserWarning,
                 stacklevel=3,
             )
-    return [(name, p, info, rule_for(plan.resolve(name), plan)) for name, p, info in plan.match(model.named_parameters())]
+    return [
+        (name, p, info, rule_for(plan.resolve(name), plan)) for name, p, info in plan.match(model.named_parameters())
+    ]
 
 
 def param_overrides(
@@ -134,8 +143,11 @@ def param_overrides(
     ``eps``: the optimizer's epsilon; with depth scaling, block parameters get ``eps · m_L^-α``.
     """
     _check(family, wd_rule, decay_vectors, eps)
-    return {p: override_for(info, family, wd_rule, decay_vectors, depth=rule, eps=eps)
-            for _, p, info, rule in _named(model, plan) if p.requires_grad}
+    return {
+        p: override_for(info, family, wd_rule, decay_vectors, depth=rule, eps=eps)
+        for _, p, info, rule in _named(model, plan)
+        if p.requires_grad
+    }
 
 
 def mup_param_groups(
@@ -170,8 +182,10 @@ def mup_param_groups(
         if o.get("weight_decay_mode") == "independent":
             wd = coupled_equivalent("independent", wd, group_lr, group_lr)
         buckets.setdefault((group_lr, wd, o.get("eps", eps)), []).append(p)
-    return [{"params": ps, "lr": group_lr, "weight_decay": wd, **({} if group_eps is None else {"eps": group_eps})}
-            for (group_lr, wd, group_eps), ps in buckets.items()]
+    return [
+        {"params": ps, "lr": group_lr, "weight_decay": wd, **({} if group_eps is None else {"eps": group_eps})}
+        for (group_lr, wd, group_eps), ps in buckets.items()
+    ]
 
 
 def describe(model: nn.Module, family: str = "adam", wd_rule: str = "independent", decay_vectors: bool = False) -> str:
@@ -181,6 +195,8 @@ def describe(model: nn.Module, family: str = "adam", wd_rule: str = "independent
     lines = [f"{'parameter':60s} {'kind':9s} {'width_mult':>10s}  override"]
     for name, _, info in plan.match(model.named_parameters()):
         rule = rule_for(plan.resolve(name), plan)
-        lines.append(f"{name:60s} {info.kind:9s} {info.width_mult:10.4g}  "
-                     f"{override_for(info, family, wd_rule, decay_vectors, depth=rule)}")
+        lines.append(
+            f"{name:60s} {info.kind:9s} {info.width_mult:10.4g}  "
+            f"{override_for(info, family, wd_rule, decay_vectors, depth=rule)}"
+        )
     return "\n".join(lines)

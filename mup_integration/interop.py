@@ -25,11 +25,14 @@ _BSH_HEADER = (
 BaseShapes = dict[str, list[int | None]]
 
 
-def _info(shape: tuple[int, ...], base_shape: tuple[int | None, ...], fans: tuple[int | None, int | None],
-          name: str) -> ParamInfo:
+def _info(
+    shape: tuple[int, ...], base_shape: tuple[int | None, ...], fans: tuple[int | None, int | None], name: str
+) -> ParamInfo:
     if len(shape) != len(base_shape):
-        raise ValueError(f"{name}: base shape {list(base_shape)} has {len(base_shape)} dims, the parameter "
-                         f"{list(shape)} has {len(shape)}.")
+        raise ValueError(
+            f"{name}: base shape {list(base_shape)} has {len(base_shape)} dims, the parameter "
+            f"{list(shape)} has {len(shape)}."
+        )
     mults = []
     for i, (n, n0) in enumerate(zip(shape, base_shape)):
         if n0 is not None and (not isinstance(n0, int) or n0 <= 0):
@@ -50,8 +53,13 @@ def _info(shape: tuple[int, ...], base_shape: tuple[int | None, ...], fans: tupl
         kind = "readout"
     else:
         kind = "vector"
-    return ParamInfo(kind, tuple(shape), tuple(base_shape),
-                     mults[fan_in] if fan_in is not None else 1.0, mults[fan_out] if fan_out is not None else 1.0)
+    return ParamInfo(
+        kind,
+        tuple(shape),
+        tuple(base_shape),
+        mults[fan_in] if fan_in is not None else 1.0,
+        mults[fan_out] if fan_out is not None else 1.0,
+    )
 
 
 def plan_from_base_shapes(
@@ -73,12 +81,14 @@ def plan_from_base_shapes(
     names = [n for n, _ in inner.named_parameters()]
     bsh = {}
     for key, value in base_shapes.items():  # mup's files may carry the `module.` prefix of a DDP model
-        key = key[len("module."):] if key.startswith("module.") and key not in names else key
+        key = key[len("module.") :] if key.startswith("module.") and key not in names else key
         bsh[key] = tuple(value.base_shape()) if hasattr(value, "base_shape") else tuple(value)
     extra, missing = sorted(set(bsh) - set(names)), sorted(set(names) - set(bsh))
     if extra or missing:
-        raise ValueError(f"The base shapes do not match the model's parameters: missing {missing[:3]} "
-                         f"({len(missing)}), unknown {extra[:3]} ({len(extra)}).")
+        raise ValueError(
+            f"The base shapes do not match the model's parameters: missing {missing[:3]} "
+            f"({len(missing)}), unknown {extra[:3]} ({len(extra)})."
+        )
     params = {}
     for mod_name, module in inner.named_modules():
         for p_name, p in module.named_parameters(recurse=False):
@@ -96,8 +106,14 @@ def plan_from_base_shapes(
     head_dim = head_dims.pop() if len(head_dims) == 1 else None
     if head_dim is not None and base_head_dim is None:
         base_head_dim = round(head_dim / width_mult) or 1
-    return MuPPlan(params=params, width_mult=width_mult, head_dim=head_dim, base_head_dim=base_head_dim,
-                   output_mult=float(output_mult), attn_mult=float(attn_mult))
+    return MuPPlan(
+        params=params,
+        width_mult=width_mult,
+        head_dim=head_dim,
+        base_head_dim=base_head_dim,
+        output_mult=float(output_mult),
+        attn_mult=float(attn_mult),
+    )
 
 
 def plan_from_infshapes(model: nn.Module, **kwargs: Any) -> MuPPlan:
@@ -105,8 +121,10 @@ def plan_from_infshapes(model: nn.Module, **kwargs: Any) -> MuPPlan:
     shapes = {}
     for name, p in unwrap(model).named_parameters():
         if not hasattr(p, "infshape"):
-            raise ValueError(f"Parameter {name!r} has no `infshape` attribute: call mup.set_base_shapes(model, base) "
-                             "first (deepcopy, FSDP2, to_empty and load_state_dict(assign=True) drop it).")
+            raise ValueError(
+                f"Parameter {name!r} has no `infshape` attribute: call mup.set_base_shapes(model, base) "
+                "first (deepcopy, FSDP2, to_empty and load_state_dict(assign=True) drop it)."
+            )
         shapes[name] = p.infshape
     return plan_from_base_shapes(model, shapes, **kwargs)
 
@@ -128,10 +146,13 @@ def load_base_shapes(path: str | os.PathLike) -> BaseShapes:
     with open(path, encoding="utf-8") as f:
         data = yaml.safe_load(f)
     if not isinstance(data, dict):
-        raise ValueError(f"{os.fspath(path)!r} is not a base-shape file: expected a YAML mapping name -> list, got "
-                         f"{type(data).__name__}.")
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a base-shape file: expected a YAML mapping name -> list, got "
+            f"{type(data).__name__}."
+        )
     for name, shape in data.items():
         if not isinstance(shape, list) or not all(d is None or (isinstance(d, int) and d > 0) for d in shape):
-            raise ValueError(f"{os.fspath(path)!r}: entry {name!r} must be a list of positive ints or null, "
-                             f"got {shape!r}.")
+            raise ValueError(
+                f"{os.fspath(path)!r}: entry {name!r} must be a list of positive ints or null, got {shape!r}."
+            )
     return data

@@ -129,8 +129,20 @@ class MuPPlan:
             raise ValueError(f"A muP plan must be a dict written by MuPPlan.to_dict() (with 'params'), got {d!r:.200}.")
         if d.get("version", PLAN_VERSION) != PLAN_VERSION:
             raise ValueError(f"The muP plan has version {d.get('version')!r}; this code reads version {PLAN_VERSION}.")
-        kwargs = {k: d[k] for k in ("width_mult", "head_dim", "base_head_dim", "output_mult", "attn_mult",
-                                    "zero_readout", "zero_query", "base_config") if k in d}
+        kwargs = {
+            k: d[k]
+            for k in (
+                "width_mult",
+                "head_dim",
+                "base_head_dim",
+                "output_mult",
+                "attn_mult",
+                "zero_readout",
+                "zero_query",
+                "base_config",
+            )
+            if k in d
+        }
         kwargs.update(read_depth_fields(d))
         return cls(params={n: ParamInfo.from_dict(p) for n, p in d["params"].items()}, **kwargs)
 
@@ -145,7 +157,7 @@ class MuPPlan:
                 return name
             if not name.startswith("module."):  # DDP / DataParallel, possibly nested
                 return None
-            name = name[len("module."):]
+            name = name[len("module.") :]
 
     def match(self, named_params: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor, ParamInfo]]:
         """Pair every parameter with its plan entry; raise a ValueError listing every mismatch."""
@@ -211,8 +223,10 @@ def derive_base_config(
     def scaled(name: str, value: int) -> int:
         result = value * ratio
         if abs(result - round(result)) > 1e-9 or round(result) < 1:
-            raise ValueError(f"{name}={value} does not scale to an integer at base_width={base_width} (hidden size "
-                             f"{width}); pass it explicitly (base_{name}=...).")
+            raise ValueError(
+                f"{name}={value} does not scale to an integer at base_width={base_width} (hidden size "
+                f"{width}); pass it explicitly (base_{name}=...)."
+            )
         return round(result)
 
     moe = getattr(config, "moe_intermediate_size", None)
@@ -278,8 +292,10 @@ def plan_from_shapes(
 ) -> dict[str, ParamInfo]:
     """Per-parameter infos from target shapes (+ fan dims), base shapes and a wider "delta" base's shapes."""
     if set(target) != set(base) or set(base) != set(delta):
-        raise ValueError(f"target and base models have different parameter names: "
-                         f"{sorted(set(target) ^ set(base))[:5]}. Base and target must be the same architecture.")
+        raise ValueError(
+            f"target and base models have different parameter names: "
+            f"{sorted(set(target) ^ set(base))[:5]}. Base and target must be the same architecture."
+        )
     params = {}
     for name, (shape, (fan_in, fan_out)) in target.items():
         base_shape = base[name]
@@ -288,12 +304,16 @@ def plan_from_shapes(
         for i, (n, n0, is_width) in enumerate(zip(shape, base_shape, width_dims)):
             if not is_width:
                 if n != n0:
-                    raise ValueError(f"{name}: dimension {i} is {n} in the target but {n0} in the base, and it does "
-                                     "not scale with the width (e.g. vocab_size or num_hidden_layers differ?).")
+                    raise ValueError(
+                        f"{name}: dimension {i} is {n} in the target but {n0} in the base, and it does "
+                        "not scale with the width (e.g. vocab_size or num_hidden_layers differ?)."
+                    )
                 mults.append(1.0)
             elif n < n0:
-                raise ValueError(f"{name}: the base is wider than the target in dimension {i} ({n0} > {n}); the base "
-                                 "config must be the narrow one.")
+                raise ValueError(
+                    f"{name}: the base is wider than the target in dimension {i} ({n0} > {n}); the base "
+                    "config must be the narrow one."
+                )
             else:
                 mults.append(n / n0)
         fi = mults[fan_in] if fan_in is not None else 1.0
@@ -310,8 +330,9 @@ def plan_from_shapes(
             kind = "readout"
         else:
             kind = "vector"  # a finite matrix: no width dims, every multiplier is 1
-        params[name] = ParamInfo(kind, tuple(shape),
-                                 tuple(n0 if w else None for n0, w in zip(base_shape, width_dims)), fi, fo)
+        params[name] = ParamInfo(
+            kind, tuple(shape), tuple(n0 if w else None for n0, w in zip(base_shape, width_dims)), fi, fo
+        )
     return params
 
 
@@ -338,8 +359,10 @@ def make_plan(
     layers than ``config`` must then have ``base_depth`` layers (its width is compared at the target's depth).
     """
     if (base_config is None) == (base_width is None):
-        raise ValueError("Pass exactly one of base_config (a config of the narrow model) and base_width (its hidden "
-                         f"size), got base_config={type(base_config).__name__}, base_width={base_width!r}.")
+        raise ValueError(
+            "Pass exactly one of base_config (a config of the narrow model) and base_width (its hidden "
+            f"size), got base_config={type(base_config).__name__}, base_width={base_width!r}."
+        )
     adapter_for(config)  # a ValueError naming the supported model types
     for name, value in (("output_mult", output_mult), ("attn_mult", attn_mult)):
         v.check_positive(name, value)
@@ -347,23 +370,38 @@ def make_plan(
         v.check_bool(name, value)
     depth = depth_fields(config, base_depth, depth_alpha)
     if base_config is None:
-        base_config = derive_base_config(config, base_width, base_head_dim=base_head_dim,
-                                         base_intermediate_size=base_intermediate_size)
+        base_config = derive_base_config(
+            config, base_width, base_head_dim=base_head_dim, base_intermediate_size=base_intermediate_size
+        )
     if type(base_config) is not type(config):
         raise TypeError(f"base_config must be a {type(config).__name__} like config, got {type(base_config).__name__}.")
     base_config = at_target_depth(base_config, config, base_depth)
     width, base = _hidden_size(config), _hidden_size(base_config)
     if base > width:
-        raise ValueError(f"The base is wider than the target: base hidden_size={base} > hidden_size={width}. "
-                         "muP transfers from a narrow base to a wide target; swap the configs.")
+        raise ValueError(
+            f"The base is wider than the target: base hidden_size={base} > hidden_size={width}. "
+            "muP transfers from a narrow base to a wide target; swap the configs."
+        )
     delta_config = derive_base_config(base_config, 2 * base)
     target_model = _meta_model(model_cls, config)
     target = _shapes_and_fans(target_model)
     base_shapes = {n: s for n, (s, _) in _shapes_and_fans(_meta_model(model_cls, base_config)).items()}
     delta_shapes = {n: s for n, (s, _) in _shapes_and_fans(_meta_model(model_cls, delta_config)).items()}
-    base_dict = {k: val for k, val in base_config.to_dict().items() if k in (
-        "hidden_size", "n_embd", "intermediate_size", "n_inner", "num_attention_heads", "n_head",
-        "num_key_value_heads", "head_dim")}
+    base_dict = {
+        k: val
+        for k, val in base_config.to_dict().items()
+        if k
+        in (
+            "hidden_size",
+            "n_embd",
+            "intermediate_size",
+            "n_inner",
+            "num_attention_heads",
+            "n_head",
+            "num_key_value_heads",
+            "head_dim",
+        )
+    }
     return MuPPlan(
         params=plan_from_shapes(target, base_shapes, delta_shapes),
         width_mult=width / base,
@@ -384,8 +422,11 @@ _WRAPPER_CLASSES = frozenset({"DistributedDataParallel", "DataParallel", "Optimi
 def unwrap(model: nn.Module) -> nn.Module:
     """The innermost model under DDP (``.module``), torch.compile (``._orig_mod``) and FSDP1 wrappers."""
     while type(model).__name__ in _WRAPPER_CLASSES:
-        inner = model._modules.get("_orig_mod") or model._modules.get("module") or model._modules.get(
-            "_fsdp_wrapped_module")
+        inner = (
+            model._modules.get("_orig_mod")
+            or model._modules.get("module")
+            or model._modules.get("_fsdp_wrapped_module")
+        )
         if inner is None:
             break
         model = inner
@@ -397,8 +438,10 @@ def get_plan(model: nn.Module) -> MuPPlan:
     through DDP / compile wrappers."""
     raw = stored_plan_dict(getattr(unwrap(model), "config", None))
     if not raw:
-        raise ValueError(f"{type(model).__name__} carries no muP plan (config.hf_optim_mup is missing). Build the "
-                         "model with mup_integration.make_mup_model(...) or call apply_mup(model, make_plan(...)).")
+        raise ValueError(
+            f"{type(model).__name__} carries no muP plan (config.hf_optim_mup is missing). Build the "
+            "model with mup_integration.make_mup_model(...) or call apply_mup(model, make_plan(...))."
+        )
     return MuPPlan.from_dict(raw)
 
 

@@ -73,15 +73,18 @@ def stored_plan_dict(config: Any) -> Mapping[str, Any] | None:
         raise _upstream_error(config, what + " upstream's muP switch")
     if isinstance(legacy, Mapping) and legacy:
         if new and dict(new) != dict(legacy):
-            raise ValueError("The config carries two different muP plans, config.hf_optim_mup and an old config.mup "
-                             "dict; delete the stale one (config.mup) before loading.")
+            raise ValueError(
+                "The config carries two different muP plans, config.hf_optim_mup and an old config.mup "
+                "dict; delete the stale one (config.mup) before loading."
+            )
         base = getattr(config, UPSTREAM_BASE_WIDTH, None)
         planned = _base_width_of(legacy, config)
         if base is not None and planned is not None and float(base) != float(planned):
             raise ValueError(
                 f"The config carries an old hf-optim muP plan (config.mup, base hidden size {planned:g}) and "
                 f"upstream's mup_base_width={base!r}, which disagree: it is not clear which muP the weights were "
-                "trained with. Remove mup_base_width if the model was built by hf-optim (make_mup_model).")
+                "trained with. Remove mup_base_width if the model was built by hf-optim (make_mup_model)."
+            )
         return new or legacy
     return new or None
 
@@ -109,10 +112,14 @@ def adopt_upstream(config: Any, base_width: int | None) -> int | None:
         return base_width
     upstream = getattr(config, UPSTREAM_BASE_WIDTH, None)
     if upstream is None and base_width is None:
-        raise ValueError("config.mup is set (upstream transformers' muP switch) but config.mup_base_width is not: "
-                         "pass base_width= to make_mup_model.")
+        raise ValueError(
+            "config.mup is set (upstream transformers' muP switch) but config.mup_base_width is not: "
+            "pass base_width= to make_mup_model."
+        )
     if upstream is not None and base_width is not None and int(upstream) != int(base_width):
-        raise ValueError(f"base_width={base_width!r} disagrees with the config's mup_base_width={upstream!r} "
-                         "(upstream transformers' muP field); pass the same value or remove one.")
+        raise ValueError(
+            f"base_width={base_width!r} disagrees with the config's mup_base_width={upstream!r} "
+            "(upstream transformers' muP field); pass the same value or remove one."
+        )
     clear_plan(config)
     return int(upstream) if upstream is not None else base_width

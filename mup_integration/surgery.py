@@ -101,12 +101,16 @@ def apply_mup(model: nn.Module, plan: MuPPlan | None = None, *, init: bool = Tru
     matched = plan.match(inner.named_parameters())  # raises if the plan was made for another model
     attns = adapter.attention_modules(inner)
     if not attns:
-        raise ValueError(f"{type(inner).__name__}: no attention module with `scaling` and `head_dim` attributes "
-                         f"found; it does not have the {adapter.name!r} layout muP surgery expects.")
+        raise ValueError(
+            f"{type(inner).__name__}: no attention module with `scaling` and `head_dim` attributes "
+            f"found; it does not have the {adapter.name!r} layout muP surgery expects."
+        )
     for attn in attns:
         if adapter.head_dim(attn) != plan.head_dim:
-            raise ValueError(f"The plan is for head_dim={plan.head_dim} but the model's attention has head_dim="
-                             f"{adapter.head_dim(attn)}; rebuild the plan for this config.")
+            raise ValueError(
+                f"The plan is for head_dim={plan.head_dim} but the model's attention has head_dim="
+                f"{adapter.head_dim(attn)}; rebuild the plan for this config."
+            )
         attn.scaling = attention_scale(attn, plan, inner.config)
     set_input_multiplier(_readout(inner), plan.output_mult / plan.width_mult)
     adapter.apply_forward_changes(inner, plan)
@@ -125,11 +129,16 @@ def is_mup_applied(model: nn.Module) -> bool:
     plan = get_plan(inner)
     adapter = adapter_for(inner.config)
     readout = input_multiplier(_readout(inner))
-    return (readout is not None and math.isclose(readout, plan.output_mult / plan.width_mult, rel_tol=1e-12)
-            and all(math.isclose(a.scaling, attention_scale(a, plan, inner.config), rel_tol=1e-12)
-                    for a in adapter.attention_modules(inner))
-            and adapter.forward_changes_applied(inner, plan)
-            and branch_multipliers_ok(inner, adapter, plan))
+    return (
+        readout is not None
+        and math.isclose(readout, plan.output_mult / plan.width_mult, rel_tol=1e-12)
+        and all(
+            math.isclose(a.scaling, attention_scale(a, plan, inner.config), rel_tol=1e-12)
+            for a in adapter.attention_modules(inner)
+        )
+        and adapter.forward_changes_applied(inner, plan)
+        and branch_multipliers_ok(inner, adapter, plan)
+    )
 
 
 @torch.no_grad()
@@ -142,8 +151,10 @@ def init_weights(model: nn.Module, plan: MuPPlan | None = None, *, _matched: lis
     config = inner.config
     sigma = float(config.initializer_range)
     if plan.zero_readout and is_tied(inner):
-        raise ValueError("zero_readout=True needs untied embeddings (tie_word_embeddings=False): zeroing a tied "
-                         "readout would zero the input embedding too.")
+        raise ValueError(
+            "zero_readout=True needs untied embeddings (tie_word_embeddings=False): zeroing a tied "
+            "readout would zero the input embedding too."
+        )
     for name, p, info in matched:
         _init_param(name, p, info, sigma, adapter, config, plan)
     if plan.zero_query:
@@ -151,8 +162,9 @@ def init_weights(model: nn.Module, plan: MuPPlan | None = None, *, _matched: lis
     adapter.apply_forward_changes(inner, plan)  # buffers (Gemma's embedding scale) hold garbage after to_empty
 
 
-def _init_param(name: str, p: torch.Tensor, info: ParamInfo, sigma: float, adapter: Adapter, config: Any,
-                plan: MuPPlan) -> None:
+def _init_param(
+    name: str, p: torch.Tensor, info: ParamInfo, sigma: float, adapter: Adapter, config: Any, plan: MuPPlan
+) -> None:
     if info.kind == "hidden":
         # under depth scaling the branch multiplier carries the depth dependence: SP stds of the base depth
         # (GPT-2's c_proj sigma/sqrt(2 L0)), so deeper models are not shrunk a second time
@@ -201,8 +213,10 @@ def from_pretrained(model_cls: Any, path: str, **kwargs: Any) -> nn.Module:
     """``model_cls.from_pretrained(path, **kwargs)`` then re-apply the stored plan's forward changes (no re-init)."""
     model = model_cls.from_pretrained(path, **kwargs)
     if not has_plan(model):
-        raise ValueError(f"The model at {path!r} has no muP plan in its config (config.hf_optim_mup); load it with "
-                         f"{getattr(model_cls, '__name__', model_cls)}.from_pretrained instead.")
+        raise ValueError(
+            f"The model at {path!r} has no muP plan in its config (config.hf_optim_mup); load it with "
+            f"{getattr(model_cls, '__name__', model_cls)}.from_pretrained instead."
+        )
     return apply_mup(model, init=False)
 
 

@@ -58,8 +58,10 @@ class Launch:
     leftovers: list[str] = field(default_factory=list)
 
     def tail(self, chars: int = 4000) -> str:
-        return f"--- stdout (last {chars} chars) ---\n{self.stdout[-chars:]}\n" \
-               f"--- stderr (last {chars} chars) ---\n{self.stderr[-chars:]}"
+        return (
+            f"--- stdout (last {chars} chars) ---\n{self.stdout[-chars:]}\n"
+            f"--- stderr (last {chars} chars) ---\n{self.stderr[-chars:]}"
+        )
 
 
 def marked_pids(marker: str) -> list[int]:
@@ -120,8 +122,14 @@ def _wait_gone_except(marker: str, keep: int, seconds: float) -> None:
         time.sleep(0.1)
 
 
-def run(cmd: Sequence[str], *, timeout: float, env: Mapping[str, str] | None = None, cwd: str | Path | None = None,
-        check: bool = True) -> Launch:
+def run(
+    cmd: Sequence[str],
+    *,
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = None,
+    check: bool = True,
+) -> Launch:
     """Run ``cmd`` (a launcher) in its own session; never leave a process behind.
 
     Fails the test (``pytest.fail``) with the ranks' last output and stacks when it runs past ``timeout`` seconds,
@@ -131,8 +139,16 @@ def run(cmd: Sequence[str], *, timeout: float, env: Mapping[str, str] | None = N
     full_env = {**(os.environ if env is None else env), MARKER: marker, "PYTHONFAULTHANDLER": "1"}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.monotonic()
-        proc = subprocess.Popen(list(cmd), cwd=cwd, env=full_env, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                start_new_session=True, text=True)
+        proc = subprocess.Popen(
+            list(cmd),
+            cwd=cwd,
+            env=full_env,
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            text=True,
+        )
         timed_out, killed = False, []
         try:
             proc.wait(timeout=timeout)
@@ -155,12 +171,20 @@ def run(cmd: Sequence[str], *, timeout: float, env: Mapping[str, str] | None = N
         result = Launch(proc.returncode, out.read(), err.read(), seconds, leftovers)
     command = " ".join(str(c) for c in cmd)
     if timed_out:
-        pytest.fail(f"timed out after {timeout:.0f} s: {command}\nprocesses still running then (sent SIGABRT for a "
-                    f"stack dump, then SIGKILL):\n  " + "\n  ".join(killed or ["none besides the launcher"]) +
-                    f"\n{result.tail()}", pytrace=False)
+        pytest.fail(
+            f"timed out after {timeout:.0f} s: {command}\nprocesses still running then (sent SIGABRT for a "
+            f"stack dump, then SIGKILL):\n  "
+            + "\n  ".join(killed or ["none besides the launcher"])
+            + f"\n{result.tail()}",
+            pytrace=False,
+        )
     if leftovers:
-        pytest.fail(f"the launcher exited ({proc.returncode}) but left processes alive (killed now):\n  " +
-                    "\n  ".join(leftovers) + f"\n{command}\n{result.tail()}", pytrace=False)
+        pytest.fail(
+            f"the launcher exited ({proc.returncode}) but left processes alive (killed now):\n  "
+            + "\n  ".join(leftovers)
+            + f"\n{command}\n{result.tail()}",
+            pytrace=False,
+        )
     if check and result.returncode != 0:
         pytest.fail(f"exit code {result.returncode} after {seconds:.0f} s: {command}\n{result.tail()}", pytrace=False)
     return result

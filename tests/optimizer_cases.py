@@ -49,13 +49,19 @@ def _adam_family() -> list[Case]:
     for cls in ("Adam", "AdamW", "RAdam"):
         for mode in MODES:
             for eps_mode in EPS_MODES:
-                kwargs = dict(lr=1e-2, weight_decay=DECAY[mode], weight_decay_mode=mode, eps_mode=eps_mode,
-                              eps=1e-7 if eps_mode == "tf" else 1e-8)
+                kwargs = dict(
+                    lr=1e-2,
+                    weight_decay=DECAY[mode],
+                    weight_decay_mode=mode,
+                    eps_mode=eps_mode,
+                    eps=1e-7 if eps_mode == "tf" else 1e-8,
+                )
                 rows.append(Case(f"{cls.lower()}-{mode}-{eps_mode}", cls, kwargs))
     for mode in MODES:  # no epsilon: b varies with the mode so b != 1 (and the b = 0 sign step) are covered
         b = {"l2": 1.0, "coupled": 1.0, "independent": 2.0, "corrected": 0.0}[mode]
-        rows.append(Case(f"adamatan2-{mode}", "AdamAtan2",
-                         dict(lr=1e-2, weight_decay=DECAY[mode], weight_decay_mode=mode, b=b)))
+        rows.append(
+            Case(f"adamatan2-{mode}", "AdamAtan2", dict(lr=1e-2, weight_decay=DECAY[mode], weight_decay_mode=mode, b=b))
+        )
     return rows
 
 
@@ -86,8 +92,11 @@ _ELEMENTWISE_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
 def _elementwise() -> list[Case]:
     lrs = {"SGDW": 1e-2, "AdaGrad": 1e-2, "RMSProp": 1e-3}
     return [
-        Case(f"{cls.lower()}-{mode}", cls, dict(lr=lrs[cls], weight_decay=DECAY[mode], weight_decay_mode=mode,
-                                                **_ELEMENTWISE_VARIANTS[cls][mode]))
+        Case(
+            f"{cls.lower()}-{mode}",
+            cls,
+            dict(lr=lrs[cls], weight_decay=DECAY[mode], weight_decay_mode=mode, **_ELEMENTWISE_VARIANTS[cls][mode]),
+        )
         for cls in _ELEMENTWISE_VARIANTS
         for mode in MODES
     ]

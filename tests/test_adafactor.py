@@ -50,11 +50,19 @@ TRAINER = dict(lr=1e-3, relative_step=False, scale_parameter=False)  # the Train
         pytest.param(TRAINER, TRAINER, torch.float32, id="trainer"),
         pytest.param({**TRAINER, "beta1": 0.9}, {**TRAINER, "beta1": 0.9}, torch.float32, id="beta1"),
         pytest.param({**TRAINER, "weight_decay": 0.01}, {**TRAINER, "weight_decay": 0.01}, torch.float32, id="wd"),
-        pytest.param({**TRAINER, "beta1": 0.9, "weight_decay": 0.01}, {**TRAINER, "beta1": 0.9, "weight_decay": 0.01},
-                     torch.float32, id="beta1-wd"),
+        pytest.param(
+            {**TRAINER, "beta1": 0.9, "weight_decay": 0.01},
+            {**TRAINER, "beta1": 0.9, "weight_decay": 0.01},
+            torch.float32,
+            id="beta1-wd",
+        ),
         # transformers' lr=None is our lr multiplier 1.0 (the preset's default).
-        pytest.param(dict(warmup_init=True, weight_decay=0.01), dict(warmup_init=True, weight_decay=0.01),
-                     torch.float32, id="relative-scale-warmup"),
+        pytest.param(
+            dict(warmup_init=True, weight_decay=0.01),
+            dict(warmup_init=True, weight_decay=0.01),
+            torch.float32,
+            id="relative-scale-warmup",
+        ),
         pytest.param(dict(beta1=0.9), dict(beta1=0.9), torch.float32, id="relative-scale"),
         pytest.param({**TRAINER, "beta1": 0.9}, {**TRAINER, "beta1": 0.9}, torch.bfloat16, id="bf16"),
         pytest.param(dict(weight_decay=0.01), dict(weight_decay=0.01), torch.bfloat16, id="bf16-relative"),
@@ -76,8 +84,14 @@ def test_hf_preset_equals_transformers(hf_kwargs, ours_kwargs, dtype, implementa
 def test_torch_preset_equals_torch(weight_decay, maximize, foreach):
     ref, ours = _run_pair(
         lambda p: torch.optim.Adafactor(p, lr=1e-2, weight_decay=weight_decay, maximize=maximize, foreach=foreach),
-        lambda p: Adafactor(p, lr=1e-2, preset="torch", weight_decay=weight_decay, maximize=maximize,
-                            implementation="foreach" if foreach else "for-loop"),
+        lambda p: Adafactor(
+            p,
+            lr=1e-2,
+            preset="torch",
+            weight_decay=weight_decay,
+            maximize=maximize,
+            implementation="foreach" if foreach else "for-loop",
+        ),
     )
     _assert_close(ref, ours)
 
@@ -86,8 +100,28 @@ def test_torch_preset_equals_torch(weight_decay, maximize, foreach):
 # Float64 reference written from the papers' formulas (independent of the implementation's structure).
 
 
-def _reference(x0, grads, *, lr, factored_dims, beta1, before_lr, momentum_dtype, decay_rate, cap, eps1, eps2, d,
-               relative_step, scale_parameter, wd_rate, schedule, rho_max=1e-2, l2=0.0, info=None):
+def _reference(
+    x0,
+    grads,
+    *,
+    lr,
+    factored_dims,
+    beta1,
+    before_lr,
+    momentum_dtype,
+    decay_rate,
+    cap,
+    eps1,
+    eps2,
+    d,
+    relative_step,
+    scale_parameter,
+    wd_rate,
+    schedule,
+    rho_max=1e-2,
+    l2=0.0,
+    info=None,
+):
     """Adafactor in float64 for one tensor; ``factored_dims`` = (row, col) or None; returns the final parameter.
 
     ``wd_rate(lr_t, lr, s_t)`` is the fraction decayed at step t (``s_t`` the effective step size); ``l2`` adds
@@ -169,14 +203,28 @@ def test_adafactor_v2_matches_float64_formula(shape, dims, momentum_dtype):
     torch.manual_seed(0)
     x0, grads = torch.randn(shape, dtype=torch.float64), _grads(shape)
     lam = 1e-4
-    ours = _run_ours(x0, grads, lambda p: Adafactor(p, lr=3e-3, weight_decay=lam, momentum_dtype=momentum_dtype),
-                     _cosine)
-    ref = _reference(x0, grads, lr=3e-3, factored_dims=dims, beta1=0.9, before_lr=True,
-                     # "float32" means full precision: fp64 for fp64 parameters
-                     momentum_dtype=torch.bfloat16 if momentum_dtype == "bfloat16" else torch.float64, decay_rate=0.8, cap=0.999, eps1=1e-30, eps2=1e-3,
-                     d=1.0, relative_step=False, scale_parameter=False,
-                     wd_rate=lambda lr_t, lr, _: lam * lr_t / lr,  # independent: λ times the schedule only
-                     schedule=_cosine)
+    ours = _run_ours(
+        x0, grads, lambda p: Adafactor(p, lr=3e-3, weight_decay=lam, momentum_dtype=momentum_dtype), _cosine
+    )
+    ref = _reference(
+        x0,
+        grads,
+        lr=3e-3,
+        factored_dims=dims,
+        beta1=0.9,
+        before_lr=True,
+        # "float32" means full precision: fp64 for fp64 parameters
+        momentum_dtype=torch.bfloat16 if momentum_dtype == "bfloat16" else torch.float64,
+        decay_rate=0.8,
+        cap=0.999,
+        eps1=1e-30,
+        eps2=1e-3,
+        d=1.0,
+        relative_step=False,
+        scale_parameter=False,
+        wd_rate=lambda lr_t, lr, _: lam * lr_t / lr,  # independent: λ times the schedule only
+        schedule=_cosine,
+    )
     torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
 
 
@@ -185,9 +233,24 @@ def test_palm_matches_float64_formula():
     torch.manual_seed(0)
     x0, grads = torch.randn(shape, dtype=torch.float64) * 0.02, _grads(shape)
     ours = _run_ours(x0, grads, lambda p: Adafactor(p, preset="palm"), _cosine)
-    ref = _reference(x0, grads, lr=1e-2, factored_dims=None, beta1=0.9, before_lr=False, momentum_dtype=torch.float64,
-                     decay_rate=0.8, cap=None, eps1=1e-30, eps2=1e-3, d=1.0, relative_step=False,
-                     scale_parameter=True, wd_rate=lambda lr_t, lr, _: lr_t**2, schedule=_cosine)  # PaLM: lr_t² decay
+    ref = _reference(
+        x0,
+        grads,
+        lr=1e-2,
+        factored_dims=None,
+        beta1=0.9,
+        before_lr=False,
+        momentum_dtype=torch.float64,
+        decay_rate=0.8,
+        cap=None,
+        eps1=1e-30,
+        eps2=1e-3,
+        d=1.0,
+        relative_step=False,
+        scale_parameter=True,
+        wd_rate=lambda lr_t, lr, _: lr_t**2,
+        schedule=_cosine,
+    )  # PaLM: lr_t² decay
     torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
 
 
@@ -198,9 +261,24 @@ def test_t5_matches_float64_formula(lr):
     x0, grads = torch.randn(shape, dtype=torch.float64), _grads(shape)
     ours = _run_ours(x0, grads, lambda p: Adafactor(p, lr=lr, preset="t5"), _cosine)
     # The lr multiplies the relative step, so the Trainer's schedule composes with min(1e-2, 1/sqrt(t)).
-    ref = _reference(x0, grads, lr=lr, factored_dims=(0, 1), beta1=None, before_lr=False, momentum_dtype=torch.float64,
-                     decay_rate=0.8, cap=None, eps1=1e-30, eps2=1e-3, d=1.0, relative_step=True,
-                     scale_parameter=True, wd_rate=lambda lr_t, lr, _: 0.0, schedule=_cosine)
+    ref = _reference(
+        x0,
+        grads,
+        lr=lr,
+        factored_dims=(0, 1),
+        beta1=None,
+        before_lr=False,
+        momentum_dtype=torch.float64,
+        decay_rate=0.8,
+        cap=None,
+        eps1=1e-30,
+        eps2=1e-3,
+        d=1.0,
+        relative_step=True,
+        scale_parameter=True,
+        wd_rate=lambda lr_t, lr, _: 0.0,
+        schedule=_cosine,
+    )
     torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
 
 
@@ -213,8 +291,9 @@ def test_clipped_update_rms_at_most_d(preset, d):
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(160, 150, dtype=torch.float64))
     # Pure update: lr 1, no momentum, no relative step or scaling: x_{t-1} - x_t = the clipped U.
-    opt = Adafactor([p], lr=1.0, preset=preset, beta1=None, relative_step=False, scale_parameter=False,
-                    clip_threshold=d)
+    opt = Adafactor(
+        [p], lr=1.0, preset=preset, beta1=None, relative_step=False, scale_parameter=False, clip_threshold=d
+    )
     clipped = 0
     for g in _grads((160, 150), steps=10):
         before = p.detach().clone()
@@ -245,7 +324,8 @@ def test_foreach_equals_for_loop(preset):
     ref, ours = _run_pair(
         lambda p: Adafactor(p, preset=preset, beta1=0.9, weight_decay=1e-4, implementation="for-loop"),
         lambda p: Adafactor(p, preset=preset, beta1=0.9, weight_decay=1e-4, implementation="foreach"),
-        shapes=[(200, 130), (7,), (3, 4, 5)], steps=20,
+        shapes=[(200, 130), (7,), (3, 4, 5)],
+        steps=20,
     )
     _assert_close(ref, ours, atol=1e-7)
 
@@ -341,9 +421,22 @@ def test_flat_partitions_are_refused_with_a_clear_message():
 # Knob branches against the float64 formula: each test also checks that its branch really bound.
 
 _SMALL = (12, 10)  # factored over (0, 1) with min_dim_size_to_factor=2
-_V2 = dict(lr=3e-3, factored_dims=(0, 1), beta1=0.9, before_lr=True, momentum_dtype=torch.float64, decay_rate=0.8,
-           cap=0.999, eps1=1e-30, eps2=1e-3, d=1.0, relative_step=False, scale_parameter=False,
-           wd_rate=lambda lr_t, lr, s: 0.0, schedule=_cosine)  # the adafactor_v2 preset with fp32 momentum
+_V2 = dict(
+    lr=3e-3,
+    factored_dims=(0, 1),
+    beta1=0.9,
+    before_lr=True,
+    momentum_dtype=torch.float64,
+    decay_rate=0.8,
+    cap=0.999,
+    eps1=1e-30,
+    eps2=1e-3,
+    d=1.0,
+    relative_step=False,
+    scale_parameter=False,
+    wd_rate=lambda lr_t, lr, s: 0.0,
+    schedule=_cosine,
+)  # the adafactor_v2 preset with fp32 momentum
 
 
 def _v2(**knobs):
@@ -373,8 +466,9 @@ def test_relative_step_inverse_sqrt_branch_matches_formula(implementation):
     """rho_max = 1: min(1, 1/sqrt(t)) = 1/sqrt(t) at every step (the T5 preset otherwise sits at rho_max = 1e-2)."""
     torch.manual_seed(0)
     x0, grads = torch.randn(_SMALL, dtype=torch.float64), _grads(_SMALL)
-    make = lambda p: Adafactor(p, lr=0.5, preset="t5", rho_max=1.0, min_dim_size_to_factor=2,
-                               implementation=implementation)
+    make = lambda p: Adafactor(
+        p, lr=0.5, preset="t5", rho_max=1.0, min_dim_size_to_factor=2, implementation=implementation
+    )
     ours = _run_ours(x0, grads, make, _cosine)
     t5 = dict(_V2, lr=0.5, beta1=None, cap=None, relative_step=True, scale_parameter=True)
     info = {}
@@ -441,8 +535,11 @@ def test_palm_weight_decay_sentinel_is_resolved_before_overrides_multiply_it():
     p = torch.nn.Parameter(torch.randn(20, dtype=torch.float64))
     q = torch.nn.Parameter(torch.randn(20, dtype=torch.float64))
     r = torch.nn.Parameter(torch.randn(20, dtype=torch.float64))
-    opt = Adafactor([p, q, r], preset="palm", param_overrides={
-        p: {"weight_decay_mult": 2.0}, q: {"lr_mult": 0.5, "weight_decay_mult": 3.0}})
+    opt = Adafactor(
+        [p, q, r],
+        preset="palm",
+        param_overrides={p: {"weight_decay_mult": 2.0}, q: {"lr_mult": 0.5, "weight_decay_mult": 3.0}},
+    )
     by_param = {id(g["params"][0]): g for g in opt.param_groups}
     assert by_param[id(p)]["weight_decay"] == pytest.approx(2 * 1e-2, rel=1e-15)
     assert by_param[id(q)]["lr"] == pytest.approx(5e-3) and by_param[id(q)]["weight_decay"] == pytest.approx(1.5e-2)

@@ -21,7 +21,8 @@ def test_fsdp2_and_ddp_equal_single_process():
     # --standalone: torchrun's rendezvous binds a free port itself (localhost:0), so parallel launches cannot collide.
     result = _launch.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT)],
-        timeout=300, env=env,
+        timeout=300,
+        env=env,
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith(("OK", "FAIL"))]
     # One line per configuration (factored with/without (bf16) momentum, parameter scaling, last-two dims), each

@@ -198,12 +198,14 @@ def test_radam_equals_torch_radam_every_step(dtype, impl, decoupled):
     """Whole trajectory, so the first steps (rho_t <= 5: momentum steps) are checked one by one."""
     expected = run(
         lambda ps: torch.optim.RAdam(ps, lr=LR, weight_decay=0.05, decoupled_weight_decay=decoupled),
-        dtype, trajectory=True,
+        dtype,
+        trajectory=True,
     )
     mode = "coupled" if decoupled else "l2"
     actual = run(
         lambda ps: hf_optim.RAdam(ps, lr=LR, weight_decay=0.05, weight_decay_mode=mode, implementation=impl),
-        dtype, trajectory=True,
+        dtype,
+        trajectory=True,
     )
     for step, (a, e) in enumerate(zip(actual, expected), start=1):
         assert_close(a, e, dtype), step
@@ -231,6 +233,7 @@ def test_adam_atan2_paper_defaults_and_zero_gradient():
 @pytest.mark.parametrize("impl", OURS)
 def test_tf_eps_with_params_at_different_steps(impl):
     """A parameter without a gradient skips steps, so a group holds different step counts (fused splits by step)."""
+
     def go(implementation):
         torch.manual_seed(3)
         ps = [torch.randn(5, requires_grad=True) for _ in range(3)]
@@ -278,6 +281,7 @@ def test_bf16_param_keeps_fp32_state_and_rounds_to_nearest():
 @pytest.mark.parametrize("impl", OURS)
 def test_complex_params_equal_torch(impl):
     """Real and imaginary parts are independent coordinates, as in torch.optim.AdamW."""
+
     def go(factory):
         torch.manual_seed(4)
         p = torch.randn(6, dtype=torch.complex64, requires_grad=True)
@@ -288,7 +292,9 @@ def test_complex_params_equal_torch(impl):
         return [p.detach()]
 
     expected = go(lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=0.1))
-    assert_close(go(lambda ps: hf_optim.AdamW(ps, lr=LR, weight_decay=0.1, implementation=impl)), expected, torch.float32)
+    assert_close(
+        go(lambda ps: hf_optim.AdamW(ps, lr=LR, weight_decay=0.1, implementation=impl)), expected, torch.float32
+    )
 
 
 @pytest.mark.parametrize(("name", "value"), [("a", 0.0), ("a", -1.0), ("b", -0.5)])
@@ -328,15 +334,25 @@ def test_fused_groups_tensors_by_device_and_dtype(monkeypatch, mode, eps_mode):
     """A group mixing fp64, fp32 and bf16 (fp32 maths) parameters: each fused call gets one (device, dtype), as
     torch's kernels require (CUDA's multi-tensor apply does; the CPU kernel happens to loop), and the result equals
     the for-loop reference of each dtype."""
+
     def params():
         gen = torch.Generator().manual_seed(5)
-        return [torch.randn(7, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True)
-                for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float64)]
+        return [
+            torch.randn(7, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True)
+            for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float64)
+        ]
 
     def train(implementation):
         ps = params()
-        opt = hf_optim.AdamW(ps, lr=LR, eps=1e-3, weight_decay=0.05 if mode != "independent" else 1e-4,
-                             weight_decay_mode=mode, eps_mode=eps_mode, implementation=implementation)
+        opt = hf_optim.AdamW(
+            ps,
+            lr=LR,
+            eps=1e-3,
+            weight_decay=0.05 if mode != "independent" else 1e-4,
+            weight_decay_mode=mode,
+            eps_mode=eps_mode,
+            implementation=implementation,
+        )
         gen = torch.Generator().manual_seed(6)
         for _ in range(5):
             for p in ps:
@@ -352,16 +368,20 @@ def test_fused_groups_tensors_by_device_and_dtype(monkeypatch, mode, eps_mode):
         # bf16: both paths do fp32 maths, but fused and for-loop round differently in fp32, which may move a value
         # across a bf16 rounding boundary: one bf16 ulp (2^-7 relative) is the bound there.
         atol = {torch.float64: TOL[torch.float64], torch.float32: TOL[torch.float32]}.get(
-            a.dtype, 2.0**-7 * e.abs().max().item())
+            a.dtype, 2.0**-7 * e.abs().max().item()
+        )
         torch.testing.assert_close(a, e, atol=atol, rtol=0)
 
 
 def test_fused_mixed_dtypes_equal_torch_fused_adamw():
     """The same mixed fp32/fp64 group through torch.optim.AdamW(fused=True), which groups by device and dtype."""
+
     def go(factory):
         gen = torch.Generator().manual_seed(7)
-        ps = [torch.randn(9, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True)
-              for dtype in (torch.float32, torch.float64, torch.float32)]
+        ps = [
+            torch.randn(9, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True)
+            for dtype in (torch.float32, torch.float64, torch.float32)
+        ]
         opt = factory(ps)
         for _ in range(6):
             for p in ps:

@@ -31,8 +31,13 @@ def _python(tmp_path: Path) -> list[str]:
     sitedir = tmp_path / "sitedir"
     sitedir.mkdir(exist_ok=True)
     (sitedir / PTH.name).write_text(PTH.read_text())
-    return [sys.executable, "-c", f"import site; site.addsitedir({str(sitedir)!r}); "
-            "import sys, runpy; sys.argv[:] = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')", "--"]
+    return [
+        sys.executable,
+        "-c",
+        f"import site; site.addsitedir({str(sitedir)!r}); "
+        "import sys, runpy; sys.argv[:] = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')",
+        "--",
+    ]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -42,9 +47,30 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _script_args(out: Path, optim: str, optim_args: str | None = None) -> list[str]:
-    args = [str(SCRIPT), "--output_dir", str(out), "--optim", optim, "--max_steps", "3", "--logging_steps", "1",
-            "--per_device_train_batch_size", "4", "--num_examples", "12", "--learning_rate", "1e-2",
-            "--report_to", "none", "--save_strategy", "no", "--use_cpu", "--disable_tqdm", "true"]
+    args = [
+        str(SCRIPT),
+        "--output_dir",
+        str(out),
+        "--optim",
+        optim,
+        "--max_steps",
+        "3",
+        "--logging_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "4",
+        "--num_examples",
+        "12",
+        "--learning_rate",
+        "1e-2",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "--disable_tqdm",
+        "true",
+    ]
     return args + (["--optim_args", optim_args] if optim_args else [])
 
 
@@ -65,8 +91,10 @@ def test_pth_line_imports_nothing_and_respects_the_switch(monkeypatch):
 
 
 def test_fresh_interpreter_startup_imports_nothing_heavy(tmp_path):
-    code = ("import sys; print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('hf_optim', 'transformers', 'torch'))); print([type(f).__name__ for f in sys.meta_path])")
+    code = (
+        "import sys; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('hf_optim', 'transformers', 'torch'))); print([type(f).__name__ for f in sys.meta_path])"
+    )
     if PTH_INSTALLED:
         cmd = [sys.executable, "-c", code]
     else:
@@ -80,8 +108,13 @@ def test_fresh_interpreter_startup_imports_nothing_heavy(tmp_path):
 @pytest.mark.slow
 def test_unmodified_script_runs_adafactor_v2(tmp_path):
     out = tmp_path / "run"
-    result = subprocess.run([*_python(tmp_path), *_script_args(out, "adafactor_v2", "beta1=0.8, momentum_dtype=float32")],
-                            env=_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [*_python(tmp_path), *_script_args(out, "adafactor_v2", "beta1=0.8, momentum_dtype=float32")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["optimizer"] == "hf_optim.adafactor.Adafactor"
@@ -94,10 +127,12 @@ def test_unmodified_script_runs_every_other_name_in_one_fresh_interpreter(tmp_pa
     # One interpreter (start-up cost once); the script is executed anew per name and builds a new parser each time.
     runs = [_script_args(tmp_path / name, name, "momentum=0.9" if name == "sgdw_v2" else None) for name in NAMES[1:]]
     driver = tmp_path / "driver.py"
-    driver.write_text("import runpy, sys\n"
-                      f"for argv in {runs!r}:\n"
-                      "    sys.argv = argv\n"
-                      "    runpy.run_path(argv[0], run_name='__main__')\n")
+    driver.write_text(
+        "import runpy, sys\n"
+        f"for argv in {runs!r}:\n"
+        "    sys.argv = argv\n"
+        "    runpy.run_path(argv[0], run_name='__main__')\n"
+    )
     result = subprocess.run([*_python(tmp_path), str(driver)], env=_env(), capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     from hf_optim import registry
@@ -110,21 +145,36 @@ def test_unmodified_script_runs_every_other_name_in_one_fresh_interpreter(tmp_pa
 
 
 def test_switched_off_the_script_gets_transformers_invalid_choice(tmp_path):
-    result = subprocess.run([*_python(tmp_path), *_script_args(tmp_path / "off", "adafactor_v2")],
-                            env=_env(HF_OPTIM_DISABLE_AUTOLOAD="1"), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [*_python(tmp_path), *_script_args(tmp_path / "off", "adafactor_v2")],
+        env=_env(HF_OPTIM_DISABLE_AUTOLOAD="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert "argument --optim: invalid choice: 'adafactor_v2'" in result.stderr
     assert "'adamw_torch'" in result.stderr  # transformers' own list, without ours
 
 
 def test_bad_optim_args_in_a_script_give_our_error(tmp_path):
-    result = subprocess.run([*_python(tmp_path), *_script_args(tmp_path / "bad", "adamw_v2", "eps_mod=tf")],
-                            env=_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [*_python(tmp_path), *_script_args(tmp_path / "bad", "adamw_v2", "eps_mod=tf")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "Unknown optim_args key 'eps_mod'" in result.stderr and "Did you mean 'eps_mode'?" in result.stderr
     # malformed syntax is caught before transformers' own split (which would fail with a bare unpacking error)
-    result = subprocess.run([*_python(tmp_path), *_script_args(tmp_path / "bad2", "adamw_v2", "eps_mode=tf,")],
-                            env=_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [*_python(tmp_path), *_script_args(tmp_path / "bad2", "adamw_v2", "eps_mode=tf,")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0 and "has an empty item" in result.stderr, result.stderr[-2000:]
 
 
@@ -143,9 +193,24 @@ def test_wheel_puts_the_pth_at_the_root_of_site_packages(tmp_path):
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
     for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                             "--no-index", "-w", str(tmp_path / "dist"), str(src)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("hf_optim-*.whl")
     with zipfile.ZipFile(wheel) as zf:
@@ -157,8 +222,11 @@ def test_wheel_puts_the_pth_at_the_root_of_site_packages(tmp_path):
     # exactly two top-level import packages; the recipe YAML is package data of hf_optim.recipes
     top = {n.split("/")[0] for n in names if "/" in n and ".dist-info/" not in n}
     assert top == {"hf_optim", "mup_integration"}, top
-    assert {"hf_optim/recipes/llm/llama2.yaml", "hf_optim/recipes/sweeps/quick.yaml",
-            "hf_optim/recipes/accelerate/ddp.yaml"} <= set(names)
+    assert {
+        "hf_optim/recipes/llm/llama2.yaml",
+        "hf_optim/recipes/sweeps/quick.yaml",
+        "hf_optim/recipes/accelerate/ddp.yaml",
+    } <= set(names)
     assert "hf_optim/_native_adafactor.c" in names  # the Adafactor kernel's source, compiled at first use
 
 

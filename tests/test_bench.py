@@ -35,8 +35,9 @@ def test_json_report_and_ratios(tmp_path):
     out = tmp_path / "bench.json"
     # (a regex may not contain ',', which separates patterns)
     only = r"^torch_adamw_foreach$,^adamw_v2\[coupled.wd=0.1.eps=torch\]/foreach$,^hf_adafactor$"
-    rc = bench.main(["--size", "tiny", "--threads", "1", "--warmup", "0", "--repeats", "2", "--only", only,
-                     "--json", str(out)])
+    rc = bench.main(
+        ["--size", "tiny", "--threads", "1", "--warmup", "0", "--repeats", "2", "--only", only, "--json", str(out)]
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["meta"]["size"] == "tiny" and report["meta"]["threads"] == 1
@@ -44,8 +45,12 @@ def test_json_report_and_ratios(tmp_path):
     assert report["meta"]["max_spread"] == 1.5 and report["meta"]["max_drift"] == 1.25
     assert len(report["meta"]["load_average"]) == 2 and report["meta"]["cpu_count"] >= 1
     by_name = {r["name"]: r for r in report["results"]}
-    assert set(by_name) == {bench.REFERENCE, "torch_adamw_foreach", "adamw_v2[coupled,wd=0.1,eps=torch]/foreach",
-                            "hf_adafactor"}
+    assert set(by_name) == {
+        bench.REFERENCE,
+        "torch_adamw_foreach",
+        "adamw_v2[coupled,wd=0.1,eps=torch]/foreach",
+        "hf_adafactor",
+    }
     ref = report["results"][0]
     assert ref["name"] == bench.REFERENCE
     others = report["results"][1:]
@@ -182,8 +187,14 @@ def test_a_case_that_sleeps_at_random_is_flagged_in_real_time():
             return super().step(closure)
 
     lines: list[str] = []
-    report = bench.run("tiny", threads=1, warmup=1, repeats=4, progress=lines.append,
-                       cases=[bench.BenchCase("hiccup", lambda p: Hiccup(p, lr=0.0))])
+    report = bench.run(
+        "tiny",
+        threads=1,
+        warmup=1,
+        repeats=4,
+        progress=lines.append,
+        cases=[bench.BenchCase("hiccup", lambda p: Hiccup(p, lr=0.0))],
+    )
     hiccup = report["results"][1]
     assert hiccup["name"] == "hiccup" and "spread" in hiccup["flags"] and max(hiccup["times_s"]) >= 0.05
     assert next(line for line in lines if line.startswith("hiccup ")).split()[-1].startswith("!")

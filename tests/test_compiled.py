@@ -60,10 +60,18 @@ def assert_same(actual, expected):
 ADAFACTOR = {
     # big_vision defaults: bf16 momentum before the lr, clipping, largest-two factoring, independent decay
     "v2": dict(preset="adafactor_v2", lr=1e-2, weight_decay=1e-4),
-    "v2-no-momentum-coupled-maximize": dict(preset="adafactor_v2", lr=1e-2, beta1=None, weight_decay=0.1,
-                                            weight_decay_mode="coupled", maximize=True),
-    "v2-fp32-momentum-l2-last-two": dict(preset="adafactor_v2", lr=1e-2, momentum_dtype="float32", weight_decay=1e-2,
-                                         weight_decay_mode="l2", factor_dims="last_two", clip_threshold=None),
+    "v2-no-momentum-coupled-maximize": dict(
+        preset="adafactor_v2", lr=1e-2, beta1=None, weight_decay=0.1, weight_decay_mode="coupled", maximize=True
+    ),
+    "v2-fp32-momentum-l2-last-two": dict(
+        preset="adafactor_v2",
+        lr=1e-2,
+        momentum_dtype="float32",
+        weight_decay=1e-2,
+        weight_decay_mode="l2",
+        factor_dims="last_two",
+        clip_threshold=None,
+    ),
     # relative step, parameter scale, momentum after the lr, decay at the effective step (r = λ α_t)
     "hf-momentum-wd": dict(preset="hf", beta1=0.9, weight_decay=1e-2),
     # clamp epsilon, decay as a factor
@@ -87,8 +95,14 @@ ADAM = {
     "atan2": lambda ps, impl: hf_optim.AdamAtan2(ps, lr=1e-2, weight_decay=0.1, b=2.0, implementation=impl),
     "radam-l2": lambda ps, impl: hf_optim.RAdam(ps, lr=1e-2, weight_decay=1e-2, implementation=impl),
     "radam-coupled-maximize-torch-eps": lambda ps, impl: hf_optim.RAdam(
-        ps, lr=1e-2, weight_decay=1e-2, weight_decay_mode="coupled", maximize=True, eps_mode="torch",
-        implementation=impl),
+        ps,
+        lr=1e-2,
+        weight_decay=1e-2,
+        weight_decay_mode="coupled",
+        maximize=True,
+        eps_mode="torch",
+        implementation=impl,
+    ),
 }
 
 
@@ -143,6 +157,7 @@ def test_failed_compilation_warns_once_and_falls_back_to_eager(monkeypatch):
     def broken(fn, key):
         def call(*args):
             raise torch._dynamo.exc.InternalTorchDynamoError("no C++ compiler")
+
         return call
 
     monkeypatch.setattr(_compiled, "compiled_for", broken)
@@ -165,6 +180,7 @@ def test_maths_errors_are_not_swallowed(monkeypatch):
     def broken(fn, key):
         def call(*args):
             raise RuntimeError("shape mismatch")
+
         return call
 
     monkeypatch.setattr(_compiled, "compiled_for", broken)
@@ -172,9 +188,15 @@ def test_maths_errors_are_not_swallowed(monkeypatch):
         run(lambda ps, impl: hf_optim.AdamAtan2(ps, implementation=impl), "compiled", steps=range(1))
 
 
-@pytest.mark.parametrize("cls, kwargs", [
-    (hf_optim.RAdam, {}), (hf_optim.AdamAtan2, {}), (hf_optim.Adafactor, dict(min_dim_size_to_factor=1)),
-], ids=["radam", "adam_atan2", "adafactor"])
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [
+        (hf_optim.RAdam, {}),
+        (hf_optim.AdamAtan2, {}),
+        (hf_optim.Adafactor, dict(min_dim_size_to_factor=1)),
+    ],
+    ids=["radam", "adam_atan2", "adafactor"],
+)
 def test_inductor_corner_stays_eager(cls, kwargs):
     """Inductor (torch 2.13, CPU) returns a 0-d float64 parameter unchanged from the Adam-family graph and NaN from
     the Adafactor graph (0-d float32/bfloat16 and float64 of shape (1,) or (3,) are fine: measured, see

@@ -29,10 +29,17 @@ def test_known_override_keys_still_apply():
     assert group["lr"] == pytest.approx(2.5e-3) and group["eps"] == 1e-6
 
 
-@pytest.mark.parametrize("name, knob", [
-    ("Adam", "eps"), ("AdamW", "eps"), ("RAdam", "eps"), ("AdaGrad", "eps"), ("RMSProp", "eps"),
-    ("Adafactor", "eps1"),
-])
+@pytest.mark.parametrize(
+    "name, knob",
+    [
+        ("Adam", "eps"),
+        ("AdamW", "eps"),
+        ("RAdam", "eps"),
+        ("AdaGrad", "eps"),
+        ("RMSProp", "eps"),
+        ("Adafactor", "eps1"),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_eps_that_is_zero_in_the_compute_dtype_is_refused(name, knob, dtype):
     p = torch.nn.Parameter(torch.randn(4, 3).to(dtype))

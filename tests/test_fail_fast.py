@@ -75,11 +75,35 @@ def test_bad_values_raise_at_construction(tmp_path, optim, optim_args, match):
     assert isinstance(error.value, ValueError)  # what HfArgumentParser users and existing handlers expect
 
 
-_ODD_INPUTS = ["=", "a=", "=1", ":", "betas=:", "betas=0.9::0.9", "eps=1e309", "eps=nan", "béta=1", "preset=nosuch",
-               "betas=0.9:0.95:0.99", "implementation=compiled", "betas=true:false", "eps=0x10", "beta1=inf",
-               "min_dim_size_to_factor=-3", "momentum_dtype=float64", "factor_dims=none", "mup_wd_rule=",
-               "weight_decay_mode=", "betas=0.9:nan", "eps=" + "9" * 400, "decay_rate=1e-400", ",", "\t",
-               "eps_mode=tf\n", "clip_threshold=" + "9" * 400]
+_ODD_INPUTS = [
+    "=",
+    "a=",
+    "=1",
+    ":",
+    "betas=:",
+    "betas=0.9::0.9",
+    "eps=1e309",
+    "eps=nan",
+    "béta=1",
+    "preset=nosuch",
+    "betas=0.9:0.95:0.99",
+    "implementation=compiled",
+    "betas=true:false",
+    "eps=0x10",
+    "beta1=inf",
+    "min_dim_size_to_factor=-3",
+    "momentum_dtype=float64",
+    "factor_dims=none",
+    "mup_wd_rule=",
+    "weight_decay_mode=",
+    "betas=0.9:nan",
+    "eps=" + "9" * 400,
+    "decay_rate=1e-400",
+    ",",
+    "\t",
+    "eps_mode=tf\n",
+    "clip_threshold=" + "9" * 400,
+]
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -175,8 +199,9 @@ def test_knob_kinds_come_from_annotations_defaults_and_presets():
     assert knob_kinds(hf_optim.Adafactor, "min_dim_size_to_factor") == {int}
 
     class Annotated(torch.optim.SGD):
-        def __init__(self, params, lr: float = 0.1, *, clip: float | None = None, mode="a", steps: int = 1,
-                     momentum=0) -> None:
+        def __init__(
+            self, params, lr: float = 0.1, *, clip: float | None = None, mode="a", steps: int = 1, momentum=0
+        ) -> None:
             super().__init__(params, lr=lr)
 
     assert knob_kinds(Annotated, "clip") == {float, type(None)}  # from the annotation alone
@@ -185,8 +210,7 @@ def test_knob_kinds_come_from_annotations_defaults_and_presets():
     assert knob_kinds(Annotated, "momentum") == {int, float}  # an unannotated 0 is a number, not an integer
     with pytest.raises(ValueError, match=r"clip must be a float or none, not a name"):
         parse_optim_args("clip=off", Annotated, optim_name="annotated")
-    assert parse_optim_args("clip=1,momentum=0.9", Annotated, optim_name="annotated")[0] == {"clip": 1,
-                                                                                             "momentum": 0.9}
+    assert parse_optim_args("clip=1,momentum=0.9", Annotated, optim_name="annotated")[0] == {"clip": 1, "momentum": 0.9}
     with pytest.raises(ValueError, match=r"steps must be an integer, not a float \(2.5\)"):
         parse_optim_args("steps=2.5", Annotated, optim_name="annotated")
 
@@ -197,21 +221,42 @@ def test_knob_kinds_come_from_annotations_defaults_and_presets():
 def _run_script(tmp_path: Path, optim: str, optim_args: str) -> subprocess.CompletedProcess[str]:
     from test_autoload import _env, _python  # the same .pth set-up as the other fresh-interpreter tests
 
-    argv = [str(SCRIPT), "--output_dir", str(tmp_path / "out"), "--optim", optim, "--optim_args", optim_args,
-            "--use_cpu", "--report_to", "none"]
-    return subprocess.run([*_python(tmp_path), *argv], env=_env(), capture_output=True, text=True, timeout=300,
-                          check=False)
+    argv = [
+        str(SCRIPT),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--optim",
+        optim,
+        "--optim_args",
+        optim_args,
+        "--use_cpu",
+        "--report_to",
+        "none",
+    ]
+    return subprocess.run(
+        [*_python(tmp_path), *argv], env=_env(), capture_output=True, text=True, timeout=300, check=False
+    )
 
 
 @pytest.mark.parametrize(
     "optim, optim_args, error_line",
     [
-        ("adamw_v2", "betta1=0.9",
-         ("hf_optim._fail_fast.OptimArgsError: --optim_args 'betta1=0.9' for --optim adamw_v2: Unknown optim_args "
-          "key 'betta1'")),
-        ("adafactor_v2", "beta1=abc",
-         ("hf_optim._fail_fast.OptimArgsError: --optim_args 'beta1=abc' for --optim adafactor_v2: optim_args "
-          "beta1='abc': beta1 must be a float or none")),
+        (
+            "adamw_v2",
+            "betta1=0.9",
+            (
+                "hf_optim._fail_fast.OptimArgsError: --optim_args 'betta1=0.9' for --optim adamw_v2: Unknown optim_args "
+                "key 'betta1'"
+            ),
+        ),
+        (
+            "adafactor_v2",
+            "beta1=abc",
+            (
+                "hf_optim._fail_fast.OptimArgsError: --optim_args 'beta1=abc' for --optim adafactor_v2: optim_args "
+                "beta1='abc': beta1 must be a float or none"
+            ),
+        ),
     ],
 )
 def test_unmodified_script_stops_before_its_next_line(tmp_path, optim, optim_args, error_line):

@@ -69,7 +69,8 @@ DOMAINS: dict[str, Callable[[], dict[str, Domain]]] = {
     "AdamW": lambda: {**common(hf_optim.AdamW), "betas": BETAS, "eps": EPS, "eps_mode": choice(["torch", "tf"])},
     "RAdam": lambda: {**common(hf_optim.RAdam), "betas": BETAS, "eps": EPS, "eps_mode": choice(["torch", "tf"])},
     "AdamAtan2": lambda: {
-        **common(hf_optim.AdamAtan2), "betas": BETAS,
+        **common(hf_optim.AdamAtan2),
+        "betas": BETAS,
         "a": (floats(1e-3, 3.0), st.one_of(st.just(0.0), NEGATIVE)),
         "b": (st.one_of(st.just(0.0), floats(1e-3, 3.0)), NEGATIVE),
     },
@@ -177,7 +178,7 @@ def test_random_configurations_train_or_fail_clearly(config, seed):
                 f"{error!s} names none of the invalid knobs {sorted(invalid)} (combination rules: {sorted(rules)})"
             )
             return
-        assert not invalid, f"{cls_name} accepted invalid {({k: knobs[k] for k in invalid})}"
+        assert not invalid, f"{cls_name} accepted invalid { ({k: knobs[k] for k in invalid}) }"
         for _ in range(3):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen).to(dtype)
@@ -192,8 +193,12 @@ def test_every_adafactor_knob_is_fuzzed():
 
 
 def test_every_optimizer_is_fuzzed():
-    public = {name for name in hf_optim.__all__ if isinstance(getattr(hf_optim, name, None), type)
-              and issubclass(getattr(hf_optim, name), torch.optim.Optimizer)}
+    public = {
+        name
+        for name in hf_optim.__all__
+        if isinstance(getattr(hf_optim, name, None), type)
+        and issubclass(getattr(hf_optim, name), torch.optim.Optimizer)
+    }
     assert public == set(DOMAINS)
 
 
@@ -203,8 +208,9 @@ def test_every_constructor_argument_is_fuzzed(cls_name: str):
     import inspect
 
     cls = getattr(hf_optim, cls_name)
-    named = {n for n, p in inspect.signature(cls.__init__).parameters.items()
-             if p.kind is not inspect.Parameter.VAR_KEYWORD} - {"self", "params", "param_overrides"}
+    named = {
+        n for n, p in inspect.signature(cls.__init__).parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD
+    } - {"self", "params", "param_overrides"}
     assert named <= set(DOMAINS[cls_name]()), sorted(named - set(DOMAINS[cls_name]()))
 
 
@@ -216,8 +222,9 @@ def loading_cases(draw):
     cls_name = draw(st.sampled_from(sorted(DOMAINS)))
     shape = st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple)
     shapes = draw(st.lists(shape, min_size=2, max_size=4))
-    implementation = draw(st.sampled_from(["auto", *(i for i in getattr(hf_optim, cls_name).implementations
-                                                     if i != "compiled")]))
+    implementation = draw(
+        st.sampled_from(["auto", *(i for i in getattr(hf_optim, cls_name).implementations if i != "compiled")])
+    )
     return cls_name, shapes, implementation, draw(st.sampled_from(MUTATIONS)), draw(st.integers(0, 2**16))
 
 
@@ -235,11 +242,18 @@ def _mutated(saved: dict, mutation: str, rng: torch.Generator) -> dict:
     elif mutation in ("reshape", "add_dim") and tensors:
         entry, key = tensors[pick(len(tensors))]
         value = entry[key]
-        entry[key] = value.reshape(-1) if mutation == "reshape" and value.dim() > 1 else \
-            value.reshape(tuple(reversed(value.shape))) if mutation == "reshape" else value.unsqueeze(0)
+        entry[key] = (
+            value.reshape(-1)
+            if mutation == "reshape" and value.dim() > 1
+            else value.reshape(tuple(reversed(value.shape)))
+            if mutation == "reshape"
+            else value.unsqueeze(0)
+        )
     elif mutation == "rename_key" and tensors:
         entry, key = tensors[pick(len(tensors))]
-        other = [k for k in ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "sum", "momentum_buffer", "row_var") if k != key]
+        other = [
+            k for k in ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "sum", "momentum_buffer", "row_var") if k != key
+        ]
         entry[other[pick(len(other))]] = entry.pop(key)
     elif mutation == "retype" and tensors:
         entry, key = tensors[pick(len(tensors))]

@@ -289,8 +289,13 @@ def test_zero_peak_lr_with_schedule_relative_decay_warns(cls_name: str, mode: st
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # λ = 0, or a mode that does not divide by the peak: nothing to say
         case.build([torch.zeros(2, requires_grad=True)], lr=0.0, weight_decay=0.0, weight_decay_mode=mode)
-        case.build([torch.zeros(2, requires_grad=True)], lr=0.0, weight_decay=1e-4, weight_decay_mode="coupled",
-                   **({"relative_step": False} if cls_name == "Adafactor" else {}))
+        case.build(
+            [torch.zeros(2, requires_grad=True)],
+            lr=0.0,
+            weight_decay=1e-4,
+            weight_decay_mode="coupled",
+            **({"relative_step": False} if cls_name == "Adafactor" else {}),
+        )
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -301,7 +306,9 @@ def test_non_numeric_lr_is_a_type_error(case: Case):
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_every_implementation_equals_for_loop(case: Case):
-    impls = [impl for impl in case.cls.implementations if impl not in ("for-loop", "compiled")]  # compiled: test_compiled.py
+    impls = [
+        impl for impl in case.cls.implementations if impl not in ("for-loop", "compiled")
+    ]  # compiled: test_compiled.py
     assert "for-loop" in case.cls.implementations
     results = {}
     for impl in ["for-loop", *impls, "auto"]:

@@ -55,7 +55,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return [*stack[stack.index(nxt):], nxt]
+                return [*stack[stack.index(nxt) :], nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         stack.pop()
@@ -93,8 +93,7 @@ def test_mup_is_entered_only_from_the_factory_and_the_application_layer():
 def test_bundled_recipes_are_found_from_any_directory(tmp_path):
     exe = Path(sys.executable).with_name("hf-optim")
     command = [str(exe)] if exe.exists() else [sys.executable, "-m", "hf_optim"]
-    listing = subprocess.run([*command, "list", "--recipes"], cwd=tmp_path, capture_output=True, text=True,
-                             timeout=120)
+    listing = subprocess.run([*command, "list", "--recipes"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0, listing.stderr
     names = {line.split()[1] for line in listing.stdout.splitlines() if line.strip()}
     assert {"llm/llama2", "demo/shakespeare_mup_llama_adafactor", "quick", "full_width_transfer"} <= names

@@ -17,8 +17,14 @@ import hf_optim
 LAMBDA = 1e-4
 #: every class with its knobs for a zero-gradient step that moves the weights only by decay
 CLASSES = {
-    "Adam": {}, "AdamW": {}, "RAdam": {}, "AdamAtan2": {}, "SGDW": {"momentum": 0.9}, "AdaGrad": {},
-    "RMSProp": {}, "Adafactor": {},
+    "Adam": {},
+    "AdamW": {},
+    "RAdam": {},
+    "AdamAtan2": {},
+    "SGDW": {"momentum": 0.9},
+    "AdaGrad": {},
+    "RMSProp": {},
+    "Adafactor": {},
 }
 
 
@@ -40,8 +46,9 @@ def _decay_step(opt, x) -> float:
 def test_one_cycle_peak_decays_lambda(name):
     x, opt = _opt(name, lr=1e-3)
     total = 20
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=total, pct_start=0.25,
-                                                cycle_momentum=name not in ("Adafactor", "AdaGrad"))
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=1e-2, total_steps=total, pct_start=0.25, cycle_momentum=name not in ("Adafactor", "AdaGrad")
+    )
     rates, lrs = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the lr never exceeds the recorded peak: no warning

@@ -29,8 +29,13 @@ VOCAB = 64
 
 
 def _common(width: int) -> dict:
-    return {"vocab_size": VOCAB, "hidden_size": width, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "max_position_embeddings": 64}
+    return {
+        "vocab_size": VOCAB,
+        "hidden_size": width,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 64,
+    }
 
 
 def gemma(w):
@@ -42,62 +47,91 @@ def gemma(w):
 def gemma2(w):
     from transformers import Gemma2Config
 
-    return Gemma2Config(**_common(w), intermediate_size=2 * w, num_key_value_heads=2, head_dim=w // 4,
-                        query_pre_attn_scalar=64, sliding_window=16)
+    return Gemma2Config(
+        **_common(w),
+        intermediate_size=2 * w,
+        num_key_value_heads=2,
+        head_dim=w // 4,
+        query_pre_attn_scalar=64,
+        sliding_window=16,
+    )
 
 
 def gemma3_text(w):
     from transformers import Gemma3TextConfig
 
-    return Gemma3TextConfig(**_common(w), intermediate_size=2 * w, num_key_value_heads=2, head_dim=w // 4,
-                            query_pre_attn_scalar=64, sliding_window=16)
+    return Gemma3TextConfig(
+        **_common(w),
+        intermediate_size=2 * w,
+        num_key_value_heads=2,
+        head_dim=w // 4,
+        query_pre_attn_scalar=64,
+        sliding_window=16,
+    )
 
 
 def phi3(w):
     from transformers import Phi3Config
 
-    return Phi3Config(**_common(w), intermediate_size=2 * w, num_key_value_heads=2, pad_token_id=0, bos_token_id=0,
-                      eos_token_id=0)
+    return Phi3Config(
+        **_common(w), intermediate_size=2 * w, num_key_value_heads=2, pad_token_id=0, bos_token_id=0, eos_token_id=0
+    )
 
 
 def gpt_neox(w):
     from transformers import GPTNeoXConfig
 
-    return GPTNeoXConfig(**_common(w), intermediate_size=2 * w, bos_token_id=0, eos_token_id=0,
-                         hidden_dropout=0.0, attention_dropout=0.0)
+    return GPTNeoXConfig(
+        **_common(w), intermediate_size=2 * w, bos_token_id=0, eos_token_id=0, hidden_dropout=0.0, attention_dropout=0.0
+    )
 
 
 def mixtral(w):
     from transformers import MixtralConfig
 
-    return MixtralConfig(**_common(w), intermediate_size=2 * w, num_key_value_heads=2, num_local_experts=4,
-                         num_experts_per_tok=2)
+    return MixtralConfig(
+        **_common(w), intermediate_size=2 * w, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2
+    )
 
 
 def qwen3_moe(w):
     from transformers import Qwen3MoeConfig
 
-    return Qwen3MoeConfig(**_common(w), intermediate_size=2 * w, moe_intermediate_size=w, num_key_value_heads=2,
-                          num_experts=4, num_experts_per_tok=2, head_dim=w // 4)
+    return Qwen3MoeConfig(
+        **_common(w),
+        intermediate_size=2 * w,
+        moe_intermediate_size=w,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        head_dim=w // 4,
+    )
 
 
 def olmoe(w):
     from transformers import OlmoeConfig
 
-    return OlmoeConfig(**_common(w), intermediate_size=2 * w, num_experts=4, num_experts_per_tok=2, pad_token_id=0,
-                       bos_token_id=0, eos_token_id=0)
+    return OlmoeConfig(
+        **_common(w),
+        intermediate_size=2 * w,
+        num_experts=4,
+        num_experts_per_tok=2,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
 
 
 # name -> (config factory, SP attention scale at width 128, family notes checked below)
 ARCHS = {
-    "gemma": (gemma, 32 ** -0.5),
-    "gemma2": (gemma2, 64 ** -0.5),  # query_pre_attn_scalar
-    "gemma3_text": (gemma3_text, 64 ** -0.5),
-    "phi3": (phi3, 32 ** -0.5),
-    "gpt_neox": (gpt_neox, 32 ** -0.5),
-    "mixtral": (mixtral, 32 ** -0.5),
-    "qwen3_moe": (qwen3_moe, 32 ** -0.5),
-    "olmoe": (olmoe, 32 ** -0.5),
+    "gemma": (gemma, 32**-0.5),
+    "gemma2": (gemma2, 64**-0.5),  # query_pre_attn_scalar
+    "gemma3_text": (gemma3_text, 64**-0.5),
+    "phi3": (phi3, 32**-0.5),
+    "gpt_neox": (gpt_neox, 32**-0.5),
+    "mixtral": (mixtral, 32**-0.5),
+    "qwen3_moe": (qwen3_moe, 32**-0.5),
+    "olmoe": (olmoe, 32**-0.5),
 }
 MOE = ("mixtral", "qwen3_moe", "olmoe")
 GEMMA = ("gemma", "gemma2", "gemma3_text")
@@ -196,6 +230,7 @@ def coord_run(arch: str, parametrization: str, width: int) -> dict[tuple[int, st
         def fn(module, args, output):
             t = output[0] if isinstance(output, tuple) else output
             out[(step[0], name)] = t.detach().abs().double().mean().item()
+
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in watched.items()]
@@ -214,11 +249,12 @@ def coord_run(arch: str, parametrization: str, width: int) -> dict[tuple[int, st
 def test_coordinate_check(arch):
     runs = {(p, w): coord_run(arch, p, w) for p in ("sp", "mup") for w in WIDTHS}
     keys = runs[("mup", 64)].keys()
-    worst_mup = max(max(runs[("mup", w)][k] for w in WIDTHS) / min(runs[("mup", w)][k] for w in WIDTHS)
-                    for k in keys)
+    worst_mup = max(max(runs[("mup", w)][k] for w in WIDTHS) / min(runs[("mup", w)][k] for w in WIDTHS) for k in keys)
     sp_growth = [runs[("sp", 512)][k] / runs[("sp", 64)][k] for k in keys if k[0] == STEPS - 1]
-    print(f"{arch}: muP worst spread {worst_mup:.2f}x, SP growth at step {STEPS - 1}: "
-          f"min {min(sp_growth):.1f}x max {max(sp_growth):.1f}x")
+    print(
+        f"{arch}: muP worst spread {worst_mup:.2f}x, SP growth at step {STEPS - 1}: "
+        f"min {min(sp_growth):.1f}x max {max(sp_growth):.1f}x"
+    )
     assert worst_mup < 2.0
     assert max(sp_growth) > 4.0 and sorted(sp_growth)[len(sp_growth) // 2] > 2.0
 
@@ -229,7 +265,10 @@ IDS = (torch.arange(2 * 9).view(2, 9) * 7) % VOCAB
 
 # every family at its default tying, plus the other tying for one tied-by-default and two untied-by-default ones
 EXPORT_CASES = [(arch, None, r) for arch in ARCHS for r in (1.0, 0.5)] + [
-    ("gemma", False, 0.5), ("phi3", True, 0.5), ("mixtral", True, 1.0)]
+    ("gemma", False, 0.5),
+    ("phi3", True, 0.5),
+    ("mixtral", True, 1.0),
+]
 
 
 @pytest.fixture(scope="module")
@@ -278,9 +317,19 @@ def test_trainer_trains_with_adamw_v2(tmp_path, arch):
 
     model = build(arch)
     lr = 1e-2
-    args = TrainingArguments(output_dir=str(tmp_path), optim="adamw_v2", learning_rate=lr, max_steps=8,
-                             per_device_train_batch_size=8, lr_scheduler_type="constant", report_to="none",
-                             use_cpu=True, disable_tqdm=True, save_strategy="no", logging_steps=4)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        optim="adamw_v2",
+        learning_rate=lr,
+        max_steps=8,
+        per_device_train_batch_size=8,
+        lr_scheduler_type="constant",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_steps=4,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=RuleDataset(64, 16, VOCAB))
     opt = trainer.create_optimizer()
     lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}

@@ -40,8 +40,21 @@ def test_sp_hidden_activations_grow_more_than_4x(records):
 def test_cli_writes_csv_and_png(tmp_path, capsys):
     from hf_optim.cli import main
 
-    rc = main(["coord-check", "--widths", "32,64", "--steps", "2", "--seq-len", "8", "--batch-size", "2",
-               "--out-dir", str(tmp_path)])
+    rc = main(
+        [
+            "coord-check",
+            "--widths",
+            "32,64",
+            "--steps",
+            "2",
+            "--seq-len",
+            "8",
+            "--batch-size",
+            "2",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "coord-check mup width=   64" in out and "wrote" in out

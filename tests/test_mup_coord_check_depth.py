@@ -44,8 +44,25 @@ def test_base_depth_is_the_same_model_for_every_parametrization(records):
 def test_cli_writes_csv_and_png(tmp_path, capsys):
     from hf_optim.cli import main
 
-    rc = main(["coord-check", "--depths", "1,2", "--width", "16", "--steps", "2", "--seq-len", "8",
-               "--batch-size", "2", "--model", "gpt2", "--out-dir", str(tmp_path)])
+    rc = main(
+        [
+            "coord-check",
+            "--depths",
+            "1,2",
+            "--width",
+            "16",
+            "--steps",
+            "2",
+            "--seq-len",
+            "8",
+            "--batch-size",
+            "2",
+            "--model",
+            "gpt2",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "coord-check completep depth=  2" in out and "deepest/shallowest" in out

@@ -73,17 +73,20 @@ def test_explicit_shallow_base_config():
         mi.make_plan(cfg("llama", 32, 6), base)
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"base_depth": 2}, ValueError, "both base_depth"),
-    ({"depth_alpha": 1.0}, ValueError, "both base_depth"),
-    ({"base_depth": 2, "depth_alpha": 0.3}, ValueError, r"depth_alpha must be in \[0.5, 1.0\]"),
-    ({"base_depth": 2, "depth_alpha": 1.5}, ValueError, r"depth_alpha must be in \[0.5, 1.0\]"),
-    ({"base_depth": 2, "depth_alpha": float("nan")}, ValueError, "depth_alpha must be finite"),
-    ({"base_depth": 2, "depth_alpha": "1"}, TypeError, "depth_alpha must be a real number"),
-    ({"base_depth": 0, "depth_alpha": 1.0}, ValueError, "base_depth must be > 0"),
-    ({"base_depth": 2.0, "depth_alpha": 1.0}, TypeError, "base_depth must be an int"),
-    ({"base_depth": True, "depth_alpha": 1.0}, TypeError, "base_depth must be an int"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"base_depth": 2}, ValueError, "both base_depth"),
+        ({"depth_alpha": 1.0}, ValueError, "both base_depth"),
+        ({"base_depth": 2, "depth_alpha": 0.3}, ValueError, r"depth_alpha must be in \[0.5, 1.0\]"),
+        ({"base_depth": 2, "depth_alpha": 1.5}, ValueError, r"depth_alpha must be in \[0.5, 1.0\]"),
+        ({"base_depth": 2, "depth_alpha": float("nan")}, ValueError, "depth_alpha must be finite"),
+        ({"base_depth": 2, "depth_alpha": "1"}, TypeError, "depth_alpha must be a real number"),
+        ({"base_depth": 0, "depth_alpha": 1.0}, ValueError, "base_depth must be > 0"),
+        ({"base_depth": 2.0, "depth_alpha": 1.0}, TypeError, "base_depth must be an int"),
+        ({"base_depth": True, "depth_alpha": 1.0}, TypeError, "base_depth must be an int"),
+    ],
+)
 def test_bad_depth_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         mi.make_plan(cfg("llama", 32, 4), base_width=16, **kwargs)
@@ -120,14 +123,16 @@ def test_base_depth_is_exactly_width_only_mup(arch, alpha):
     for family in FAMILIES:
         for wd_rule in WD_RULES:
             eps = None if family == "sgd" else 1e-8
-            assert by_name(depth, family=family, wd_rule=wd_rule, eps=eps) == \
-                by_name(width_only, family=family, wd_rule=wd_rule, eps=eps)
+            assert by_name(depth, family=family, wd_rule=wd_rule, eps=eps) == by_name(
+                width_only, family=family, wd_rule=wd_rule, eps=eps
+            )
     groups = [mi.mup_param_groups(m, lr=1e-2, weight_decay=1e-4, eps=1e-8) for m in (depth, width_only)]
     names = [{id(p): n for n, p in m.named_parameters()} for m in (depth, width_only)]
-    assert [(sorted(names[0][id(p)] for p in g["params"]), {k: x for k, x in g.items() if k != "params"})
-            for g in groups[0]] == \
-        [(sorted(names[1][id(p)] for p in g["params"]), {k: x for k, x in g.items() if k != "params"})
-         for g in groups[1]]
+    assert [
+        (sorted(names[0][id(p)] for p in g["params"]), {k: x for k, x in g.items() if k != "params"}) for g in groups[0]
+    ] == [
+        (sorted(names[1][id(p)] for p in g["params"]), {k: x for k, x in g.items() if k != "params"}) for g in groups[1]
+    ]
 
 
 # ---- the residual-branch multiplier in the forward --------------------------------------------------------------
@@ -152,9 +157,16 @@ def _fold(model, arch: str, r: float) -> None:
 def _olmo2_config(layers: int):
     from transformers import Olmo2Config
 
-    return Olmo2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                       tie_word_embeddings=False)
+    return Olmo2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
 
 
 @pytest.mark.parametrize("alpha", ALPHAS)
@@ -165,7 +177,7 @@ def test_branch_multiplier_equals_folded_weights(arch, alpha):
     config = _olmo2_config(8) if arch == "olmo2" else cfg(arch, 32, 8)
     torch.manual_seed(0)
     depth = mi.make_mup_model(config, base_width=16, base_depth=2, depth_alpha=alpha).eval()
-    r = 4.0 ** -alpha  # m_L = 8 / 2
+    r = 4.0**-alpha  # m_L = 8 / 2
     assert len(branch_hooks(depth)) == 16 and all(h.multiplier == r for h in branch_hooks(depth))
     folded = copy.deepcopy(depth)
     mi.apply_mup(folded, mi.make_plan(config, base_width=16), init=False)  # width-only surgery, same weights
@@ -188,18 +200,30 @@ def test_gpt2_c_proj_init_keeps_the_base_depth_std():
 
 
 # ---- optimizer side: the rules by hand in float64 -----------------------------------------------------------------
-def _hand_rule(name: str, kind: str, m_n: float, fan_ratio: float, m_l: float, alpha: float, family: str,
-               wd_rule: str, eps: float | None) -> dict:
+def _hand_rule(
+    name: str,
+    kind: str,
+    m_n: float,
+    fan_ratio: float,
+    m_l: float,
+    alpha: float,
+    family: str,
+    wd_rule: str,
+    eps: float | None,
+) -> dict:
     """Table 1 of arXiv 2505.01618 (+ the SGD and independent-decay rules stated in docs/mup.md), float64."""
     in_block = ".layers." in name or ".h." in name
-    width_lr = {"adam": 1 / m_n, "adam_param_scale": 1 / math.sqrt(m_n), "sgd": 1 / fan_ratio}[family] \
-        if kind == "hidden" else (m_n if family == "sgd" else 1.0)
+    width_lr = (
+        {"adam": 1 / m_n, "adam_param_scale": 1 / math.sqrt(m_n), "sgd": 1 / fan_ratio}[family]
+        if kind == "hidden"
+        else (m_n if family == "sgd" else 1.0)
+    )
     depth_lr = (m_l ** (2 * alpha - 1) if family == "sgd" else m_l ** (alpha - 1)) if in_block else 1.0
     out = {}
     if width_lr * depth_lr != 1.0:
         out["lr_mult"] = width_lr * depth_lr
     if eps is not None and in_block:
-        out["eps"] = eps * m_l ** -alpha
+        out["eps"] = eps * m_l**-alpha
     if wd_rule == "none" or kind == "vector":
         out["weight_decay"] = 0.0
     elif wd_rule == "independent":
@@ -247,16 +271,23 @@ def test_one_adamw_step_equals_torch_with_hand_built_groups(alpha):
     model = build("llama", 32, 8, base_depth=2, depth_alpha=alpha)
     reference = copy.deepcopy(model)
     lr, wd, eps, m_n, m_l = 1e-2, 0.1, 1e-6, 2.0, 4.0
-    opt = hf_optim.AdamW(model.parameters(), lr=lr, weight_decay=wd, eps=eps, implementation="for-loop",
-                         param_overrides=mi.param_overrides(model, wd_rule="mup", eps=eps))
+    opt = hf_optim.AdamW(
+        model.parameters(),
+        lr=lr,
+        weight_decay=wd,
+        eps=eps,
+        implementation="for-loop",
+        param_overrides=mi.param_overrides(model, wd_rule="mup", eps=eps),
+    )
     groups = []
     for name, p in reference.named_parameters():
         block = ".layers." in name
         hidden = block and p.dim() == 2
         group_lr = lr * (1 / m_n if hidden else 1.0) * (m_l ** (alpha - 1) if block else 1.0)
         group_wd = wd * m_n if hidden else (0.0 if p.dim() == 1 else wd)
-        groups.append({"params": [p], "lr": group_lr, "weight_decay": group_wd,
-                       "eps": eps * m_l ** -alpha if block else eps})
+        groups.append(
+            {"params": [p], "lr": group_lr, "weight_decay": group_wd, "eps": eps * m_l**-alpha if block else eps}
+        )
     ref_opt = torch.optim.AdamW(groups, lr=lr, foreach=False)
     for m, o in ((model, opt), (reference, ref_opt)):
         torch.manual_seed(1)
@@ -345,19 +376,29 @@ def test_is_mup_applied_sees_a_missing_or_extra_branch_hook():
 def test_recipe_builds_a_depth_scaled_model():
     from hf_optim.runner import train
 
-    model_cfg = {"arch": "gpt2", "hidden_size": 32, "num_layers": 8, "num_heads": 4, "intermediate_size": 64,
-                 "tie_word_embeddings": False, "mup": {"base_width": 16, "base_depth": 2, "depth_alpha": 0.5}}
+    model_cfg = {
+        "arch": "gpt2",
+        "hidden_size": 32,
+        "num_layers": 8,
+        "num_heads": 4,
+        "intermediate_size": 64,
+        "tie_word_embeddings": False,
+        "mup": {"base_width": 16, "base_depth": 2, "depth_alpha": 0.5},
+    }
     model = train.build_model(model_cfg, vocab_size=64, block_size=32)
     plan = mi.get_plan(model)
     assert (plan.base_depth, plan.depth, plan.depth_alpha, plan.width_mult) == (2, 8, 0.5, 2.0)
     assert mi.is_mup_applied(model) and [h.multiplier for h in branch_hooks(model)] == [0.5] * 16
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["model.mup.base_depth=2"], "Pass both base_depth"),
-    (["model.mup.base_depth=2", "model.mup.depth_alpha=2.0"], "depth_alpha must be in [0.5, 1.0]"),
-    (["model.mup.base_depth=two", "model.mup.depth_alpha=1.0"], "model.mup.base_depth"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["model.mup.base_depth=2"], "Pass both base_depth"),
+        (["model.mup.base_depth=2", "model.mup.depth_alpha=2.0"], "depth_alpha must be in [0.5, 1.0]"),
+        (["model.mup.base_depth=two", "model.mup.depth_alpha=1.0"], "model.mup.base_depth"),
+    ],
+)
 def test_recipe_depth_mistakes_give_one_line(tmp_path, capsys, argv, expected):
     from hf_optim.runner import train
 

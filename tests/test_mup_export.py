@@ -42,8 +42,15 @@ def load_in_fresh_interpreter(paths: list[str], tmp_path) -> dict:
     the repository, so neither hf_optim nor mup_integration can be imported by accident)."""
     out = tmp_path / "fresh.pt"
     env = {**os.environ, "HF_OPTIM_DISABLE_AUTOLOAD": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
-    proc = subprocess.run([sys.executable, "-c", LOADER, json.dumps(IDS.tolist()), str(out), *paths], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", LOADER, json.dumps(IDS.tolist()), str(out), *paths],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = torch.load(out, weights_only=True)
     assert result["leaked"] == [], result["leaked"]
@@ -128,7 +135,7 @@ def test_exported_checkpoint_loads_without_hf_optim_and_matches(exported, to, ti
     assert "hf_optim_mup" not in saved and "mup" not in saved
     if to == "granite":  # by hand: rho = output_mult / m = 2 / 4; the attention scale 1.5 * sqrt(8) / 32
         assert saved["logits_scaling"] == pytest.approx(2.0) and saved["residual_multiplier"] == r
-        assert saved["attention_multiplier"] == pytest.approx(1.5 * 8 ** 0.5 / 32, rel=1e-12)
+        assert saved["attention_multiplier"] == pytest.approx(1.5 * 8**0.5 / 32, rel=1e-12)
         assert saved["tie_word_embeddings"] == tied
     else:
         assert saved["tie_word_embeddings"] is False
@@ -152,7 +159,7 @@ def test_llama_fold_by_hand():
     """The folded weights, by hand: lm_head x rho, q_proj x (attention scale / head_dim**-0.5)."""
     model = llama(tied=True)
     out = ex.export_standard(model, to="llama")
-    rho, c = 2.0 / 4.0, 1.5 * 8 ** 0.5 / 32 / 32 ** -0.5
+    rho, c = 2.0 / 4.0, 1.5 * 8**0.5 / 32 / 32**-0.5
     torch.testing.assert_close(out.lm_head.weight, model.model.embed_tokens.weight * rho, rtol=0, atol=0)
     torch.testing.assert_close(out.model.embed_tokens.weight, model.model.embed_tokens.weight, rtol=0, atol=0)
     q, q0 = out.model.layers[1].self_attn.q_proj.weight, model.model.layers[1].self_attn.q_proj.weight
@@ -165,12 +172,21 @@ def test_llama_fold_by_hand():
 def test_native_export_of_families_llama_cannot_hold(arch, monkeypatch):
     from transformers import Olmo2Config, Qwen3Config
 
-    common = {"vocab_size": 64, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "max_position_embeddings": 64}
-    cfg = {"qwen3": lambda: Qwen3Config(**common, num_key_value_heads=2, head_dim=32),
-           "olmo2": lambda: Olmo2Config(**common),
-           "gpt2": lambda: tiny_gpt2_config(n_embd=128, bos_token_id=0, eos_token_id=0, attn_pdrop=0.0,
-                                            resid_pdrop=0.0, embd_pdrop=0.0)}[arch]()
+    common = {
+        "vocab_size": 64,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 64,
+    }
+    cfg = {
+        "qwen3": lambda: Qwen3Config(**common, num_key_value_heads=2, head_dim=32),
+        "olmo2": lambda: Olmo2Config(**common),
+        "gpt2": lambda: tiny_gpt2_config(
+            n_embd=128, bos_token_id=0, eos_token_id=0, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0
+        ),
+    }[arch]()
     torch.manual_seed(0)
     model = randomize(mi.make_mup_model(cfg, base_width=32, attn_mult=1.5))
     with_residual_multiplier(model, 0.5, monkeypatch)
@@ -185,8 +201,16 @@ def test_native_export_of_families_llama_cannot_hold(arch, monkeypatch):
 def test_refusals():
     from transformers import LlamaForCausalLM, MistralConfig
 
-    cfg = MistralConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, sliding_window=16)
+    cfg = MistralConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        sliding_window=16,
+    )
     model = mi.make_mup_model(cfg, base_width=32)
     with pytest.raises(ValueError, match=r"sliding-window attention .sliding_window=16 < max_position_embeddings=64"):
         ex.export_standard(model, to="llama")
@@ -234,7 +258,7 @@ def test_export_with_a_depth_plan(tmp_path):
             cases[(to, tied)] = (model, ex.export_standard(model, to=to))
     for arch in ("gemma2", "mixtral", "gpt_neox"):
         model = randomize(build_arch(arch, base_depth=1, depth_alpha=0.5), std=0.1)  # 2 layers over 1
-        assert mi.get_plan(model).residual_multiplier == pytest.approx(2 ** -0.5, rel=1e-12)
+        assert mi.get_plan(model).residual_multiplier == pytest.approx(2**-0.5, rel=1e-12)
         cases[("native", arch)] = (model, ex.export_standard(model, to="native"))
     refs = {}
     for key, (model, exported) in cases.items():

@@ -66,8 +66,9 @@ def test_sgd_rule_equals_mup_musgd(models):
 
 def test_vectors_are_not_decayed_unless_asked(models):
     ours, _ = models
-    opt = hf_optim.AdamW(ours.parameters(), lr=1e-2, weight_decay=1e-4,
-                         param_overrides=mi.param_overrides(ours, wd_rule="independent"))
+    opt = hf_optim.AdamW(
+        ours.parameters(), lr=1e-2, weight_decay=1e-4, param_overrides=mi.param_overrides(ours, wd_rule="independent")
+    )
     got = by_name(ours, opt)
     assert got["model.norm.weight"] == (1e-2, 0.0)
     assert got["model.embed_tokens.weight"] == (1e-2, 1e-4)
@@ -76,8 +77,12 @@ def test_vectors_are_not_decayed_unless_asked(models):
 
 def test_adafactor_gets_the_adam_rule(models):
     ours, _ = models
-    opt = hf_optim.Adafactor(ours.parameters(), lr=1e-2, preset="adafactor_v2",
-                             param_overrides=mi.param_overrides(ours, family="adam", wd_rule="none"))
+    opt = hf_optim.Adafactor(
+        ours.parameters(),
+        lr=1e-2,
+        preset="adafactor_v2",
+        param_overrides=mi.param_overrides(ours, family="adam", wd_rule="none"),
+    )
     got = by_name(ours, opt)
     assert got["model.layers.0.mlp.down_proj.weight"][0] == pytest.approx(1e-2 / 8)
     assert got["lm_head.weight"][0] == pytest.approx(1e-2)
@@ -98,8 +103,13 @@ def test_independent_rule_decay_per_step_is_lambda_eta(width, lr):
     torch.manual_seed(0)
     model = mi.make_mup_model(tiny_llama_config(hidden_size=width), base_width=32)
     m = width / 32
-    opt = hf_optim.AdamW(model.parameters(), lr=lr, weight_decay=lam, betas=(0.9, 0.95),
-                         param_overrides=mi.param_overrides(model, wd_rule="independent"))
+    opt = hf_optim.AdamW(
+        model.parameters(),
+        lr=lr,
+        weight_decay=lam,
+        betas=(0.9, 0.95),
+        param_overrides=mi.param_overrides(model, wd_rule="independent"),
+    )
     shrink = _shrink_after_zero_grad_step(model, opt)
     hidden = "model.layers.0.self_attn.q_proj.weight"
     assert shrink[hidden] == pytest.approx(1 - lam, abs=1e-7)  # same at every width and lr
@@ -124,8 +134,9 @@ def test_mup_rule_decay_follows_lr_not_width(lr):
     for width in (64, 128):
         torch.manual_seed(0)
         model = mi.make_mup_model(tiny_llama_config(hidden_size=width), base_width=32)
-        opt = hf_optim.AdamW(model.parameters(), lr=lr, weight_decay=lam,
-                             param_overrides=mi.param_overrides(model, wd_rule="mup"))
+        opt = hf_optim.AdamW(
+            model.parameters(), lr=lr, weight_decay=lam, param_overrides=mi.param_overrides(model, wd_rule="mup")
+        )
         shrink = _shrink_after_zero_grad_step(model, opt)
         # (lr / m) * (lam * m) = lr * lam: mup 1.0.0's MuAdamW decay, coupled to the lr
         assert shrink["model.layers.0.mlp.up_proj.weight"] == pytest.approx(1 - lr * lam, abs=1e-7)
@@ -133,8 +144,9 @@ def test_mup_rule_decay_follows_lr_not_width(lr):
 
 def test_none_rule_switches_decay_off():
     model = mi.make_mup_model(tiny_llama_config(hidden_size=64), base_width=32)
-    opt = hf_optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1,
-                         param_overrides=mi.param_overrides(model, wd_rule="none"))
+    opt = hf_optim.AdamW(
+        model.parameters(), lr=1e-2, weight_decay=0.1, param_overrides=mi.param_overrides(model, wd_rule="none")
+    )
     assert all(g["weight_decay"] == 0.0 for g in opt.param_groups)
 
 
@@ -147,8 +159,9 @@ def test_torch_groups_train_like_hf_optim():
     torch.manual_seed(0)
     a = mi.make_mup_model(tiny_llama_config(hidden_size=64), base_width=32).double()
     b = copy.deepcopy(a)
-    opt_a = hf_optim.AdamW(a.parameters(), lr=1e-2, weight_decay=1e-4, implementation="for-loop",
-                           param_overrides=mi.param_overrides(a))
+    opt_a = hf_optim.AdamW(
+        a.parameters(), lr=1e-2, weight_decay=1e-4, implementation="for-loop", param_overrides=mi.param_overrides(a)
+    )
     opt_b = torch.optim.AdamW(mi.mup_param_groups(b, lr=1e-2, weight_decay=1e-4), lr=1e-2, foreach=False)
     ids = torch.randint(0, 64, (2, 8))
     for _ in range(3):
@@ -182,16 +195,20 @@ def test_bad_arguments(kwargs, error, match):
         mi.param_overrides(model, **kwargs)
 
 
-@pytest.mark.parametrize("spec", [s for s in hf_optim.list_optimizers() if s.target.startswith("hf_optim.")],
-                         ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "spec", [s for s in hf_optim.list_optimizers() if s.target.startswith("hf_optim.")], ids=lambda s: s.name
+)
 def test_every_registered_optimizer_takes_the_plan(spec):
     """Each built-in optimizer accepts the overrides of its muP family and steps with the multiplied lr."""
     torch.manual_seed(0)
     model = mi.make_mup_model(tiny_llama_config(hidden_size=128), base_width=32)  # m = 4, fan ratio 1
     cls = spec.resolve()
     family = spec.mup_rule({**spec.knobs(), **spec.defaults})
-    opt = cls(model.parameters(), **{**spec.defaults, "lr": 1e-2, "weight_decay": 1e-4},
-              param_overrides=mi.param_overrides(model, family=family, wd_rule="independent"))
+    opt = cls(
+        model.parameters(),
+        **{**spec.defaults, "lr": 1e-2, "weight_decay": 1e-4},
+        param_overrides=mi.param_overrides(model, family=family, wd_rule="independent"),
+    )
     groups = by_name(model, opt)
     q, norm = "model.layers.0.self_attn.q_proj.weight", "model.norm.weight"
     if family == "adam":  # hidden lr / m, everything else unchanged
@@ -211,8 +228,13 @@ def test_adam_first_step_size_follows_the_plan():
     """Adam's first update is lr * g / (|g| + eps) ~ lr per entry: hidden entries move by at most lr / m."""
     torch.manual_seed(0)
     model = mi.make_mup_model(tiny_llama_config(hidden_size=128), base_width=32)
-    opt = hf_optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0, eps=1e-12,
-                         param_overrides=mi.param_overrides(model, wd_rule="none"))
+    opt = hf_optim.AdamW(
+        model.parameters(),
+        lr=1e-2,
+        weight_decay=0.0,
+        eps=1e-12,
+        param_overrides=mi.param_overrides(model, wd_rule="none"),
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = torch.randint(0, 64, (2, 8))
     model(ids, labels=ids).loss.backward()

@@ -128,7 +128,7 @@ def test_attention_scale_is_one_over_d_anchored_at_base():
     for layer in model.model.layers:
         assert math.isclose(layer.self_attn.scaling, 1.5 * math.sqrt(8) / 32, rel_tol=1e-12)
     base = mi.make_mup_model(llama_cfg(32), base_width=32)
-    assert math.isclose(base.model.layers[0].self_attn.scaling, 8 ** -0.5, rel_tol=1e-12)  # = SP at the base
+    assert math.isclose(base.model.layers[0].self_attn.scaling, 8**-0.5, rel_tol=1e-12)  # = SP at the base
 
 
 def test_gpt2_attention_scale_keeps_inverse_layer_idx():
@@ -279,8 +279,11 @@ def test_surgery_with_sp_constants_equals_the_sp_forward(arch, attn_impl):
     what the unmodified HF model computes with the same weights; attn_mult = 1 must not."""
     from transformers import AutoModelForCausalLM
 
-    cfg = llama_cfg(128) if arch == "llama" else tiny_gpt2_config(n_embd=128, attn_pdrop=0.0, resid_pdrop=0.0,
-                                                                  embd_pdrop=0.0)  # m = 4, d = 32, d0 = 8
+    cfg = (
+        llama_cfg(128)
+        if arch == "llama"
+        else tiny_gpt2_config(n_embd=128, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    )  # m = 4, d = 32, d0 = 8
     cfg._attn_implementation = attn_impl
     torch.manual_seed(0)
     undo = mi.make_mup_model(cfg, base_width=32, output_mult=4.0, attn_mult=2.0).eval()
@@ -308,8 +311,16 @@ def test_gpt2_tied_readout_multiplier():
 def test_apply_mup_rejects_an_unknown_model_type(mup_llama):
     from transformers import OPTConfig, OPTForCausalLM
 
-    other = OPTForCausalLM(OPTConfig(hidden_size=32, num_attention_heads=4, ffn_dim=64, num_hidden_layers=1,
-                                     vocab_size=64, word_embed_proj_dim=32))
+    other = OPTForCausalLM(
+        OPTConfig(
+            hidden_size=32,
+            num_attention_heads=4,
+            ffn_dim=64,
+            num_hidden_layers=1,
+            vocab_size=64,
+            word_embed_proj_dim=32,
+        )
+    )
     with pytest.raises(ValueError, match=r"model_type='opt'.*Supported"):
         mi.apply_mup(other, mi.get_plan(mup_llama))
 

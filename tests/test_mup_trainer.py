@@ -36,10 +36,32 @@ EXPECTED_LR_MULT = {
 
 
 def _parse(tmp_path, optim: str, *extra: str) -> TrainingArguments:
-    argv = ["--output_dir", str(tmp_path), "--optim", optim, "--learning_rate", str(LR), "--weight_decay", str(WD),
-            "--max_steps", "25", "--per_device_train_batch_size", "8", "--lr_scheduler_type", "constant",
-            "--logging_steps", "5", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "--disable_tqdm",
-            "true", *extra]
+    argv = [
+        "--output_dir",
+        str(tmp_path),
+        "--optim",
+        optim,
+        "--learning_rate",
+        str(LR),
+        "--weight_decay",
+        str(WD),
+        "--max_steps",
+        "25",
+        "--per_device_train_batch_size",
+        "8",
+        "--lr_scheduler_type",
+        "constant",
+        "--logging_steps",
+        "5",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "--disable_tqdm",
+        "true",
+        *extra,
+    ]
     (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(argv)
     return args
 
@@ -128,8 +150,7 @@ def test_mup_rule_with_an_lr_independent_decay_mode_is_an_error(tmp_path):
         _create(tmp_path, "adafactor_v2", "mup_wd_rule=mup")
     model, group_of = _create(tmp_path, "adafactor_v2", "mup_wd_rule=mup", "weight_decay_mode=coupled")
     down = group_of[id(model.model.layers[1].mlp.down_proj.weight)]
-    assert (down["lr"], down["weight_decay"], down["weight_decay_mode"]) == pytest.approx(
-        (LR / 8, WD * 8, "coupled"))
+    assert (down["lr"], down["weight_decay"], down["weight_decay_mode"]) == pytest.approx((LR / 8, WD * 8, "coupled"))
 
 
 def test_none_rule_through_optim_args(tmp_path):

@@ -109,8 +109,9 @@ def test_trainer_refuses_upstream_mup_unless_opted_out(tmp_path):
     model = _upstream_model(mup=True, mup_base_width=32)
 
     def args(optim_args=None):
-        return TrainingArguments(output_dir=str(tmp_path), optim="adamw_v2", optim_args=optim_args, report_to="none",
-                                 use_cpu=True)
+        return TrainingArguments(
+            output_dir=str(tmp_path), optim="adamw_v2", optim_args=optim_args, report_to="none", use_cpu=True
+        )
 
     with pytest.raises(ValueError, match=r"muP switch of upstream.*mup=false"):
         Trainer.get_optimizer_cls_and_kwargs(args(), model)

@@ -39,10 +39,10 @@ CONFIGS = {
     "v2-fp32-momentum": dict(momentum_dtype="float32"),
     "v2-independent-decay-maximize": dict(momentum_dtype="float32", weight_decay=1e-4, maximize=True),
     "v2-coupled-no-clip": dict(beta1=None, clip_threshold=None, weight_decay=0.1, weight_decay_mode="coupled"),
-    "v2-param-scale-decay-factor": dict(beta1=None, scale_parameter=True, weight_decay=0.01,
-                                        weight_decay_mode="coupled", decay_as_factor=True),
-    "hf-trainer": dict(preset="hf", lr=1e-3, relative_step=False, scale_parameter=False, beta1=0.9,
-                       weight_decay=0.01),
+    "v2-param-scale-decay-factor": dict(
+        beta1=None, scale_parameter=True, weight_decay=0.01, weight_decay_mode="coupled", decay_as_factor=True
+    ),
+    "hf-trainer": dict(preset="hf", lr=1e-3, relative_step=False, scale_parameter=False, beta1=0.9, weight_decay=0.01),
     "t5": dict(preset="t5", lr=0.1),
     "palm-factored": dict(preset="palm", lr=1e-3, factored=True, weight_decay=0.0),
 }
@@ -53,8 +53,11 @@ def test_fused_equals_for_loop(name):
     knobs = CONFIGS[name]
     ref, opt_ref = run("for-loop", **knobs)
     fused, opt_fused = run("fused", **knobs)
-    bf16_momentum = knobs.get("beta1", 0.9) is not None and knobs.get("momentum_dtype", "bfloat16") == "bfloat16" \
+    bf16_momentum = (
+        knobs.get("beta1", 0.9) is not None
+        and knobs.get("momentum_dtype", "bfloat16") == "bfloat16"
         and knobs.get("preset", "adafactor_v2") == "adafactor_v2"
+    )
     # fp32 state: 1e-6. bf16 momentum: fp32 rounding differences may flip a bf16 rounding (1 bf16 ulp = 4e-3
     # relative of the momentum), which moves a parameter by about lr·ulp per step.
     atol = 2e-5 if bf16_momentum else 1e-6
@@ -75,8 +78,9 @@ def test_kernel_matches_float64_formula_on_one_step():
     p = torch.nn.Parameter(x0.clone())
     p.grad = g.clone()
     lr, d = 1e-2, 1.0
-    opt = hf_optim.Adafactor([p], lr=lr, implementation="fused", min_dim_size_to_factor=8, momentum_dtype="float32",
-                             weight_decay=1e-4)
+    opt = hf_optim.Adafactor(
+        [p], lr=lr, implementation="fused", min_dim_size_to_factor=8, momentum_dtype="float32", weight_decay=1e-4
+    )
     opt.step()
     g64, x64 = g.double(), x0.double()
     beta2 = 0.0  # 1 - 1^-0.8: the first step keeps only the new statistics

@@ -53,11 +53,19 @@ def _per_param(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict
 
 
 def _via_trainer(model, name, preset, tmp_path):
-    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no", optim=name,
-                             optim_args=f"preset={preset},weight_decay_mode=independent" if preset else
-                             "weight_decay_mode=independent",
-                             learning_rate=LR, weight_decay=WD, adam_beta1=BETAS[0], adam_beta2=BETAS[1],
-                             adam_epsilon=EPS)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        optim=name,
+        optim_args=f"preset={preset},weight_decay_mode=independent" if preset else "weight_decay_mode=independent",
+        learning_rate=LR,
+        weight_decay=WD,
+        adam_beta1=BETAS[0],
+        adam_beta2=BETAS[1],
+        adam_epsilon=EPS,
+    )
     return Trainer(model=model, args=args).create_optimizer()
 
 
@@ -75,15 +83,20 @@ def _via_train(model, name, preset, tmp_path):
     from hf_optim.runner import schema, train
 
     spec = hf_optim.get_spec(name)
-    overrides = [f"optimizer.name={name}", f"optimizer.lr={LR}", f"optimizer.weight_decay={WD}",
-                 "optimizer.weight_decay_mode=independent",
-                 f"optimizer.betas=[{BETAS[0]}, {BETAS[1]}]" if spec.takes_betas else "optimizer.betas=null",
-                 f"optimizer.eps={EPS}" if spec.takes_eps else "optimizer.eps=null",
-                 "optimizer.args={" + (f"preset: {preset}" if preset else "") + "}"]
+    overrides = [
+        f"optimizer.name={name}",
+        f"optimizer.lr={LR}",
+        f"optimizer.weight_decay={WD}",
+        "optimizer.weight_decay_mode=independent",
+        f"optimizer.betas=[{BETAS[0]}, {BETAS[1]}]" if spec.takes_betas else "optimizer.betas=null",
+        f"optimizer.eps={EPS}" if spec.takes_eps else "optimizer.eps=null",
+        "optimizer.args={" + (f"preset: {preset}" if preset else "") + "}",
+    ]
     recipe = schema.load("demo", overrides)
     # As hf_optim.runner.train sets them: the Trainer writes args.weight_decay into the decay group.
-    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no",
-                             learning_rate=LR, weight_decay=WD)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no", learning_rate=LR, weight_decay=WD
+    )
     return train._make_trainer_class()(model=model, args=args, recipe=recipe).create_optimizer()
 
 
@@ -95,10 +108,12 @@ def _via_sweep(model, name, preset, tmp_path):
     if preset:
         optimizer["args"] = {"preset": preset}
     config = {
-        "name": "one_door", "model": {"layers": 2, "head_dim": 16, "base_width": BASE_WIDTH},
+        "name": "one_door",
+        "model": {"layers": 2, "head_dim": 16, "base_width": BASE_WIDTH},
         "train": {"steps": 1, "beta1": BETAS[0], "beta2": BETAS[1], "eps": EPS},
-        "grids": [{"name": "g", "width": [WIDTH], "log2_lr": [-7], "parametrization": ["sp"],
-                   "optimizer": [optimizer]}],
+        "grids": [
+            {"name": "g", "width": [WIDTH], "log2_lr": [-7], "parametrization": ["sp"], "optimizer": [optimizer]}
+        ],
     }
     path = tmp_path / "one_door.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -149,10 +164,13 @@ def test_factory_errors_name_the_argument():
         hf_optim.resolve_optimizer("adamw_v2", model, lr=1e-3, knobs={"mup": True})
 
 
-@pytest.mark.parametrize("config", [
-    dict(),  # LLaMA: RMSNorm modules, no biases
-    dict(attention_bias=True, mlp_bias=True),
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(),  # LLaMA: RMSNorm modules, no biases
+        dict(attention_bias=True, mlp_bias=True),
+    ],
+)
 def test_default_split_is_the_trainers(config, tmp_path):
     from hf_optim.factory import decay_parameter_names
 

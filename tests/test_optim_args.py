@@ -21,6 +21,7 @@ def _args(tmp_path, **kw) -> TrainingArguments:
     base = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no")
     return TrainingArguments(**{**base, **kw})
 
+
 # --- optim_args -----------------------------------------------------------------------------------------------------
 
 
@@ -36,27 +37,43 @@ def test_parse_value_spellings():
 def test_optim_args_are_typed_against_the_class():
     kwargs, options = parse_optim_args(
         {"betas": "0:0.95", "eps": "1", "eps_mode": "tf", "maximize": "yes", "weight_decay_mode": "independent"},
-        hf_optim.AdamW, optim_name="adamw_v2",
+        hf_optim.AdamW,
+        optim_name="adamw_v2",
     )
-    assert kwargs == {"betas": (0.0, 0.95), "eps": 1.0, "eps_mode": "tf", "maximize": True,
-                      "weight_decay_mode": "independent"}
+    assert kwargs == {
+        "betas": (0.0, 0.95),
+        "eps": 1.0,
+        "eps_mode": "tf",
+        "maximize": True,
+        "weight_decay_mode": "independent",
+    }
     assert isinstance(kwargs["eps"], float) and all(isinstance(b, float) for b in kwargs["betas"])
     assert options == {"mup": None, "mup_wd_rule": "independent"}
 
 
 def test_adafactor_knobs_come_from_presets():
-    kwargs, _ = parse_optim_args("beta1=none,min_dim_size_to_factor=2,clip_threshold=2,preset=palm",
-                                 hf_optim.Adafactor, optim_name="adafactor_v2", preset="adafactor_v2")
+    kwargs, _ = parse_optim_args(
+        "beta1=none,min_dim_size_to_factor=2,clip_threshold=2,preset=palm",
+        hf_optim.Adafactor,
+        optim_name="adafactor_v2",
+        preset="adafactor_v2",
+    )
     assert kwargs == {"beta1": None, "min_dim_size_to_factor": 2, "clip_threshold": 2.0, "preset": "palm"}
     assert isinstance(kwargs["clip_threshold"], float) and isinstance(kwargs["min_dim_size_to_factor"], int)
 
 
 # A valid non-default spelling for every string knob; numbers and flags are derived from the default.
-_OTHER_STRING = {"weight_decay_mode": {"independent": "coupled"}, "eps_mode": {"torch": "tf", "tf": "torch"},
-                 "implementation": {"auto": "for-loop"}, "preset": {"adafactor_v2": "palm"},
-                 "factor_dims": {"largest_two": "last_two"}, "momentum_dtype": {"bfloat16": "float32"},
-                 "eps1_mode": {"add": "clamp"}, "relative_step_lr": {"multiplier": "cap"},
-                 "weight_decay_lr": {"group": "step"}}
+_OTHER_STRING = {
+    "weight_decay_mode": {"independent": "coupled"},
+    "eps_mode": {"torch": "tf", "tf": "torch"},
+    "implementation": {"auto": "for-loop"},
+    "preset": {"adafactor_v2": "palm"},
+    "factor_dims": {"largest_two": "last_two"},
+    "momentum_dtype": {"bfloat16": "float32"},
+    "eps1_mode": {"add": "clamp"},
+    "relative_step_lr": {"multiplier": "cap"},
+    "weight_decay_lr": {"group": "step"},
+}
 # Knobs that are only valid together with another one.
 # (eps1_mode=clamp bounds V by eps1², which for adafactor_v2's eps1=1e-30 underflows in fp32 and is refused.)
 _COMPANION = {"nesterov": "momentum=0.9", "warmup_init": "relative_step=true", "eps1_mode": "eps1=1e-10"}
@@ -108,7 +125,9 @@ def test_docs_list_every_knob_with_its_default():
     for spec in registry.list_optimizers():
         if spec.name not in NAMES:
             continue
-        (row,) = [line for line in text.splitlines() if line.startswith(f"| `{spec.name}` | `") and "`implementation=" in line]
+        (row,) = [
+            line for line in text.splitlines() if line.startswith(f"| `{spec.name}` | `") and "`implementation=" in line
+        ]
         for knob, default in knob_defaults(spec.resolve(), spec.defaults.get("preset")).items():
             if knob in ("lr", "weight_decay"):
                 continue
@@ -126,7 +145,8 @@ def test_adafactor_preset_values_reach_the_groups(tmp_path):
     from hf_optim._adafactor_presets import PRESETS
 
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(
-        _args(tmp_path, optim="adafactor_v2", optim_args="preset=palm,beta1=0.5"))
+        _args(tmp_path, optim="adafactor_v2", optim_args="preset=palm,beta1=0.5")
+    )
     group = cls([torch.nn.Parameter(torch.zeros(4, 3))], **kwargs).param_groups[0]
     assert group["beta1"] == 0.5
     for knob, value in PRESETS["palm"].items():
@@ -137,8 +157,11 @@ def test_adafactor_preset_values_reach_the_groups(tmp_path):
 @pytest.mark.parametrize(
     "optim_args, match",
     [
-        ("weight_decay_moed=independent", r"Unknown optim_args key 'weight_decay_moed'.*Valid keys: \[.*"
-                                          r"'weight_decay_mode'.*Did you mean 'weight_decay_mode'\?"),
+        (
+            "weight_decay_moed=independent",
+            r"Unknown optim_args key 'weight_decay_moed'.*Valid keys: \[.*"
+            r"'weight_decay_mode'.*Did you mean 'weight_decay_mode'\?",
+        ),
         ("lr=0.1", r"set lr with --learning_rate"),
         ("weight_decay=0.1", r"set weight_decay with --weight_decay"),
         ("maximize=maybe", r"maximize is a flag"),

@@ -16,8 +16,20 @@ from hf_optim.runner.schedules import make_multiplier
 from tests.conftest import tiny_llama_config
 
 RECIPE_FILES = sorted(p for sub in ("llm", "demo") for p in (schema.RECIPES_DIR / sub).glob("*.yaml"))
-PUBLISHED = ["llama1", "llama2", "llama3", "gpt3", "palm", "t5", "opt", "pythia", "olmo2", "bloom", "deepseek_v3",
-             "deepseek_v2_lite"]
+PUBLISHED = [
+    "llama1",
+    "llama2",
+    "llama3",
+    "gpt3",
+    "palm",
+    "t5",
+    "opt",
+    "pythia",
+    "olmo2",
+    "bloom",
+    "deepseek_v3",
+    "deepseek_v2_lite",
+]
 
 
 def _tiny():
@@ -57,7 +69,9 @@ def test_recipe_validates_and_builds(path):
         opt.step()
         opt.zero_grad()
         sched.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(build.size_settings(recipe)["lr"] * build.multiplier(recipe, steps)(2))
+    assert opt.param_groups[0]["lr"] == pytest.approx(
+        build.size_settings(recipe)["lr"] * build.multiplier(recipe, steps)(2)
+    )
 
 
 def test_llama2_cosine_to_ten_percent_after_2000_warmup():
@@ -75,7 +89,11 @@ def test_llama2_cosine_to_ten_percent_after_2000_warmup():
     opt = build.build_optimizer(r, _tiny(), size="7B")
     group = opt.param_groups[0]
     assert (group["betas"], group["eps"], group["weight_decay"], group["weight_decay_mode"]) == (
-        (0.9, 0.95), 1e-5, 0.1, "coupled")
+        (0.9, 0.95),
+        1e-5,
+        0.1,
+        "coupled",
+    )
 
 
 def test_palm_constant_then_inverse_sqrt_with_lr_squared_decay():
@@ -89,7 +107,11 @@ def test_palm_constant_then_inverse_sqrt_with_lr_squared_decay():
     opt = build.build_optimizer(r, model)
     group = opt.param_groups[0]
     assert (group["weight_decay_mode"], group["weight_decay"], group["factored"], group["beta1"]) == (
-        "corrected", 1e-2, False, 0.9)
+        "corrected",
+        1e-2,
+        False,
+        0.9,
+    )
     for k in (40_000, 160_000):
         _assert_zero_grad_step_decays_by_lr_squared(opt, model, 1e-2 * math.sqrt(1e4 / k))
 
@@ -151,7 +173,9 @@ def test_gpt3_token_based_warmup_and_floor():
     warm, decay = round(375e6 / 5e5), round(260e9 / 5e5)  # 125M: 0.5M-token batches
     assert lr_at(r, warm // 2, "125M") == pytest.approx(6e-4 * (warm // 2) / warm)
     mid = (warm + decay) // 2
-    assert lr_at(r, mid, "125M") == pytest.approx(6e-4 * (0.1 + 0.45 * (1 + math.cos(math.pi * (mid - warm) / (decay - warm)))))
+    assert lr_at(r, mid, "125M") == pytest.approx(
+        6e-4 * (0.1 + 0.45 * (1 + math.cos(math.pi * (mid - warm) / (decay - warm))))
+    )
     assert lr_at(r, decay + 50_000, "125M") == pytest.approx(6e-5)
 
 
@@ -293,11 +317,18 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("text, key, hint", [
-    ("name: x\nkind: demo\noptimizer: {name: adamw_v2, weigth_decay: 0.1}\n", "optimizer.weigth_decay", "weight_decay"),
-    ("name: x\nkind: demo\nschedul: {name: cosine_to_floor}\n", "schedul", "schedule"),
-    ("name: x\nkind: demo\nrun: {max_step: 3}\n", "run.max_step", "max_steps"),
-])
+@pytest.mark.parametrize(
+    "text, key, hint",
+    [
+        (
+            "name: x\nkind: demo\noptimizer: {name: adamw_v2, weigth_decay: 0.1}\n",
+            "optimizer.weigth_decay",
+            "weight_decay",
+        ),
+        ("name: x\nkind: demo\nschedul: {name: cosine_to_floor}\n", "schedul", "schedule"),
+        ("name: x\nkind: demo\nrun: {max_step: 3}\n", "run.max_step", "max_steps"),
+    ],
+)
 def test_unknown_key_names_key_and_closest(tmp_path, text, key, hint):
     with pytest.raises(schema.RecipeError, match=rf"unknown key '{key}'\. Did you mean '{hint}'\?"):
         schema.load(_write(tmp_path, text))

@@ -169,7 +169,11 @@ def test_handwritten_reference_equals_torch(name: str) -> None:
 
 
 DECOUPLED_CONFIGS = [
-    "sgd-momentum", "sgd-nesterov-max", "adagrad-lrdecay-acc", "rmsprop-centered-momentum-max", "rmsprop"
+    "sgd-momentum",
+    "sgd-nesterov-max",
+    "adagrad-lrdecay-acc",
+    "rmsprop-centered-momentum-max",
+    "rmsprop",
 ]
 DECOUPLED_WD = {"coupled": 0.1, "independent": 5e-4, "corrected": 0.5}
 

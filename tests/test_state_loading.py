@@ -18,13 +18,21 @@ import hf_optim
 
 #: class name -> extra constructor kwargs (Adafactor: factor small matrices, so the C kernel takes them).
 CLASSES = {
-    "Adam": {}, "AdamW": {}, "AdamAtan2": {}, "RAdam": {}, "SGDW": {"momentum": 0.9}, "AdaGrad": {},
+    "Adam": {},
+    "AdamW": {},
+    "AdamAtan2": {},
+    "RAdam": {},
+    "SGDW": {"momentum": 0.9},
+    "AdaGrad": {},
     "RMSProp": {"momentum": 0.5, "centered": True},
     "Adafactor": {"min_dim_size_to_factor": 1},
     "Adafactor-palm": {"preset": "palm"},
 }
-ROWS = [(name, impl) for name, kwargs in CLASSES.items()
-        for impl in ("auto", *getattr(hf_optim, name.split("-")[0]).implementations)]
+ROWS = [
+    (name, impl)
+    for name, kwargs in CLASSES.items()
+    for impl in ("auto", *getattr(hf_optim, name.split("-")[0]).implementations)
+]
 
 
 def _build(name: str, params, implementation: str):
@@ -69,8 +77,9 @@ def test_groups_in_another_order_are_refused(name, implementation):
     c, d = _param(8), _param(4)
     source = _stepped(name, [{"params": [a, c]}, {"params": [b, d]}], implementation)
     target = _build(name, [{"params": [b, d]}, {"params": [a, c]}], implementation)
-    message = _assert_refused_and_intact(target, source.state_dict(), "param_groups[0] parameter 0",
-                                         "parameter of shape (4, 8)")
+    message = _assert_refused_and_intact(
+        target, source.state_dict(), "param_groups[0] parameter 0", "parameter of shape (4, 8)"
+    )
     assert "another order" in message
 
 
@@ -113,26 +122,45 @@ def _adamw_saved():
     return p, copy.deepcopy(opt.state_dict())
 
 
-@pytest.mark.parametrize("mutate, pattern", [
-    (lambda s: s["state"][0].__setitem__("exp_avg", torch.zeros(2, 3)), "shape (2, 3), expected (3, 2)"),
-    (lambda s: s["state"][0].__setitem__("exp_avg", torch.zeros(6)), "shape (6,)"),
-    (lambda s: s["state"][0].__setitem__("momentum_buffer", torch.zeros(3, 2)), "'momentum_buffer' is not kept"),
-    (lambda s: s["state"][0].__setitem__("exp_avg", torch.zeros(3, 2, dtype=torch.complex64)), "dtype"),
-    (lambda s: s["state"][0].__setitem__("exp_avg", torch.zeros(3, 2, dtype=torch.int64)), "dtype"),
-    (lambda s: s["state"][0].__setitem__("exp_avg", [0.0] * 6), "must be a tensor"),
-    (lambda s: s["state"][0].__setitem__("step", torch.tensor(-1.0)), "'step'"),
-    (lambda s: s["state"][0].__setitem__("step", math.nan), "'step'"),
-    (lambda s: s["state"][0].__setitem__("step", torch.ones(2)), "'step'"),
-    (lambda s: s["state"].__setitem__(0, [1, 2]), "dict of state values"),
-    (lambda s: s["param_groups"][0].__setitem__("betas", (1.5, 0.9)), "betas"),
-    (lambda s: s["param_groups"][0].__setitem__("implementation", "compiled"), "implementation"),
-    (lambda s: s["param_groups"].append(dict(s["param_groups"][0])), "2 parameter group(s)"),
-    (lambda s: s["param_groups"][0].__setitem__("params", [0, 0]), "parameter(s)"),
-    (lambda s: s.pop("state"), "'state' and 'param_groups'"),
-    (lambda s: s["state"][0].pop("exp_avg_sq"), "lacks ['exp_avg_sq']"),
-], ids=["transposed", "flat", "unknown-key", "complex", "int", "list", "negative-step", "nan-step", "vector-step",
-        "entry-not-dict", "bad-knob", "unsupported-implementation", "extra-group", "param-count", "no-state",
-        "partial-state"])
+@pytest.mark.parametrize(
+    "mutate, pattern",
+    [
+        (lambda s: s["state"][0].__setitem__("exp_avg", torch.zeros(2, 3)), "shape (2, 3), expected (3, 2)"),
+        (lambda s: s["state"][0].__setitem__("exp_avg", torch.zeros(6)), "shape (6,)"),
+        (lambda s: s["state"][0].__setitem__("momentum_buffer", torch.zeros(3, 2)), "'momentum_buffer' is not kept"),
+        (lambda s: s["state"][0].__setitem__("exp_avg", torch.zeros(3, 2, dtype=torch.complex64)), "dtype"),
+        (lambda s: s["state"][0].__setitem__("exp_avg", torch.zeros(3, 2, dtype=torch.int64)), "dtype"),
+        (lambda s: s["state"][0].__setitem__("exp_avg", [0.0] * 6), "must be a tensor"),
+        (lambda s: s["state"][0].__setitem__("step", torch.tensor(-1.0)), "'step'"),
+        (lambda s: s["state"][0].__setitem__("step", math.nan), "'step'"),
+        (lambda s: s["state"][0].__setitem__("step", torch.ones(2)), "'step'"),
+        (lambda s: s["state"].__setitem__(0, [1, 2]), "dict of state values"),
+        (lambda s: s["param_groups"][0].__setitem__("betas", (1.5, 0.9)), "betas"),
+        (lambda s: s["param_groups"][0].__setitem__("implementation", "compiled"), "implementation"),
+        (lambda s: s["param_groups"].append(dict(s["param_groups"][0])), "2 parameter group(s)"),
+        (lambda s: s["param_groups"][0].__setitem__("params", [0, 0]), "parameter(s)"),
+        (lambda s: s.pop("state"), "'state' and 'param_groups'"),
+        (lambda s: s["state"][0].pop("exp_avg_sq"), "lacks ['exp_avg_sq']"),
+    ],
+    ids=[
+        "transposed",
+        "flat",
+        "unknown-key",
+        "complex",
+        "int",
+        "list",
+        "negative-step",
+        "nan-step",
+        "vector-step",
+        "entry-not-dict",
+        "bad-knob",
+        "unsupported-implementation",
+        "extra-group",
+        "param-count",
+        "no-state",
+        "partial-state",
+    ],
+)
 def test_malformed_state_dicts_raise_value_error(mutate, pattern):
     p, saved = _adamw_saved()
     mutate(saved)

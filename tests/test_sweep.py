@@ -96,8 +96,11 @@ def test_sweep_end_to_end_outputs_and_resume(tmp_path, capsys):
 def test_mup_cells_get_width_scaled_hidden_lr(tmp_path):
     from hf_optim.runner._sweep_cell import build_model, build_optimizer
 
-    cells = [c for c in load_config(_write(tmp_path)).cells
-             if c.parametrization == "mup" and c.width == 64 and c.lr == 2.0**-8]
+    cells = [
+        c
+        for c in load_config(_write(tmp_path)).cells
+        if c.parametrization == "mup" and c.width == 64 and c.lr == 2.0**-8
+    ]
     model = build_model(cells[0])
     optimizer = build_optimizer(model, cells[0])
     q_proj = model.model.layers[0].self_attn.q_proj.weight
@@ -115,14 +118,17 @@ def test_cell_keys_are_stable_and_sensitive(tmp_path):
     assert not set(first) & {c.key for c in changed}
 
 
-@pytest.mark.parametrize("edit, message", [
-    (("log2_lr: [-8, 3]", "log2_lr: [-8, 3]\n    lr: [0.1]"), "exactly one of 'lr' or 'log2_lr'"),
-    (("width: [32, 64]", "width: [32, 40]"), "not a multiple of head_dim=16"),
-    (("weight_decay_mode: coupled", "weight_decay_mode: coupeld"), "Did you mean 'coupled'"),
-    (("parametrization: [sp, mup]", "parametrisation: [sp, mup]"), "unknown key 'parametrisation'"),
-    (("steps: 6", "stepz: 6"), "unknown key 'stepz'"),
-    (("train: {train_chars: 5000}", "train: {train_char: 5000}"), r"grids\[1\] \(lrwd\).train: unknown key"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (("log2_lr: [-8, 3]", "log2_lr: [-8, 3]\n    lr: [0.1]"), "exactly one of 'lr' or 'log2_lr'"),
+        (("width: [32, 64]", "width: [32, 40]"), "not a multiple of head_dim=16"),
+        (("weight_decay_mode: coupled", "weight_decay_mode: coupeld"), "Did you mean 'coupled'"),
+        (("parametrization: [sp, mup]", "parametrisation: [sp, mup]"), "unknown key 'parametrisation'"),
+        (("steps: 6", "stepz: 6"), "unknown key 'stepz'"),
+        (("train: {train_chars: 5000}", "train: {train_char: 5000}"), r"grids\[1\] \(lrwd\).train: unknown key"),
+    ],
+)
 def test_bad_config_names_the_problem(tmp_path, edit, message):
     with pytest.raises(ValueError, match=message):
         load_config(_write(tmp_path, TINY.replace(*edit)))
@@ -137,11 +143,14 @@ def test_bad_jobs_device_and_missing_config(tmp_path):
             sweep.run_sweep(str(_write(tmp_path)), tmp_path / "o", device="cuda")
 
 
-@pytest.mark.parametrize("entry, message", [
-    ("{name: adamw_v3}", "Unknown optimizer 'adamw_v3'.*Did you mean 'adamw_v2'"),
-    ("{name: sgdw_v2, args: {lr: 0.1}}", "'args' must be a mapping of constructor arguments other than"),
-    ("{name: sgdw_v2, argz: {}}", "unknown keys \\['argz'\\]"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ("{name: adamw_v3}", "Unknown optimizer 'adamw_v3'.*Did you mean 'adamw_v2'"),
+        ("{name: sgdw_v2, args: {lr: 0.1}}", "'args' must be a mapping of constructor arguments other than"),
+        ("{name: sgdw_v2, argz: {}}", "unknown keys \\['argz'\\]"),
+    ],
+)
 def test_bad_optimizer_entry(tmp_path, entry, message):
     text = TINY.replace("parametrization: [sp, mup]", f"parametrization: [sp, mup]\n    optimizer: [{entry}]")
     with pytest.raises(ValueError, match=message):
@@ -153,8 +162,10 @@ def test_optimizer_axis_sgd_under_mup(tmp_path):
     from hf_optim.runner._sweep_cell import build_model, build_optimizer, run_cell
     from hf_optim.sgd import SGDW
 
-    text = TINY.replace("parametrization: [sp, mup]", "parametrization: [mup]\n    optimizer: "
-                        "[{weight_decay_mode: coupled}, {name: sgdw_v2, args: {momentum: 0.9}}]")
+    text = TINY.replace(
+        "parametrization: [sp, mup]",
+        "parametrization: [mup]\n    optimizer: [{weight_decay_mode: coupled}, {name: sgdw_v2, args: {momentum: 0.9}}]",
+    )
     cells = [c for c in load_config(_write(tmp_path, text)).cells if c.grid == "wt" and c.width == 64]
     assert {(c.optimizer, c.optimizer_args) for c in cells} == {("adamw_v2", ()), ("sgdw_v2", (("momentum", 0.9),))}
     (sgd,) = [c for c in cells if c.optimizer == "sgdw_v2" and c.lr == 2.0**-8]
@@ -209,11 +220,17 @@ def test_quick_config_test_sized_in_parallel_workers(tmp_path):
     assert {r["grid"] for r in rows} == {"width_transfer", "lr_wd"}
     summary = json.loads((out / "summary.json").read_text())
     assert {(e["grid"], e["parametrization"]) for e in summary["width_transfer"]} == {
-        ("width_transfer", "sp"), ("width_transfer", "mup")}
+        ("width_transfer", "sp"),
+        ("width_transfer", "mup"),
+    }
     assert {(e["grid"], e["weight_decay_mode"]) for e in summary["lr_wd"]} == {
-        ("lr_wd", "coupled"), ("lr_wd", "independent")}
+        ("lr_wd", "coupled"),
+        ("lr_wd", "independent"),
+    }
     assert sorted(p.name for p in out.glob("*.png")) == [
-        "lr_wd_adamw_v2_sp_w32_lr_wd.png", "width_transfer_adamw_v2_coupled_wd0.png"]
+        "lr_wd_adamw_v2_sp_w32_lr_wd.png",
+        "width_transfer_adamw_v2_coupled_wd0.png",
+    ]
     # Cells are deterministic and independent of the process that ran them (one thread, seeded data and init).
     probe = next(c for c in cells if c.grid == "width_transfer" and c.parametrization == "mup" and c.width == 64)
     row = next(r for r in rows if r["key"] == probe.key)
@@ -252,8 +269,13 @@ def test_bundled_configs_have_the_promised_grids():
 
 EXPERIMENTS = Path(__file__).parent.parent / "docs" / "experiments"
 #: (bundled config, results folder) of every committed sweep.
-COMMITTED = [("full_width_transfer", "width_transfer"), ("full_lr_wd", "lr_wd"), ("lr_wd_long", "lr_wd_long"),
-             ("lr_wd_pilot", "lr_wd_pilot"), (LR_WD_ACCEPTANCE_CONFIG, LR_WD_ACCEPTANCE_FOLDER)]
+COMMITTED = [
+    ("full_width_transfer", "width_transfer"),
+    ("full_lr_wd", "lr_wd"),
+    ("lr_wd_long", "lr_wd_long"),
+    ("lr_wd_pilot", "lr_wd_pilot"),
+    (LR_WD_ACCEPTANCE_CONFIG, LR_WD_ACCEPTANCE_FOLDER),
+]
 
 
 def _committed_rows(folder: str) -> list[dict]:
@@ -266,10 +288,20 @@ def _committed_rows(folder: str) -> list[dict]:
 def _canonical_no_decay_key(row: dict) -> str:
     """The key the config gives a λ = 0 row now that λ = 0 is expanded once, as ``coupled``."""
     settings = row["settings"]
-    return Cell(row["grid"], row["width"], row["lr"], row["parametrization"], "coupled", 0.0, "independent",
-                row["seed"], ModelSettings(**settings["model"]), TrainSettings(**settings["train"]),
-                optimizer=row.get("optimizer", "adamw_v2"),
-                optimizer_args=tuple(tuple(a) for a in row.get("optimizer_args", []))).key
+    return Cell(
+        row["grid"],
+        row["width"],
+        row["lr"],
+        row["parametrization"],
+        "coupled",
+        0.0,
+        "independent",
+        row["seed"],
+        ModelSettings(**settings["model"]),
+        TrainSettings(**settings["train"]),
+        optimizer=row.get("optimizer", "adamw_v2"),
+        optimizer_args=tuple(tuple(a) for a in row.get("optimizer_args", [])),
+    ).key
 
 
 @pytest.mark.parametrize("name, folder", COMMITTED)
@@ -323,8 +355,16 @@ def test_committed_lr_wd_meets_acceptance():
 
 
 def _row(param, width, lr, loss, wd=0.0, mode="coupled", seed=0, grid="wt"):
-    return {"grid": grid, "parametrization": param, "width": width, "lr": lr, "weight_decay": wd,
-            "weight_decay_mode": mode, "seed": seed, "val_loss": loss}
+    return {
+        "grid": grid,
+        "parametrization": param,
+        "width": width,
+        "lr": lr,
+        "weight_decay": wd,
+        "weight_decay_mode": mode,
+        "seed": seed,
+        "val_loss": loss,
+    }
 
 
 def test_summary_shift_and_best_wd_by_hand():
@@ -362,33 +402,52 @@ def test_char_windows_are_shifted_text():
     assert len(val) == 2 and all(v[0].max() < _encoded()[1] for v in val)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (("width: [32, 64]", "width: [32, 48.9]"), r"grids\[0\] \(wt\): width must be an integer, got 48.9"),
-    (("    parametrization: [sp, mup]", "    parametrization: [sp, mup]\n    seed: [0, 1.5]"),
-     "seed must be an integer, got 1.5"),
-    (("steps: 6", "steps: 6.5"), r"train.steps must be an integer, got 6.5"),
-    (("steps: 6", "steps: true"), r"train.steps must be an integer, got True"),
-    (("steps: 6", "steps: 6, min_lr_ratio: 1e-1"), r"train.min_lr_ratio must be a finite number, got '1e-1' "
-                                                    r"\(YAML 1.1 reads exponents without a dot"),
-    (("layers: 1", "layers: two"), r"model.layers must be an integer, got 'two'"),
-    (("train: {train_chars: 5000}", "train: {train_chars: 5000.5}"), r"\(lrwd\).train.train_chars must be an int"),
-    (("steps: 6", "steps: 0"), r"train.steps must be >= 1, got 0"),
-    (("layers: 1", "layers: 1, arch: olmo"), r"model.arch must be one of \['llama', 'olmo2'\], got 'olmo'.*olmo2"),
-    (("steps: 6", "steps: 6, decay: hiden"), r"train.decay must be one of \['all', 'hidden'\].*Did you mean 'hidden'"),
-    (("steps: 6", "steps: 6, schedule: cosin"), r"train.schedule must be one of \['cosine', 'constant'\]"),
-    (("model: {", "model: {init_std: 0.0, "), r"model.init_std must be > 0, got 0.0"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (("width: [32, 64]", "width: [32, 48.9]"), r"grids\[0\] \(wt\): width must be an integer, got 48.9"),
+        (
+            ("    parametrization: [sp, mup]", "    parametrization: [sp, mup]\n    seed: [0, 1.5]"),
+            "seed must be an integer, got 1.5",
+        ),
+        (("steps: 6", "steps: 6.5"), r"train.steps must be an integer, got 6.5"),
+        (("steps: 6", "steps: true"), r"train.steps must be an integer, got True"),
+        (
+            ("steps: 6", "steps: 6, min_lr_ratio: 1e-1"),
+            r"train.min_lr_ratio must be a finite number, got '1e-1' "
+            r"\(YAML 1.1 reads exponents without a dot",
+        ),
+        (("layers: 1", "layers: two"), r"model.layers must be an integer, got 'two'"),
+        (("train: {train_chars: 5000}", "train: {train_chars: 5000.5}"), r"\(lrwd\).train.train_chars must be an int"),
+        (("steps: 6", "steps: 0"), r"train.steps must be >= 1, got 0"),
+        (("layers: 1", "layers: 1, arch: olmo"), r"model.arch must be one of \['llama', 'olmo2'\], got 'olmo'.*olmo2"),
+        (
+            ("steps: 6", "steps: 6, decay: hiden"),
+            r"train.decay must be one of \['all', 'hidden'\].*Did you mean 'hidden'",
+        ),
+        (("steps: 6", "steps: 6, schedule: cosin"), r"train.schedule must be one of \['cosine', 'constant'\]"),
+        (("model: {", "model: {init_std: 0.0, "), r"model.init_std must be > 0, got 0.0"),
+    ],
+)
 def test_bad_values_are_named_at_load(tmp_path, edit, message):
     with pytest.raises(ValueError, match=message):
         load_config(_write(tmp_path, TINY.replace(*edit)))
 
 
-@pytest.mark.parametrize("entry, message", [
-    ("{weight_decay_mode: coupled, weight_decay: [0.0, 1e-3]}", r"weight_decay must be a finite number, got '1e-3'"),
-    ("{weight_decay_mode: coupled, weight_decay: [-1.0]}", "weight_decay must be >= 0"),
-    ("{weight_decay_mode: coupled, weight_decay: [0.1], wd_rule: mupp}",
-     r"wd_rule must be one of \['independent', 'mup', 'none'\], got 'mupp'"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (
+            "{weight_decay_mode: coupled, weight_decay: [0.0, 1e-3]}",
+            r"weight_decay must be a finite number, got '1e-3'",
+        ),
+        ("{weight_decay_mode: coupled, weight_decay: [-1.0]}", "weight_decay must be >= 0"),
+        (
+            "{weight_decay_mode: coupled, weight_decay: [0.1], wd_rule: mupp}",
+            r"wd_rule must be one of \['independent', 'mup', 'none'\], got 'mupp'",
+        ),
+    ],
+)
 def test_bad_weight_decay_entries(tmp_path, entry, message):
     text = TINY.replace("parametrization: [sp, mup]", f"parametrization: [sp, mup]\n    optimizer: [{entry}]")
     with pytest.raises(ValueError, match=message):
@@ -409,9 +468,14 @@ def test_no_decay_cell_is_shared_between_modes(tmp_path):
     zero = [c for c in cells if c.weight_decay == 0]
     assert len(zero) == 2 and {c.weight_decay_mode for c in zero} == {"coupled"}  # 2 lrs, 1 seed
     assert {(c.weight_decay_mode, c.weight_decay) for c in cells} == {
-        ("coupled", 0.0), ("coupled", 1.0), ("independent", 0.01)}
-    rows = [_row("sp", 32, c.lr, 1.0 + c.weight_decay, wd=c.weight_decay, mode=c.weight_decay_mode, grid="lrwd")
-            for c in cells]
+        ("coupled", 0.0),
+        ("coupled", 1.0),
+        ("independent", 0.01),
+    }
+    rows = [
+        _row("sp", 32, c.lr, 1.0 + c.weight_decay, wd=c.weight_decay, mode=c.weight_decay_mode, grid="lrwd")
+        for c in cells
+    ]
     from hf_optim.runner._sweep_results import heatmaps
 
     maps = heatmaps(rows)
@@ -437,9 +501,19 @@ def _decayed_names(text: str, tmp_path: Path, arch: str = "llama") -> tuple[set[
 
 @pytest.mark.parametrize("arch", ["llama", "olmo2"])
 def test_decay_hidden_selects_only_attention_and_mlp_matrices(tmp_path, arch):
-    hidden = {f"model.layers.{i}.{m}.weight" for i in range(2) for m in (
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    hidden = {
+        f"model.layers.{i}.{m}.weight"
+        for i in range(2)
+        for m in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    }
     decayed, kept = _decayed_names(TINY.replace("steps: 6", "steps: 6, decay: hidden"), tmp_path, arch)
     assert decayed == hidden
     assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= kept
@@ -460,8 +534,9 @@ def test_olmo2_hidden_matrices_are_scale_invariant(tmp_path):
 
     def logits_after(arch: str, scale: dict[str, float]) -> torch.Tensor:
         text = TINY.replace("layers: 1", f"layers: 2, arch: {arch}, norm_eps: 1.0e-12")
-        cell = next(c for c in load_config(_write(tmp_path, text)).cells
-                    if c.grid == "wt" and c.parametrization == "sp")
+        cell = next(
+            c for c in load_config(_write(tmp_path, text)).cells if c.grid == "wt" and c.parametrization == "sp"
+        )
         model = build_model(cell)
         model = model.double().eval()
         with torch.no_grad():
@@ -473,8 +548,15 @@ def test_olmo2_hidden_matrices_are_scale_invariant(tmp_path):
             return model(input_ids=ids).logits
 
     base = logits_after("olmo2", {})
-    for scale in ({"q_proj": 5.0}, {"k_proj": 0.2}, {"v_proj": 4.0}, {"o_proj": 3.0}, {"up_proj": 3.0},
-                  {"down_proj": 0.3}, {"v_proj": 2.0, "o_proj": 7.0, "up_proj": 0.5, "q_proj": 9.0}):
+    for scale in (
+        {"q_proj": 5.0},
+        {"k_proj": 0.2},
+        {"v_proj": 4.0},
+        {"o_proj": 3.0},
+        {"up_proj": 3.0},
+        {"down_proj": 0.3},
+        {"v_proj": 2.0, "o_proj": 7.0, "up_proj": 0.5, "q_proj": 9.0},
+    ):
         change = (logits_after("olmo2", scale) - base).abs().max() / base.std()
         assert change < 1e-3, (scale, change)
     # Pre-norm LLaMA: W_q's norm is an attention temperature, W_o's the branch's weight in the residual stream.
@@ -488,8 +570,11 @@ def test_mup_olmo2_cell_builds_and_trains(tmp_path):
     from hf_optim.runner._sweep_cell import run_cell
 
     text = TINY.replace("layers: 1", "layers: 1, arch: olmo2")
-    cell = next(c for c in load_config(_write(tmp_path, text)).cells
-                if c.grid == "wt" and c.parametrization == "mup" and c.width == 64 and c.lr == 2.0**-8)
+    cell = next(
+        c
+        for c in load_config(_write(tmp_path, text)).cells
+        if c.grid == "wt" and c.parametrization == "mup" and c.width == 64 and c.lr == 2.0**-8
+    )
     from hf_optim.runner._sweep_cell import build_model
 
     assert type(build_model(cell)).__name__ == "Olmo2ForCausalLM"

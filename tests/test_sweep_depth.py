@@ -42,19 +42,25 @@ def test_depth_axis_expands_layers_and_keeps_old_keys(tmp_path):
     assert "L=3" in next(c for c in cells if c.model.layers == 3).describe()
     # configs without base_depth keep the keys of the committed width sweeps (base_depth left out of the key)
     width = load_config("full_width_transfer").cells
-    committed = {json.loads(line)["key"] for line in
-                 (EXPERIMENTS / "width_transfer" / "results.jsonl").read_text().splitlines() if line.strip()}
+    committed = {
+        json.loads(line)["key"]
+        for line in (EXPERIMENTS / "width_transfer" / "results.jsonl").read_text().splitlines()
+        if line.strip()
+    }
     assert {c.key for c in width} <= committed
 
 
-@pytest.mark.parametrize("edit, message", [
-    (("base_depth: 1}", "base_depth: null}"), "need model.base_depth"),
-    (("width: [32]", "width: [32, 64]"), "varies width or depth, not both"),
-    (("depth: [1, 3]", "depth: [0, 3]"), "depth must be >= 1"),
-    (("depth: [1, 3]", "depth: [1, 2.5]"), "depth must be an integer"),
-    (("parametrization: [mup, depth_mup, completep]", "parametrization: [complete_p]"), "Did you mean 'completep'"),
-    (("base_depth: 1}", "base_depth: 0}"), "model.base_depth must be >= 1 or null"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (("base_depth: 1}", "base_depth: null}"), "need model.base_depth"),
+        (("width: [32]", "width: [32, 64]"), "varies width or depth, not both"),
+        (("depth: [1, 3]", "depth: [0, 3]"), "depth must be >= 1"),
+        (("depth: [1, 3]", "depth: [1, 2.5]"), "depth must be an integer"),
+        (("parametrization: [mup, depth_mup, completep]", "parametrization: [complete_p]"), "Did you mean 'completep'"),
+        (("base_depth: 1}", "base_depth: 0}"), "model.base_depth must be >= 1 or null"),
+    ],
+)
 def test_bad_depth_config_names_the_problem(tmp_path, edit, message):
     with pytest.raises(ValueError, match=message):
         load_config(_write(tmp_path, TINY.replace(*edit)))
@@ -64,8 +70,11 @@ def test_depth_cells_build_depth_scaled_models_and_groups(tmp_path):
     import mup_integration as mi
     from hf_optim.runner._sweep_cell import build_model, build_optimizer
 
-    cell = next(c for c in load_config(_write(tmp_path)).cells
-                if c.parametrization == "depth_mup" and c.model.layers == 3 and c.lr == 2.0**-8)
+    cell = next(
+        c
+        for c in load_config(_write(tmp_path)).cells
+        if c.parametrization == "depth_mup" and c.model.layers == 3 and c.lr == 2.0**-8
+    )
     model = build_model(cell)
     plan = mi.get_plan(model)
     assert (plan.base_depth, plan.depth, plan.depth_alpha) == (1, 3, 0.5) and mi.is_mup_applied(model)
@@ -87,16 +96,28 @@ def test_tiny_depth_sweep_end_to_end(tmp_path):
     entries = {e["parametrization"]: e for e in summary["depth_transfer"]}
     assert set(entries) == {"mup", "depth_mup", "completep"}
     # at the base depth the three parametrizations are the same model: identical losses at every lr
-    assert entries["mup"]["best_loss"]["1"] == entries["depth_mup"]["best_loss"]["1"] == \
-        entries["completep"]["best_loss"]["1"]
+    assert (
+        entries["mup"]["best_loss"]["1"]
+        == entries["depth_mup"]["best_loss"]["1"]
+        == entries["completep"]["best_loss"]["1"]
+    )
     assert (out / "dt_adamw_v2_w32_depth.png").read_bytes()[:4] == b"\x89PNG"
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert "layers" in header
 
 
 def _row(param, layers, lr, loss, seed=0):
-    return {"grid": "g", "parametrization": param, "width": 64, "lr": lr, "weight_decay": 0.0,
-            "weight_decay_mode": "coupled", "seed": seed, "val_loss": loss, "settings": {"model": {"layers": layers}}}
+    return {
+        "grid": "g",
+        "parametrization": param,
+        "width": 64,
+        "lr": lr,
+        "weight_decay": 0.0,
+        "weight_decay_mode": "coupled",
+        "seed": seed,
+        "val_loss": loss,
+        "settings": {"model": {"layers": layers}},
+    }
 
 
 def test_depth_summary_by_hand():
@@ -114,8 +135,12 @@ def test_depth_summary_by_hand():
     assert entry["loss_at_transferred_lr"] == {"2": 2.5, "4": 2.0, "16": 2.9}
     assert entry["optimum_on_grid_edge"] == {"2": False, "4": False, "16": False}
     # a diverged seed makes its cell's mean inf: depth 16's best moves to the next-best lr (2^-8, index 2)
-    diverged = [r if (r["settings"]["model"]["layers"], r["lr"], r["seed"]) != (16, 2.0**-9, 1)
-                else {**r, "val_loss": float("nan")} for r in rows[:-1]]
+    diverged = [
+        r
+        if (r["settings"]["model"]["layers"], r["lr"], r["seed"]) != (16, 2.0**-9, 1)
+        else {**r, "val_loss": float("nan")}
+        for r in rows[:-1]
+    ]
     (entry,) = depth_transfer(diverged)
     assert entry["best_log2_lr"]["16"] == -8.0 and entry["shift_grid_steps"] == -1
     assert math.isinf(entry["loss_at_transferred_lr"]["16"]) is False and entry["loss_at_transferred_lr"]["16"] == 2.9
@@ -155,8 +180,11 @@ def test_committed_depth_transfer_base_depth_is_one_model():
     """At the base depth the three parametrizations are the same model: identical losses (a check of the runs)."""
     entries = _committed_entries()
     base = min(entries["mup"]["best_log2_lr"], key=int)
-    assert entries["mup"]["best_loss"][base] == entries["depth_mup"]["best_loss"][base] == \
-        entries["completep"]["best_loss"][base]
+    assert (
+        entries["mup"]["best_loss"][base]
+        == entries["depth_mup"]["best_loss"][base]
+        == entries["completep"]["best_loss"][base]
+    )
 
 
 def test_committed_depth_transfer_width_only_mup_loses_depth_at_the_transferred_lr():
@@ -167,8 +195,11 @@ def test_committed_depth_transfer_width_only_mup_loses_depth_at_the_transferred_
     assert all(a < b for a, b in itertools.pairwise(at)), at
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 stays open: at 80 steps the deep width-only muP models sit on a "
-                   "flat loss plateau and their best lr does not move 2 grid steps (docs/experiments/README.md §4)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 15 stays open: at 80 steps the deep width-only muP models sit on a "
+    "flat loss plateau and their best lr does not move 2 grid steps (docs/experiments/README.md §4)",
+)
 def test_committed_depth_transfer_width_only_mup_shift_at_least_two_steps():
     entry = _committed_entries()["mup"]
     assert abs(entry["shift_grid_steps"]) >= 2 and not any(entry["optimum_on_grid_edge"].values())

@@ -44,22 +44,35 @@ CASES: list[tuple[str, Callable[[list], torch.optim.Optimizer], Callable[[list],
     ("adamw", lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, betas=(0.8, 0.99)), hf_optim.AdamW),
     ("adamw->Adam", lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1), hf_optim.Adam),
     ("radam", lambda p: torch.optim.RAdam(p, lr=1e-2, weight_decay=1e-2), hf_optim.RAdam),
-    ("radam-decoupled",
-     lambda p: torch.optim.RAdam(p, lr=1e-2, weight_decay=1e-2, decoupled_weight_decay=True), hf_optim.RAdam),
-    ("sgd-nesterov",
-     lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2), hf_optim.SGDW),
+    (
+        "radam-decoupled",
+        lambda p: torch.optim.RAdam(p, lr=1e-2, weight_decay=1e-2, decoupled_weight_decay=True),
+        hf_optim.RAdam,
+    ),
+    (
+        "sgd-nesterov",
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+        hf_optim.SGDW,
+    ),
     ("sgd-dampening", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.1), hf_optim.SGDW),
     ("sgd-plain", lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=1e-2), hf_optim.SGDW),
-    ("adagrad",
-     lambda p: torch.optim.Adagrad(p, lr=0.1, lr_decay=0.01, weight_decay=1e-2, initial_accumulator_value=0.1),
-     hf_optim.AdaGrad),
-    ("rmsprop",
-     lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.5, centered=True, weight_decay=1e-2), hf_optim.RMSProp),
+    (
+        "adagrad",
+        lambda p: torch.optim.Adagrad(p, lr=0.1, lr_decay=0.01, weight_decay=1e-2, initial_accumulator_value=0.1),
+        hf_optim.AdaGrad,
+    ),
+    (
+        "rmsprop",
+        lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.5, centered=True, weight_decay=1e-2),
+        hf_optim.RMSProp,
+    ),
     ("torch-adafactor", lambda p: torch.optim.Adafactor(p, lr=1e-2, weight_decay=1e-2), hf_optim.Adafactor),
     ("transformers-adafactor-relative", lambda p: HFAdafactor(p, lr=None), hf_optim.Adafactor),
-    ("transformers-adafactor-momentum",
-     lambda p: HFAdafactor(p, lr=1e-2, relative_step=False, scale_parameter=False, beta1=0.9, weight_decay=1e-2),
-     hf_optim.Adafactor),
+    (
+        "transformers-adafactor-momentum",
+        lambda p: HFAdafactor(p, lr=1e-2, relative_step=False, scale_parameter=False, beta1=0.9, weight_decay=1e-2),
+        hf_optim.Adafactor,
+    ),
 ]
 
 
@@ -81,12 +94,16 @@ def test_continue_from_original_state_dict(make_torch, make_ours):
     assert moved > 1e-3  # the continuation did train
 
 
-@pytest.mark.parametrize("make_torch, make_ours", [
-    (lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1), hf_optim.AdamW),
-    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), hf_optim.SGDW),
-    (lambda p: torch.optim.Adagrad(p, lr=0.1), hf_optim.AdaGrad),
-    (lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.5, centered=True), hf_optim.RMSProp),
-], ids=["adamw", "sgd", "adagrad", "rmsprop"])
+@pytest.mark.parametrize(
+    "make_torch, make_ours",
+    [
+        (lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1), hf_optim.AdamW),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), hf_optim.SGDW),
+        (lambda p: torch.optim.Adagrad(p, lr=0.1), hf_optim.AdaGrad),
+        (lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.5, centered=True), hf_optim.RMSProp),
+    ],
+    ids=["adamw", "sgd", "adagrad", "rmsprop"],
+)
 def test_continue_complex_parameters(make_torch, make_ours):
     """torch steps complex parameters (real and imaginary parts as coordinates); so does hf-optim, from its state."""
     params = _params(complex_=True)
@@ -105,8 +122,11 @@ def test_continue_complex_parameters(make_torch, make_ours):
 
 @pytest.mark.parametrize("cls", [hf_optim.SGDW, hf_optim.AdaGrad, hf_optim.RMSProp])
 def test_complex_from_scratch_equals_torch(cls):
-    torch_cls = {hf_optim.SGDW: torch.optim.SGD, hf_optim.AdaGrad: torch.optim.Adagrad,
-                 hf_optim.RMSProp: torch.optim.RMSprop}[cls]
+    torch_cls = {
+        hf_optim.SGDW: torch.optim.SGD,
+        hf_optim.AdaGrad: torch.optim.Adagrad,
+        hf_optim.RMSProp: torch.optim.RMSprop,
+    }[cls]
     kwargs = {"lr": 1e-2, "momentum": 0.9} if cls is not hf_optim.AdaGrad else {"lr": 1e-2}
     ref, ours = _params(complex_=True), _params(complex_=True)
     _run(torch_cls(ref, **kwargs), ref, range(N))
@@ -120,8 +140,9 @@ def test_live_knobs_fill_what_torch_lacks():
     params = _params()
     original = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.05)
     _run(original, params, range(K))
-    ours = hf_optim.AdamW(_params(), lr=1e-2, implementation="foreach", weight_decay=1e-4,
-                          weight_decay_mode="independent")
+    ours = hf_optim.AdamW(
+        _params(), lr=1e-2, implementation="foreach", weight_decay=1e-4, weight_decay_mode="independent"
+    )
     ours.load_state_dict(original.state_dict())
     group = ours.param_groups[0]
     assert group["implementation"] == "foreach" and group["lr_peak"] == 1e-2
@@ -129,16 +150,27 @@ def test_live_knobs_fill_what_torch_lacks():
     assert int(ours.state[ours.param_groups[0]["params"][0]]["step"]) == K
 
 
-@pytest.mark.parametrize("source, target", [
-    (lambda p: torch.optim.AdamW(p), hf_optim.Adafactor),
-    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), hf_optim.AdamW),
-    (lambda p: torch.optim.Adafactor(p), hf_optim.AdamW),
-    (lambda p: hf_optim.AdamW(p), hf_optim.Adafactor),
-    (lambda p: hf_optim.Adafactor(p), hf_optim.RMSProp),
-    (lambda p: hf_optim.SGDW(p, momentum=0.9), hf_optim.AdaGrad),
-    (lambda p: torch.optim.NAdam(p), hf_optim.Adam),
-], ids=["torch-adamw->adafactor", "torch-sgd->adamw", "torch-adafactor->adamw", "adamw->adafactor",
-        "adafactor->rmsprop", "sgdw->adagrad", "torch-nadam->adam"])
+@pytest.mark.parametrize(
+    "source, target",
+    [
+        (lambda p: torch.optim.AdamW(p), hf_optim.Adafactor),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), hf_optim.AdamW),
+        (lambda p: torch.optim.Adafactor(p), hf_optim.AdamW),
+        (lambda p: hf_optim.AdamW(p), hf_optim.Adafactor),
+        (lambda p: hf_optim.Adafactor(p), hf_optim.RMSProp),
+        (lambda p: hf_optim.SGDW(p, momentum=0.9), hf_optim.AdaGrad),
+        (lambda p: torch.optim.NAdam(p), hf_optim.Adam),
+    ],
+    ids=[
+        "torch-adamw->adafactor",
+        "torch-sgd->adamw",
+        "torch-adafactor->adamw",
+        "adamw->adafactor",
+        "adafactor->rmsprop",
+        "sgdw->adagrad",
+        "torch-nadam->adam",
+    ],
+)
 def test_incompatible_family_is_refused(source, target):
     params = _params()
     opt = source(params)

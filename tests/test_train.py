@@ -10,9 +10,20 @@ import torch
 
 from hf_optim.runner import train
 
-TINY = ["model.hidden_size=32", "model.num_layers=1", "model.intermediate_size=64", "model.mup.base_width=16",
-        "data.block_size=32", "data.max_tokens=40000", "run.batch_size=8", "run.eval_batches=2",
-        "run.logging_steps=5", "run.eval_steps=15", "run.save_steps=15", "schedule.warmup_steps=5"]
+TINY = [
+    "model.hidden_size=32",
+    "model.num_layers=1",
+    "model.intermediate_size=64",
+    "model.mup.base_width=16",
+    "data.block_size=32",
+    "data.max_tokens=40000",
+    "run.batch_size=8",
+    "run.eval_batches=2",
+    "run.logging_steps=5",
+    "run.eval_steps=15",
+    "run.save_steps=15",
+    "schedule.warmup_steps=5",
+]
 
 
 @pytest.mark.slow
@@ -33,8 +44,7 @@ def test_train_demo_tiny_then_resume(tmp_path, capsys):
     assert "step 15/30  validation loss" in terminal and "step  5/30  loss " in terminal
     assert "lr/group_0" not in terminal  # per-group values go to metrics.json, not the terminal
 
-    assert train.main(["demo", *TINY, "run.max_steps=40", "--output-dir", str(out), "--threads", "1",
-                       "--resume"]) == 0
+    assert train.main(["demo", *TINY, "run.max_steps=40", "--output-dir", str(out), "--threads", "1", "--resume"]) == 0
     resumed = json.loads((out / "metrics.json").read_text())
     # The summary counts this run's 10 steps; the step-0 validation loss survives in checkpoint-30's trainer state.
     assert resumed["summary"]["steps"] == 10 and resumed["summary"]["global_step"] == 40
@@ -66,18 +76,23 @@ def test_mup_with_weight_decay_needs_explicit_rule(tmp_path, capsys):
     assert "wd_rule" in _refused(capsys, tmp_path, "demo", "model.mup.wd_rule=null")
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["demo", "data.val_fraction=0"], "data.val_fraction=0"),  # was KeyError 'eval_loss' after building the model
-    (["demo", "data.val_fraction=0.0001"], "fewer than one block of data.block_size=128"),
-    (["demo", "run.eval_batches=0"], "run.eval_batches must be an integer >= 1, got 0"),
-    (["demo", "schedule.warmup_fraction=1.0", "schedule.warmup_steps=null"],
-     "schedule.warmup_fraction must be in [0, 1)"),
-    (["llm/llama2", "sizes.7X.lr=1e-3"], "unknown size '7X'"),
-    (["llm/llama2", "run.size=7X"], "Did you mean '7B'"),
-    (["demo", "run.max_stepz=3"], "Did you mean 'run.max_steps'"),
-    (["no_such_recipe"], "neither a file nor a bundled recipe"),
-    (["demo", "model.num_heads=3"], "model.hidden_size=128 must be a multiple of model.num_heads=3"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["demo", "data.val_fraction=0"], "data.val_fraction=0"),  # was KeyError 'eval_loss' after building the model
+        (["demo", "data.val_fraction=0.0001"], "fewer than one block of data.block_size=128"),
+        (["demo", "run.eval_batches=0"], "run.eval_batches must be an integer >= 1, got 0"),
+        (
+            ["demo", "schedule.warmup_fraction=1.0", "schedule.warmup_steps=null"],
+            "schedule.warmup_fraction must be in [0, 1)",
+        ),
+        (["llm/llama2", "sizes.7X.lr=1e-3"], "unknown size '7X'"),
+        (["llm/llama2", "run.size=7X"], "Did you mean '7B'"),
+        (["demo", "run.max_stepz=3"], "Did you mean 'run.max_steps'"),
+        (["no_such_recipe"], "neither a file nor a bundled recipe"),
+        (["demo", "model.num_heads=3"], "model.hidden_size=128 must be a multiple of model.num_heads=3"),
+    ],
+)
 def test_recipe_mistakes_give_one_line_and_exit_status_2(tmp_path, capsys, argv, expected):
     assert expected in _refused(capsys, tmp_path, *argv)
 
@@ -91,8 +106,13 @@ def test_console_script_prints_no_traceback(tmp_path):
 
     exe = shutil.which("hf-optim", path=str(Path(sys.executable).parent))
     assert exe, "hf-optim console script not installed next to the interpreter"
-    result = subprocess.run([exe, "train", "demo", "sizes.7B.lr=1e-3", "--output-dir", str(tmp_path / "o")],
-                            capture_output=True, text=True, timeout=300, check=False)
+    result = subprocess.run(
+        [exe, "train", "demo", "sizes.7B.lr=1e-3", "--output-dir", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -112,8 +132,11 @@ def test_zero_caveat_is_enforced_when_the_trainer_builds_the_optimizer(tmp_path,
     overrides = [f"optimizer.args.factored={str(v).lower()}" for v in args.values()]
     recipe = schema.load("demo", [*overrides, f"run.unfactored_fallback={str(fallback).lower()}"])
     trainer = train._make_trainer_class()(
-        model=LlamaForCausalLM(tiny_llama_config()), recipe=recipe, deepspeed=True,
-        args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+        model=LlamaForCausalLM(tiny_llama_config()),
+        recipe=recipe,
+        deepspeed=True,
+        args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True),
+    )
     if not args and not fallback:
         with pytest.raises(ValueError, match="Factored Adafactor cannot run under DeepSpeed ZeRO"):
             trainer.create_optimizer()
@@ -138,8 +161,14 @@ def test_build_model_from_config(arch, base_width):
 
     from mup_integration.plan import has_plan
 
-    cfg = {**train.MODEL_DEFAULTS, "arch": arch, "hidden_size": 32, "num_layers": 1, "num_heads": 4,
-           "mup": {"base_width": base_width} if base_width else None}
+    cfg = {
+        **train.MODEL_DEFAULTS,
+        "arch": arch,
+        "hidden_size": 32,
+        "num_layers": 1,
+        "num_heads": 4,
+        "mup": {"base_width": base_width} if base_width else None,
+    }
     torch.manual_seed(0)
     model = train.build_model(cfg, vocab_size=65, block_size=16)
     assert isinstance(model, {"llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel}[arch])

@@ -25,9 +25,20 @@ from _launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY = ["model.hidden_size=32", "model.num_layers=1", "model.intermediate_size=64", "model.mup.base_width=16",
-        "data.block_size=32", "data.max_tokens=20000", "run.batch_size=4", "run.eval_batches=1",
-        "run.logging_steps=2", "run.eval_steps=100", "run.save_steps=4", "schedule.warmup_steps=2"]
+TINY = [
+    "model.hidden_size=32",
+    "model.num_layers=1",
+    "model.intermediate_size=64",
+    "model.mup.base_width=16",
+    "data.block_size=32",
+    "data.max_tokens=20000",
+    "run.batch_size=4",
+    "run.eval_batches=1",
+    "run.logging_steps=2",
+    "run.eval_steps=100",
+    "run.save_steps=4",
+    "schedule.warmup_steps=2",
+]
 
 
 def _launch_ddp(out: Path, *extra: str, entry: str, timeout: float = 300) -> _launch.Launch:
@@ -40,13 +51,33 @@ def _launch_ddp(out: Path, *extra: str, entry: str, timeout: float = 300) -> _la
         target = [script, "train"]
     else:
         target = ["-m", "hf_optim.runner.train"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+    }
     # A port of our own: accelerate's default 29500 is shared by every launch on the machine (parallel test
     # workers, other users), and accelerate's fallback when it is taken is a check-then-bind race.
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
-           "--config_file", str(ROOT / "recipes/accelerate/ddp.yaml"), *target, "demo", *TINY, *extra,
-           "--output-dir", str(out)]
+    cmd = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        "--config_file",
+        str(ROOT / "recipes/accelerate/ddp.yaml"),
+        *target,
+        "demo",
+        *TINY,
+        *extra,
+        "--output-dir",
+        str(out),
+    ]
     return _launch.run(cmd, timeout=timeout, env=env, cwd=ROOT)
 
 
@@ -94,8 +125,9 @@ def _train_then_resume(out: Path, *, detailed: bool) -> tuple[float, float]:
     # Steps 1..8 come from checkpoint-8's trainer state (not re-trained), steps 10 and 12 are new.
     assert {k: losses[k] for k in first_losses} == first_losses and {10, 12} <= set(losses)
     if detailed:
-        assert second.stdout.count("[hf-optim] done: 4 steps (steps 9-12, resumed from checkpoint-8)") == 1, \
+        assert second.stdout.count("[hf-optim] done: 4 steps (steps 9-12, resumed from checkpoint-8)") == 1, (
             second.stdout[-3000:]
+        )
     return first.seconds, second.seconds
 
 
@@ -137,14 +169,29 @@ def _trainer_fill(ds_config: dict, *, grad_accum: int, max_grad_norm: float) -> 
 
     # Without the deepspeed package transformers' class derives from `object` (its __init__ then fails), but the
     # filling logic is plain Python over accelerate's config class: rebase transformers' own methods onto it.
-    methods = {k: v for k, v in vars(HfTrainerDeepSpeedConfig).items()
-               if k in ("is_auto", "fill_match", "fill_only", "trainer_config_process")}
+    methods = {
+        k: v
+        for k, v in vars(HfTrainerDeepSpeedConfig).items()
+        if k in ("is_auto", "fill_match", "fill_only", "trainer_config_process")
+    }
     hf = type("TrainerDeepSpeedConfig", (HfDeepSpeedConfig,), methods)(json.loads(json.dumps(ds_config)))
     hf.mismatches, hf._dtype = [], None
-    args = SimpleNamespace(world_size=2, per_device_train_batch_size=4, gradient_accumulation_steps=grad_accum,
-                           max_grad_norm=max_grad_norm, learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999,
-                           adam_epsilon=1e-8, weight_decay=0.0, save_on_each_node=False, fp16=False,
-                           fp16_full_eval=False, bf16=False, bf16_full_eval=False)
+    args = SimpleNamespace(
+        world_size=2,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=grad_accum,
+        max_grad_norm=max_grad_norm,
+        learning_rate=1e-3,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        weight_decay=0.0,
+        save_on_each_node=False,
+        fp16=False,
+        fp16_full_eval=False,
+        bf16=False,
+        bf16_full_eval=False,
+    )
     hf.trainer_config_process(args)
     return hf.config, hf.mismatches
 
@@ -173,7 +220,8 @@ def test_hard_coded_deepspeed_values_would_conflict(tmp_path, monkeypatch):
     cfg["deepspeed_config"].update(gradient_accumulation_steps=1, gradient_clipping=1.0)
     old = tmp_path / "old.yaml"
     old.write_text(yaml.safe_dump(cfg))
-    _, mismatches = _trainer_fill(_deepspeed_config_through_accelerate(old, monkeypatch), grad_accum=4,
-                                  max_grad_norm=0.5)
+    _, mismatches = _trainer_fill(
+        _deepspeed_config_through_accelerate(old, monkeypatch), grad_accum=4, max_grad_norm=0.5
+    )
     assert any("gradient_accumulation_steps" in m for m in mismatches)
     assert any("gradient_clipping" in m for m in mismatches)

@@ -16,9 +16,18 @@ import pytest
 
 from hf_optim.runner import horizon, schema, train
 
-TINY = ["model.hidden_size=32", "model.num_layers=1", "model.intermediate_size=64", "data.block_size=32",
-        "data.max_tokens=20000", "run.batch_size=4", "run.eval_batches=1", "run.logging_steps=1",
-        "run.eval_steps=100", "run.save_steps=100"]
+TINY = [
+    "model.hidden_size=32",
+    "model.num_layers=1",
+    "model.intermediate_size=64",
+    "data.block_size=32",
+    "data.max_tokens=20000",
+    "run.batch_size=4",
+    "run.eval_batches=1",
+    "run.logging_steps=1",
+    "run.eval_steps=100",
+    "run.save_steps=100",
+]
 LLAMA2_STEPS = 2e12 / 4e6  # Touvron et al. 2023b: 2T tokens, 4M-token batches
 LLAMA2_PEAK = 3e-4  # 7B, Table 1
 
@@ -27,8 +36,13 @@ def _fit(ref: str, overrides: list[str], steps: int) -> horizon.Fit:
     recipe = schema.load(ref, overrides)
     file_steps = (schema.load(ref).get("run") or {}).get("max_steps")
     size = (recipe.get("run") or {}).get("size")
-    return horizon.fit(recipe, steps, size=size, horizon=horizon.recipe_horizon(recipe, size, file_steps),
-                       fixed=horizon.fixed_keys(overrides))
+    return horizon.fit(
+        recipe,
+        steps,
+        size=size,
+        horizon=horizon.recipe_horizon(recipe, size, file_steps),
+        fixed=horizon.fixed_keys(overrides),
+    )
 
 
 def _cosine_to_floor(k: int, warmup: int, total: int, floor: float) -> float:
@@ -121,8 +135,9 @@ def test_llama2_short_run_reaches_its_printed_peak(tmp_path, capsys):
 
 
 def test_scale_false_run_warns_and_prints_the_peak_it_reaches(tmp_path, capsys):
-    metrics, out, err = _run(capsys, tmp_path, "llm/llama2", "run.max_steps=4", "schedule.scale=false",
-                             options=("--threads", "1"))
+    metrics, out, err = _run(
+        capsys, tmp_path, "llm/llama2", "run.max_steps=4", "schedule.scale=false", options=("--threads", "1")
+    )
     assert "[hf-optim] warning: this run reaches only" in err and "schedule.scale=false" in err
     peak = _printed_peak(out)
     assert peak == pytest.approx(float(f"{LLAMA2_PEAK * 3 / 2000:.3g}"))  # updates k = 0..3 of a 2000-step warm-up

@@ -92,13 +92,33 @@ def test_third_party_register_optimizer_works_end_to_end(tmp_path, monkeypatch, 
         assert hf_optim.register_optimizer(spec) is spec  # idempotent
         # a parser built now offers the name; TrainingArguments keep it through to_dict
         (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
-            ["--output_dir", str(tmp_path), "--optim", "sign_descent_test", "--learning_rate", "0.01",
-             "--max_steps", "1", "--per_device_train_batch_size", "4", "--report_to", "none", "--use_cpu",
-             "--save_strategy", "no", "--lr_scheduler_type", "constant", "--disable_tqdm", "true"])
+            [
+                "--output_dir",
+                str(tmp_path),
+                "--optim",
+                "sign_descent_test",
+                "--learning_rate",
+                "0.01",
+                "--max_steps",
+                "1",
+                "--per_device_train_batch_size",
+                "4",
+                "--report_to",
+                "none",
+                "--use_cpu",
+                "--save_strategy",
+                "no",
+                "--lr_scheduler_type",
+                "constant",
+                "--disable_tqdm",
+                "true",
+            ]
+        )
         assert args.optim is OptimizerNames("sign_descent_test") and args.to_dict()["optim"] == "sign_descent_test"
         # optim_args are typed against the third-party signature, with our error for an unknown key
-        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(_args(tmp_path, optim="sign_descent_test",
-                                                                 optim_args="flip=false"))
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(
+            _args(tmp_path, optim="sign_descent_test", optim_args="flip=false")
+        )
         assert cls.__module__ == "third_party_opt" and kwargs == {"lr": 5e-5, "weight_decay": 0.0, "flip": False}
         with pytest.raises(ValueError, match=r"Valid keys: \['flip'"):
             Trainer.get_optimizer_cls_and_kwargs(_args(tmp_path, optim="sign_descent_test", optim_args="flp=1"))
@@ -161,8 +181,16 @@ def test_unknown_optim_name_lists_ours(tmp_path, capsys):
 
 
 def test_training_arguments_map_to_kwargs(tmp_path):
-    args = _args(tmp_path, optim="adamw_v2", learning_rate=3e-3, weight_decay=0.05, adam_beta1=0.8,
-                 adam_beta2=0.95, adam_epsilon=1e-6, optim_args="eps_mode=tf")
+    args = _args(
+        tmp_path,
+        optim="adamw_v2",
+        learning_rate=3e-3,
+        weight_decay=0.05,
+        adam_beta1=0.8,
+        adam_beta2=0.95,
+        adam_epsilon=1e-6,
+        optim_args="eps_mode=tf",
+    )
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     assert cls is hf_optim.AdamW
     assert kwargs == {"lr": 3e-3, "weight_decay": 0.05, "betas": (0.8, 0.95), "eps": 1e-6, "eps_mode": "tf"}
@@ -236,8 +264,11 @@ def _mup_model(width=64, base_width=32):
 
 def _lr_wd_by_param(optimizer, model):
     by_id = {id(p): n for n, p in model.named_parameters()}
-    return {by_id[id(p)]: (g["lr"], g["weight_decay"], g["weight_decay_mode"])
-            for g in optimizer.param_groups for p in g["params"]}
+    return {
+        by_id[id(p)]: (g["lr"], g["weight_decay"], g["weight_decay_mode"])
+        for g in optimizer.param_groups
+        for p in g["params"]
+    }
 
 
 def test_real_mup_model_gets_its_multipliers_and_mup_false_opts_out(tmp_path):
@@ -247,8 +278,16 @@ def test_real_mup_model_gets_its_multipliers_and_mup_false_opts_out(tmp_path):
     model = _mup_model()
     assert model.config.hf_optim_mup["width_mult"] == 2.0
     lr, wd = 1e-2, 1e-4
-    args = _args(tmp_path, optim="adamw_v2", learning_rate=lr, weight_decay=wd, max_steps=2, logging_steps=1,
-                 per_device_train_batch_size=4, lr_scheduler_type="constant")
+    args = _args(
+        tmp_path,
+        optim="adamw_v2",
+        learning_rate=lr,
+        weight_decay=wd,
+        max_steps=2,
+        logging_steps=1,
+        per_device_train_batch_size=4,
+        lr_scheduler_type="constant",
+    )
     trainer = Trainer(model=model, args=args, train_dataset=RuleDataset(8, 16, 64))
     groups = _lr_wd_by_param(trainer.create_optimizer(), model)
     hidden = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -270,14 +309,16 @@ def test_real_mup_model_gets_its_multipliers_and_mup_false_opts_out(tmp_path):
     assert sorted({log[f"lr/group_{i}"] for i in range(len(optimizer.param_groups))}) == [lr / 2, lr]
 
     # SGD rule (mup.MuSGD): hidden lr / (fan_in_mult/fan_out_mult) = lr, embedding and readout lr·m
-    groups = _lr_wd_by_param(Trainer(model=model, args=_args(tmp_path, optim="sgdw_v2", learning_rate=lr))
-                             .create_optimizer(), model)
+    groups = _lr_wd_by_param(
+        Trainer(model=model, args=_args(tmp_path, optim="sgdw_v2", learning_rate=lr)).create_optimizer(), model
+    )
     assert groups["model.layers.0.mlp.up_proj.weight"][0] == lr
     assert groups["model.embed_tokens.weight"][0] == groups["lm_head.weight"][0] == 2 * lr
 
     # opt out: the Trainer's two plain groups, one lr
-    optimizer = Trainer(model=model, args=_args(tmp_path, optim="adamw_v2", learning_rate=lr, weight_decay=wd,
-                                                optim_args="mup=false")).create_optimizer()
+    optimizer = Trainer(
+        model=model, args=_args(tmp_path, optim="adamw_v2", learning_rate=lr, weight_decay=wd, optim_args="mup=false")
+    ).create_optimizer()
     assert len(optimizer.param_groups) == 2
     assert {g["lr"] for g in optimizer.param_groups} == {lr}
     assert {g["weight_decay_mode"] for g in optimizer.param_groups} == {"coupled"}
@@ -293,8 +334,17 @@ _EXTRA = {"sgdw_v2": "momentum=0.9"}
 def test_tiny_llama_trains_30_steps(tmp_path, name):
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config())
-    args = _args(tmp_path, optim=name, optim_args=_EXTRA.get(name), learning_rate=_LR.get(name, 1e-2), max_steps=30,
-                 per_device_train_batch_size=8, logging_steps=10, weight_decay=1e-4, lr_scheduler_type="linear")
+    args = _args(
+        tmp_path,
+        optim=name,
+        optim_args=_EXTRA.get(name),
+        learning_rate=_LR.get(name, 1e-2),
+        max_steps=30,
+        per_device_train_batch_size=8,
+        logging_steps=10,
+        weight_decay=1e-4,
+        lr_scheduler_type="linear",
+    )
     trainer = Trainer(model=model, args=args, train_dataset=RuleDataset(240, 16, 64))
     trainer.train()
     assert type(trainer.optimizer.optimizer) is registry.get_spec(name).resolve()
@@ -307,15 +357,25 @@ def test_tiny_llama_trains_30_steps(tmp_path, name):
         assert log["lr/group_0"] == log["lr/group_1"] == log["learning_rate"]
         assert log["wd/group_0"] == 1e-4 and log["wd/group_1"] == 0.0
     # linear schedule, no warm-up: the lr used at step s (1-based) is lr·(1 - (s-1)/30)
-    assert [log["lr/group_0"] for log in logs] == pytest.approx([_LR.get(name, 1e-2) * (1 - s / 30) for s in (9, 19, 29)])
+    assert [log["lr/group_0"] for log in logs] == pytest.approx(
+        [_LR.get(name, 1e-2) * (1 - s / 30) for s in (9, 19, 29)]
+    )
 
 
 def test_logged_decay_is_the_per_step_fraction(tmp_path):
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config())
-    args = _args(tmp_path, optim="adamw_v2", optim_args="weight_decay_mode=independent", learning_rate=1e-2,
-                 weight_decay=1e-4, max_steps=4, logging_steps=2, per_device_train_batch_size=4,
-                 lr_scheduler_type="linear")
+    args = _args(
+        tmp_path,
+        optim="adamw_v2",
+        optim_args="weight_decay_mode=independent",
+        learning_rate=1e-2,
+        weight_decay=1e-4,
+        max_steps=4,
+        logging_steps=2,
+        per_device_train_batch_size=4,
+        lr_scheduler_type="linear",
+    )
     trainer = Trainer(model=model, args=args, train_dataset=RuleDataset(16, 16, 64))
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -326,7 +386,9 @@ def test_logged_decay_is_the_per_step_fraction(tmp_path):
     assert all(log["decay/group_1"] == 0.0 and log["wd/group_1"] == 0.0 for log in logs)
     # l2 decay is a gradient term, not a per-step fraction: no decay/ key then
     assert group_log_values(hf_optim.Adam([torch.nn.Parameter(torch.ones(2))], weight_decay=0.1)) == {
-        "lr/group_0": 1e-3, "wd/group_0": 0.1}
+        "lr/group_0": 1e-3,
+        "wd/group_0": 0.1,
+    }
 
 
 # --- version guard and fallback -------------------------------------------------------------------------------------
@@ -362,7 +424,9 @@ def test_guard_rejects_transformers_without_a_handler_table(monkeypatch):
     fake = types.ModuleType("transformers.training_args")
     fake.OptimizerNames = enum.Enum("OptimizerNames", {"ADAMW_TORCH": "adamw_torch"}, type=str)
     monkeypatch.setattr(plugin, "_module_exists", lambda name: name != "transformers.trainer_optimizer")
-    with pytest.raises(plugin.TransformersIncompatibleError, match=r"trainer_optimizer.*Supported: transformers >= 5\.2"):
+    with pytest.raises(
+        plugin.TransformersIncompatibleError, match=r"trainer_optimizer.*Supported: transformers >= 5\.2"
+    ):
         plugin._register(registry.list_optimizers(), just_loaded=fake)
     assert list(fake.OptimizerNames._value2member_map_) == ["adamw_torch"]
     with pytest.warns(RuntimeWarning, match="not registered"):
@@ -386,9 +450,10 @@ def test_fallback_optimizer_cls_and_kwargs(tmp_path):
     model = LlamaForCausalLM(tiny_llama_config())
     args = _args(tmp_path, max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, weight_decay=0.1)
     cls_kwargs = plugin.optimizer_cls_and_kwargs("adafactor_v2", args, model, optim_args="beta1=0.8")
-    assert cls_kwargs == (hf_optim.Adafactor, {"preset": "adafactor_v2", "lr": 1e-2, "weight_decay": 0.1,
-                                               "beta1": 0.8})
-    trainer = Trainer(model=model, args=args, train_dataset=RuleDataset(12, 16, 64), optimizer_cls_and_kwargs=cls_kwargs)
+    assert cls_kwargs == (hf_optim.Adafactor, {"preset": "adafactor_v2", "lr": 1e-2, "weight_decay": 0.1, "beta1": 0.8})
+    trainer = Trainer(
+        model=model, args=args, train_dataset=RuleDataset(12, 16, 64), optimizer_cls_and_kwargs=cls_kwargs
+    )
     trainer.train()
     optimizer = trainer.optimizer.optimizer
     assert type(optimizer) is hf_optim.Adafactor and [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]

@@ -15,15 +15,40 @@ from _launch import free_port
 from test_autoload import PTH_INSTALLED, ROOT, SCRIPT, _env, _python
 
 CONFIG = ROOT / "tests" / "configs" / "ddp_cpu.yaml"
-COMMON = ["--optim", "adafactor_v2", "--optim_args", "beta1=0.9,momentum_dtype=float32,weight_decay_mode=coupled", "--weight_decay", "0.01",
-          "--learning_rate", "1e-2", "--max_steps", "6", "--num_examples", "48", "--logging_steps", "3",
-          "--report_to", "none", "--save_strategy", "no", "--use_cpu", "--disable_tqdm", "true",
-          "--dump_rank_params", "true", "--seed", "0"]
+COMMON = [
+    "--optim",
+    "adafactor_v2",
+    "--optim_args",
+    "beta1=0.9,momentum_dtype=float32,weight_decay_mode=coupled",
+    "--weight_decay",
+    "0.01",
+    "--learning_rate",
+    "1e-2",
+    "--max_steps",
+    "6",
+    "--num_examples",
+    "48",
+    "--logging_steps",
+    "3",
+    "--report_to",
+    "none",
+    "--save_strategy",
+    "no",
+    "--use_cpu",
+    "--disable_tqdm",
+    "true",
+    "--dump_rank_params",
+    "true",
+    "--seed",
+    "0",
+]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("accelerate") is None and not Path(sys.executable).with_name("accelerate").exists(),
-                    reason="accelerate CLI not installed")
+@pytest.mark.skipif(
+    shutil.which("accelerate") is None and not Path(sys.executable).with_name("accelerate").exists(),
+    reason="accelerate CLI not installed",
+)
 def test_ddp_matches_single_process(tmp_path):
     launcher = [sys.executable, "-m", "accelerate.commands.launch"]
     script = [str(SCRIPT)]
@@ -34,13 +59,39 @@ def test_ddp_matches_single_process(tmp_path):
         bootstrap.write_text(code.replace("sys.argv[:] = sys.argv[2:]", "sys.argv[:] = sys.argv[1:]"))
         script = [str(bootstrap), str(SCRIPT)]
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
-    cmd = [*launcher, "--multi_gpu", "--num_processes", "2", "--config_file", str(CONFIG),
-           "--main_process_port", str(free_port()), *script, "--output_dir", str(ddp_out),
-           "--per_device_train_batch_size", "4", *COMMON]
+    cmd = [
+        *launcher,
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--config_file",
+        str(CONFIG),
+        "--main_process_port",
+        str(free_port()),
+        *script,
+        "--output_dir",
+        str(ddp_out),
+        "--per_device_train_batch_size",
+        "4",
+        *COMMON,
+    ]
     _launch.run(cmd, env=_env(ACCELERATE_USE_CPU="1"), timeout=500)  # fails the test with the ranks' output
-    single = subprocess.run([*_python(tmp_path), str(SCRIPT), "--output_dir", str(single_out),
-                             "--per_device_train_batch_size", "8", *COMMON],
-                            env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    single = subprocess.run(
+        [
+            *_python(tmp_path),
+            str(SCRIPT),
+            "--output_dir",
+            str(single_out),
+            "--per_device_train_batch_size",
+            "8",
+            *COMMON,
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert single.returncode == 0, single.stderr[-4000:]
     assert json.loads((ddp_out / "summary.json").read_text())["optimizer"] == "hf_optim.adafactor.Adafactor"
     rank0 = torch.load(ddp_out / "params_rank0.pt", weights_only=True)
@@ -59,12 +110,27 @@ def test_ddp_matches_single_process(tmp_path):
     # The default preset (bf16 momentum, independent decay): the ranks must still agree bit for bit, since every
     # rank rounds the same averaged gradient the same way.
     default_out = tmp_path / "ddp_default"
-    default = [a if a != "beta1=0.9,momentum_dtype=float32,weight_decay_mode=coupled" else "implementation=auto"
-               for a in COMMON]
+    default = [
+        a if a != "beta1=0.9,momentum_dtype=float32,weight_decay_mode=coupled" else "implementation=auto"
+        for a in COMMON
+    ]
     default[default.index("--weight_decay") + 1] = "1e-4"
-    cmd = [*launcher, "--multi_gpu", "--num_processes", "2", "--config_file", str(CONFIG),
-           "--main_process_port", str(free_port()), *script, "--output_dir", str(default_out),
-           "--per_device_train_batch_size", "4", *default]
+    cmd = [
+        *launcher,
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--config_file",
+        str(CONFIG),
+        "--main_process_port",
+        str(free_port()),
+        *script,
+        "--output_dir",
+        str(default_out),
+        "--per_device_train_batch_size",
+        "4",
+        *default,
+    ]
     _launch.run(cmd, env=_env(ACCELERATE_USE_CPU="1"), timeout=500)
     rank0 = torch.load(default_out / "params_rank0.pt", weights_only=True)
     rank1 = torch.load(default_out / "params_rank1.pt", weights_only=True)

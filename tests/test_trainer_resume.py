@@ -20,9 +20,20 @@ def _train(out: Path, name: str, resume: str | None = None) -> dict[str, torch.T
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config())
     args = TrainingArguments(
-        output_dir=str(out), optim=name, learning_rate=1e-2, weight_decay=1e-4, max_steps=20, save_steps=10,
-        save_strategy="steps", per_device_train_batch_size=8, logging_steps=10, report_to=[], use_cpu=True,
-        disable_tqdm=True, seed=0, optim_args="weight_decay_mode=independent" if name == "adamw_v2" else None,
+        output_dir=str(out),
+        optim=name,
+        learning_rate=1e-2,
+        weight_decay=1e-4,
+        max_steps=20,
+        save_steps=10,
+        save_strategy="steps",
+        per_device_train_batch_size=8,
+        logging_steps=10,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        optim_args="weight_decay_mode=independent" if name == "adamw_v2" else None,
     )
     trainer = Trainer(model=model, args=args, train_dataset=RuleDataset(160, 16, 64))
     trainer.train(resume_from_checkpoint=resume)

@@ -21,9 +21,19 @@ def _train(out: Path, name: str, resume: str | None = None) -> tuple[dict[str, t
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config())
     args = TrainingArguments(
-        output_dir=str(out), optim=name, learning_rate=1e-2, weight_decay=0.1, max_steps=20, save_steps=10,
-        save_strategy="steps", per_device_train_batch_size=8, logging_steps=1, report_to=[], use_cpu=True,
-        disable_tqdm=True, seed=0,
+        output_dir=str(out),
+        optim=name,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        max_steps=20,
+        save_steps=10,
+        save_strategy="steps",
+        per_device_train_batch_size=8,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=RuleDataset(160, 16, 64))
     trainer.train(resume_from_checkpoint=resume)

@@ -64,15 +64,19 @@ def summary_lines(summary: Mapping[str, Any], out: Path) -> list[str]:
     resumed = summary.get("resumed_from_step")
     span = f" (steps {resumed + 1}-{last_step}, resumed from checkpoint-{resumed})" if resumed else ""
     return [
-        (f"done: {summary['steps']} steps{span} in {_seconds(summary['seconds'])} of training "
-         f"({_seconds(summary['total_seconds'])} in all, {summary['world_size']} "
-         f"process{'es' if summary['world_size'] > 1 else ''})"),
+        (
+            f"done: {summary['steps']} steps{span} in {_seconds(summary['seconds'])} of training "
+            f"({_seconds(summary['total_seconds'])} in all, {summary['world_size']} "
+            f"process{'es' if summary['world_size'] > 1 else ''})"
+        ),
         f"validation loss: {change}; a uniform guess scores {summary['uniform_loss']:.3f} (nats/token)",
         f"outputs:    {out}",
         f"loss curve: {out / 'loss.png'}",
         f"metrics:    {out / 'metrics.json'} (and metrics.csv)",
-        (f"checkpoints: {', '.join(checkpoints) or 'none'} (to continue: the same command with --resume and a "
-         "larger run.max_steps)"),
+        (
+            f"checkpoints: {', '.join(checkpoints) or 'none'} (to continue: the same command with --resume and a "
+            "larger run.max_steps)"
+        ),
     ]
 
 

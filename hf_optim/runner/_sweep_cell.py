@@ -45,9 +45,15 @@ def model_config(cell: Cell, width: int):
     m = cell.model
     heads = width // m.head_dim
     common = dict(
-        vocab_size=vocab_size(), hidden_size=width, intermediate_size=m.ffn_mult * width,
-        num_hidden_layers=m.layers, num_attention_heads=heads, num_key_value_heads=heads,
-        max_position_embeddings=m.seq_len, tie_word_embeddings=False, initializer_range=m.init_std,
+        vocab_size=vocab_size(),
+        hidden_size=width,
+        intermediate_size=m.ffn_mult * width,
+        num_hidden_layers=m.layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=m.seq_len,
+        tie_word_embeddings=False,
+        initializer_range=m.init_std,
     )
     if m.norm_eps is not None:
         common["rms_norm_eps"] = m.norm_eps
@@ -74,8 +80,9 @@ def build_model(cell: Cell) -> torch.nn.Module:
 
     alpha = DEPTH_ALPHA.get(cell.parametrization)  # depth scaling: m_L = layers / base_depth (mup_integration.depth)
     depth = {} if alpha is None else {"base_depth": cell.model.base_depth, "depth_alpha": alpha}
-    return make_mup_model(config, model_config(cell, cell.model.base_width), model_cls=_model_class(cell.model.arch),
-                          **depth)
+    return make_mup_model(
+        config, model_config(cell, cell.model.base_width), model_cls=_model_class(cell.model.arch), **depth
+    )
 
 
 def lr_multiplier(step: int, cell: Cell) -> float:
@@ -109,8 +116,10 @@ def build_optimizer(model: torch.nn.Module, cell: Cell) -> torch.optim.Optimizer
     spec = get_spec(cell.optimizer)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cell.weight_decay > 0 and not any(decayed(n, p, cell.train.decay) for n, p in named):
-        raise ValueError(f"train.decay={cell.train.decay!r} selects no parameter of {type(model).__name__}; "
-                         f"parameter names: {[n for n, _ in named][:8]} ...")
+        raise ValueError(
+            f"train.decay={cell.train.decay!r} selects no parameter of {type(model).__name__}; "
+            f"parameter names: {[n for n, _ in named][:8]} ..."
+        )
     knobs: dict[str, Any] = {"weight_decay_mode": cell.weight_decay_mode, **dict(cell.optimizer_args)}
     if spec.takes_betas:
         knobs["betas"] = (cell.train.beta1, cell.train.beta2)
@@ -120,8 +129,13 @@ def build_optimizer(model: torch.nn.Module, cell: Cell) -> torch.optim.Optimizer
         # LR x WD grids deliberately include large `independent` λ; the once-per-process hint is noise here.
         warnings.simplefilter("ignore", UserWarning)
         return create_optimizer(
-            cell.optimizer, model, lr=cell.lr, weight_decay=cell.weight_decay, mup_wd_rule=cell.wd_rule,
-            no_decay=lambda name, param: not decayed(name, param, cell.train.decay), **knobs,
+            cell.optimizer,
+            model,
+            lr=cell.lr,
+            weight_decay=cell.weight_decay,
+            mup_wd_rule=cell.wd_rule,
+            no_decay=lambda name, param: not decayed(name, param, cell.train.decay),
+            **knobs,
         )
 
 
@@ -183,7 +197,7 @@ def _train(cell: Cell, device: str) -> dict[str, Any]:
         losses.append(value)
         if step % every == 0 or step == t.steps - 1:
             curve.append((step, value))
-    tail = losses[-max(1, t.steps // 10):]
+    tail = losses[-max(1, t.steps // 10) :]
     val = float("nan") if diverged else evaluate(model, data.val_batches(t.eval_batches), dev)
     if not math.isfinite(val):
         diverged, val = True, float("nan")

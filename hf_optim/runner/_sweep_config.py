@@ -110,17 +110,25 @@ class TrainSettings:
 # Per-field checks beyond the type: (predicate, what is allowed). Types come from the dataclass annotations.
 _LIMITS: dict[str, tuple[Any, str]] = {
     "arch": (lambda x: x in ARCHS, f"one of {list(ARCHS)}"),
-    "layers": (lambda x: x >= 1, ">= 1"), "head_dim": (lambda x: x >= 1, ">= 1"),
-    "ffn_mult": (lambda x: x >= 1, ">= 1"), "seq_len": (lambda x: x >= 1, ">= 1"),
-    "batch_size": (lambda x: x >= 1, ">= 1"), "base_width": (lambda x: x >= 1, ">= 1"),
-    "init_std": (lambda x: x > 0, "> 0"), "norm_eps": (lambda x: x is None or x > 0, "> 0 or null"),
+    "layers": (lambda x: x >= 1, ">= 1"),
+    "head_dim": (lambda x: x >= 1, ">= 1"),
+    "ffn_mult": (lambda x: x >= 1, ">= 1"),
+    "seq_len": (lambda x: x >= 1, ">= 1"),
+    "batch_size": (lambda x: x >= 1, ">= 1"),
+    "base_width": (lambda x: x >= 1, ">= 1"),
+    "init_std": (lambda x: x > 0, "> 0"),
+    "norm_eps": (lambda x: x is None or x > 0, "> 0 or null"),
     "base_depth": (lambda x: x is None or x >= 1, ">= 1 or null"),
-    "steps": (lambda x: x >= 1, ">= 1"), "warmup_steps": (lambda x: x >= 0, ">= 0"),
+    "steps": (lambda x: x >= 1, ">= 1"),
+    "warmup_steps": (lambda x: x >= 0, ">= 0"),
     "schedule": (lambda x: x in SCHEDULES, f"one of {list(SCHEDULES)}"),
     "min_lr_ratio": (lambda x: 0 <= x <= 1, "in [0, 1]"),
-    "beta1": (lambda x: 0 <= x < 1, "in [0, 1)"), "beta2": (lambda x: 0 <= x < 1, "in [0, 1)"),
-    "eps": (lambda x: x >= 0, ">= 0"), "grad_clip": (lambda x: x >= 0, ">= 0"),
-    "eval_batches": (lambda x: x >= 1, ">= 1"), "train_chars": (lambda x: x is None or x >= 1, ">= 1 or null"),
+    "beta1": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "beta2": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "eps": (lambda x: x >= 0, ">= 0"),
+    "grad_clip": (lambda x: x >= 0, ">= 0"),
+    "eval_batches": (lambda x: x >= 1, ">= 1"),
+    "train_chars": (lambda x: x is None or x >= 1, ">= 1 or null"),
     "diverge_loss": (lambda x: x > 0, "> 0"),
     "decay": (lambda x: x in DECAY_SETS, f"one of {list(DECAY_SETS)}"),
 }
@@ -142,8 +150,11 @@ def _yaml_string_hint(value: Any) -> str:
 
 def as_int(where: str, value: Any) -> int:
     """``value`` as an int; a ValueError for bools, strings and non-integral numbers (no silent truncation)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and (
-            not math.isfinite(value) or not value.is_integer())):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and (not math.isfinite(value) or not value.is_integer()))
+    ):
         raise ValueError(f"{where} must be an integer, got {value!r}{_yaml_string_hint(value)}.")
     return int(value)
 
@@ -222,14 +233,17 @@ class Cell:
         return hashlib.sha1(json.dumps(payload, sort_keys=True, default=float).encode()).hexdigest()[:16]
 
     def describe(self) -> str:
-        args = "".join(f" {k}={value:g}" if isinstance(value, float) else f" {k}={value}"
-                       for k, value in self.optimizer_args)
+        args = "".join(
+            f" {k}={value:g}" if isinstance(value, float) else f" {k}={value}" for k, value in self.optimizer_args
+        )
         arch = "" if self.model.arch == "llama" else f" {self.model.arch}"
         decay = "" if self.train.decay == "all" else f" decay={self.train.decay}"
         mode = "no-decay" if self.weight_decay == 0 else self.weight_decay_mode
         depth = "" if self.model.base_depth is None else f" L={self.model.layers}"
-        return (f"{self.grid}{arch} {self.parametrization} w={self.width}{depth} lr=2^{math.log2(self.lr):.1f} "
-                f"{self.optimizer}{args} {mode} wd={self.weight_decay:g}{decay} seed={self.seed}")
+        return (
+            f"{self.grid}{arch} {self.parametrization} w={self.width}{depth} lr=2^{math.log2(self.lr):.1f} "
+            f"{self.optimizer}{args} {mode} wd={self.weight_decay:g}{decay} seed={self.seed}"
+        )
 
 
 @dataclass(frozen=True)
@@ -303,14 +317,18 @@ def _expand_grid(grid: dict[str, Any], model: ModelSettings, train: TrainSetting
             raise ValueError(f"{where}: each optimizer entry must be a mapping, got {opt!r}.")
         extra = set(opt) - {"name", "args", "weight_decay_mode", "weight_decay", "wd_rule"}
         if extra:
-            raise ValueError(f"{where}: optimizer entry has unknown keys {sorted(extra)}; "
-                             "allowed: name, args (mapping), weight_decay_mode, weight_decay (list), wd_rule.")
+            raise ValueError(
+                f"{where}: optimizer entry has unknown keys {sorted(extra)}; "
+                "allowed: name, args (mapping), weight_decay_mode, weight_decay (list), wd_rule."
+            )
         opt_name = opt.get("name", DEFAULT_OPTIMIZER)
         get_spec(opt_name)  # unknown names: ValueError listing the registered ones
         args = opt.get("args", {})
         if not isinstance(args, dict) or set(args) & _RESERVED_ARGS:
-            raise ValueError(f"{where}: optimizer {opt_name!r}: 'args' must be a mapping of constructor arguments "
-                             f"other than {sorted(_RESERVED_ARGS)}, got {args!r}.")
+            raise ValueError(
+                f"{where}: optimizer {opt_name!r}: 'args' must be a mapping of constructor arguments "
+                f"other than {sorted(_RESERVED_ARGS)}, got {args!r}."
+            )
         mode = opt.get("weight_decay_mode", "coupled")
         v.check_choice(f"{where}: weight_decay_mode", mode, WEIGHT_DECAY_MODES)
         wds = opt.get("weight_decay", [0.0])
@@ -332,17 +350,21 @@ def _expand_grid(grid: dict[str, Any], model: ModelSettings, train: TrainSetting
     lrs = _learning_rates(grid, where)
     return [
         Cell(name, w, lr, p, mode, wd, rule, s, m, train, optimizer=opt, optimizer_args=args)
-        for p, w, m, (opt, args, mode, wd, rule), s, lr in itertools.product(params, widths, models, opt_variants,
-                                                                              seeds, lrs)
+        for p, w, m, (opt, args, mode, wd, rule), s, lr in itertools.product(
+            params, widths, models, opt_variants, seeds, lrs
+        )
     ]
 
 
-def _depth_axis(grid: dict[str, Any], model: ModelSettings, widths: list[int], params: list[str],
-                where: str) -> list[ModelSettings]:
+def _depth_axis(
+    grid: dict[str, Any], model: ModelSettings, widths: list[int], params: list[str], where: str
+) -> list[ModelSettings]:
     """The grid's model settings, one per ``depth`` (``model.layers``) when the grid has a depth axis."""
     if any(p in DEPTH_ALPHA for p in params) and model.base_depth is None:
-        raise ValueError(f"{where}: parametrizations {sorted(set(params) & set(DEPTH_ALPHA))} need "
-                         "model.base_depth (the depth the lr is tuned at).")
+        raise ValueError(
+            f"{where}: parametrizations {sorted(set(params) & set(DEPTH_ALPHA))} need "
+            "model.base_depth (the depth the lr is tuned at)."
+        )
     if "depth" not in grid:
         return [model]
     depths = [as_int(f"{where}: depth", d) for d in _list(grid, "depth", where)]
@@ -360,16 +382,19 @@ def load_config(path: str | Path) -> SweepConfig:
     if not path.is_file():
         bundled = recipes_dir() / "sweeps" / f"{path.stem}.yaml"
         if not bundled.is_file():
-            raise ValueError(f"config {str(path)!r} is neither a file nor a bundled sweep "
-                             f"({sorted(p.stem for p in bundled.parent.glob('*.yaml'))}).")
+            raise ValueError(
+                f"config {str(path)!r} is neither a file nor a bundled sweep "
+                f"({sorted(p.stem for p in bundled.parent.glob('*.yaml'))})."
+            )
         path = bundled
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"config {str(path)!r} must be a mapping, got {type(raw).__name__}.")
     unknown = set(raw) - {"name", "model", "train", "grids"}
     if unknown:
-        raise ValueError(f"config {str(path)!r}: unknown top-level keys {sorted(unknown)}; "
-                         "allowed: name, model, train, grids.")
+        raise ValueError(
+            f"config {str(path)!r}: unknown top-level keys {sorted(unknown)}; allowed: name, model, train, grids."
+        )
     model = _settings(ModelSettings, raw.get("model") or {}, "model")
     train = _settings(TrainSettings, raw.get("train") or {}, "train")
     grids = raw.get("grids")

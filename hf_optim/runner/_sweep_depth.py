@@ -27,8 +27,18 @@ def depth_curves(rows: list[dict[str, Any]], metric: str = "val_loss") -> dict[t
     """``{(grid, optimizer, parametrization, mode, wd, width): {layers: {lr: seed-mean loss}}}``."""
     cells: dict[tuple, list] = defaultdict(list)
     for r in rows:
-        cells[(r["grid"], optimizer_label(r), r["parametrization"], r["weight_decay_mode"], r["weight_decay"],
-               r["width"], layers_of(r), r["lr"])].append(r)
+        cells[
+            (
+                r["grid"],
+                optimizer_label(r),
+                r["parametrization"],
+                r["weight_decay_mode"],
+                r["weight_decay"],
+                r["width"],
+                layers_of(r),
+                r["lr"],
+            )
+        ].append(r)
     out: dict[tuple, dict[int, dict[float, float]]] = defaultdict(lambda: defaultdict(dict))
     for (grid, opt, param, mode, wd, width, layers, lr), group in cells.items():
         out[(grid, opt, param, mode, wd, width)][layers][lr] = _mean_score(group, metric)
@@ -47,16 +57,22 @@ def depth_transfer(rows: list[dict[str, Any]], metric: str = "val_loss") -> list
         lrs = sorted({lr for per in by_depth.values() for lr in per})
         best = {d: _argmin(by_depth[d]) for d in depths}
         transferred = best[depths[0]]
-        out.append({
-            "grid": grid, "optimizer": opt, "parametrization": param, "weight_decay_mode": mode,
-            "weight_decay": wd, "width": width,
-            "best_log2_lr": {str(d): math.log2(best[d]) for d in depths},
-            "best_loss": {str(d): by_depth[d][best[d]] for d in depths},
-            "shift_grid_steps": lrs.index(best[depths[-1]]) - lrs.index(best[depths[0]]),
-            "optimum_on_grid_edge": {str(d): best[d] in (lrs[0], lrs[-1]) for d in depths},
-            "transferred_log2_lr": math.log2(transferred),
-            "loss_at_transferred_lr": {str(d): by_depth[d].get(transferred, math.inf) for d in depths},
-        })
+        out.append(
+            {
+                "grid": grid,
+                "optimizer": opt,
+                "parametrization": param,
+                "weight_decay_mode": mode,
+                "weight_decay": wd,
+                "width": width,
+                "best_log2_lr": {str(d): math.log2(best[d]) for d in depths},
+                "best_loss": {str(d): by_depth[d][best[d]] for d in depths},
+                "shift_grid_steps": lrs.index(best[depths[-1]]) - lrs.index(best[depths[0]]),
+                "optimum_on_grid_edge": {str(d): best[d] in (lrs[0], lrs[-1]) for d in depths},
+                "transferred_log2_lr": math.log2(transferred),
+                "loss_at_transferred_lr": {str(d): by_depth[d].get(transferred, math.inf) for d in depths},
+            }
+        )
     return out
 
 
@@ -77,8 +93,13 @@ def plot_depth_transfer(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]
     for (grid, opt, mode, wd, width), params in sorted(families.items()):
         params = sorted(params, key=lambda p: order.index(p) if p in order else len(order))
         fig, axes = plt.subplots(1, len(params), figsize=(4.2 * len(params), 3.6), sharey=True, squeeze=False)
-        finite = [x for p in params for per in curves[(grid, opt, p, mode, wd, width)].values()
-                  for x in per.values() if math.isfinite(x)]
+        finite = [
+            x
+            for p in params
+            for per in curves[(grid, opt, p, mode, wd, width)].values()
+            for x in per.values()
+            if math.isfinite(x)
+        ]
         for ax, param in zip(axes[0], params):
             by_depth = curves[(grid, opt, param, mode, wd, width)]
             cmap = plt.get_cmap("viridis")

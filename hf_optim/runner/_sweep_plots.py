@@ -46,8 +46,13 @@ def plot_width_transfer(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]
         params = sorted(params, key=lambda p: ("sp", "mup").index(p))
         fig, axes = plt.subplots(2, len(params), figsize=(5.2 * len(params), 7.5), squeeze=False)
         for row_index, metric in enumerate(("train_loss", "val_loss")):
-            finite = [v for p in params for per in by_metric[metric][(grid, opt, p, mode, wd)].values()
-                      for v in per.values() if math.isfinite(v)]
+            finite = [
+                v
+                for p in params
+                for per in by_metric[metric][(grid, opt, p, mode, wd)].values()
+                for v in per.values()
+                if math.isfinite(v)
+            ]
             low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
             ceiling = high + 0.08 * (high - low + 1e-9)
             for col, param in enumerate(params):
@@ -59,8 +64,14 @@ def plot_width_transfer(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]
                     lrs = sorted(by_width[width])
                     xs = [math.log2(lr) for lr in lrs]
                     ys = [by_width[width][lr] for lr in lrs]
-                    ax.plot(xs, [y if math.isfinite(y) else ceiling for y in ys], "-o", color=color, ms=3,
-                            label=f"width {width}")
+                    ax.plot(
+                        xs,
+                        [y if math.isfinite(y) else ceiling for y in ys],
+                        "-o",
+                        color=color,
+                        ms=3,
+                        label=f"width {width}",
+                    )
                     bad = [(x, ceiling) for x, y in zip(xs, ys) if not math.isfinite(y)]
                     if bad:
                         ax.plot(*zip(*bad), "x", color=color, ms=8)
@@ -82,8 +93,13 @@ def plot_width_transfer(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]
     return written
 
 
-def _plot_best_decay(ax, maps: dict[tuple, dict[float, dict[float, float]]], family: tuple, modes: list[str],
-                     pooled: dict[str, Any] | None = None) -> None:
+def _plot_best_decay(
+    ax,
+    maps: dict[tuple, dict[float, dict[float, float]]],
+    family: tuple,
+    modes: list[str],
+    pooled: dict[str, Any] | None = None,
+) -> None:
     """The best per-step decay d* (fraction of each decayed weight removed per step at the peak lr: α·λ coupled, λ
     independent) against the lr, one line per mode: the coordinate in which both modes are one update rule, and in
     which the rotational-equilibrium picture predicts a flat line (coupled λ* ∝ 1/α) and the |w| ≈ 1/λ picture a
@@ -109,8 +125,14 @@ def _plot_best_decay(ax, maps: dict[tuple, dict[float, dict[float, float]]], fam
     if pooled is not None:
         fitted = {float(k): v for k, v in pooled["fitted_log2_d_per_log2_lr"].items()}
         xs = sorted(fitted)
-        ax.plot(xs, [fitted[x] for x in xs], "kD-", ms=5, lw=2,
-                label=f"both modes pooled, fit (slope {pooled['slope_fitted_log2_d_vs_log2_lr']:.2f})")
+        ax.plot(
+            xs,
+            [fitted[x] for x in xs],
+            "kD-",
+            ms=5,
+            lw=2,
+            label=f"both modes pooled, fit (slope {pooled['slope_fitted_log2_d_vs_log2_lr']:.2f})",
+        )
         mx, my = sum(xs) / len(xs), sum(fitted.values()) / len(xs)
         ax.plot(xs, [my + x - mx for x in xs], ":", color="grey", label="slope 1 (coupled λ* lr-free)")
     ax.set_xlabel("log2(learning rate)")
@@ -135,8 +157,9 @@ def plot_lr_wd(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         panels = len(modes) + (len(decoupled) == 2)
         fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.8), squeeze=False)
         if len(decoupled) == 2:
-            _plot_best_decay(axes[0][-1], maps, (grid, opt, param, width), decoupled,
-                             pooled.get((grid, opt, param, width)))
+            _plot_best_decay(
+                axes[0][-1], maps, (grid, opt, param, width), decoupled, pooled.get((grid, opt, param, width))
+            )
         for ax, mode in zip(axes[0], sorted(modes)):
             by_wd = maps[(grid, opt, param, width, mode)]
             wds = sorted(by_wd)
@@ -154,8 +177,15 @@ def plot_lr_wd(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
                 if math.isfinite(column[best]):
                     ax.plot(j, best, "o", mfc="none", mec="red", ms=12, mew=2)
                 for i, value in enumerate(column):
-                    ax.text(j, i, "div" if not math.isfinite(value) else f"{value:.2f}", ha="center",
-                            va="center", fontsize=6, color="w")
+                    ax.text(
+                        j,
+                        i,
+                        "div" if not math.isfinite(value) else f"{value:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="w",
+                    )
             ax.set_xticks(range(len(lrs)), [f"{math.log2(lr):g}" for lr in lrs])
             ax.set_yticks(range(len(wds)), [_label(wd) for wd in wds])
             ax.set_xlabel("log2(learning rate)")

@@ -20,9 +20,28 @@ from hf_optim.decay import decay_rate
 
 from ._sweep_config import DEFAULT_OPTIMIZER, Cell
 
-COLUMNS = ["key", "grid", "optimizer", "optimizer_args", "parametrization", "width", "layers", "lr", "log2_lr",
-           "weight_decay_mode", "weight_decay",
-           "wd_rule", "seed", "train_loss", "val_loss", "diverged", "steps_done", "n_params", "seconds", "device"]
+COLUMNS = [
+    "key",
+    "grid",
+    "optimizer",
+    "optimizer_args",
+    "parametrization",
+    "width",
+    "layers",
+    "lr",
+    "log2_lr",
+    "weight_decay_mode",
+    "weight_decay",
+    "wd_rule",
+    "seed",
+    "train_loss",
+    "val_loss",
+    "diverged",
+    "steps_done",
+    "n_params",
+    "seconds",
+    "device",
+]
 
 
 def optimizer_label(row: dict[str, Any]) -> str:
@@ -68,15 +87,26 @@ class ResultStore:
     def write_tables(self, keys: list[str] | None = None) -> list[dict[str, Any]]:
         """Write CSV and JSON for ``keys`` (default: every row), sorted for reading; returns the rows."""
         rows = [self.rows[k] for k in (keys if keys is not None else self.rows) if k in self.rows]
-        rows.sort(key=lambda r: (r["grid"], optimizer_label(r), r["parametrization"], r["weight_decay_mode"],
-                                 r["width"], r["weight_decay"], r["lr"], r["seed"]))
+        rows.sort(
+            key=lambda r: (
+                r["grid"],
+                optimizer_label(r),
+                r["parametrization"],
+                r["weight_decay_mode"],
+                r["width"],
+                r["weight_decay"],
+                r["lr"],
+                r["seed"],
+            )
+        )
         with (self.out_dir / "results.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows({**r, "layers": r.get("settings", {}).get("model", {}).get("layers")} for r in rows)
         # JSON cannot hold NaN portably: diverged losses become null.
-        clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
-                 for r in rows]
+        clean = [
+            {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows
+        ]
         (self.out_dir / "results.json").write_text(json.dumps(clean, indent=1) + "\n")
         return rows
 
@@ -92,8 +122,17 @@ def curves(rows: list[dict[str, Any]], metric: str = "val_loss") -> dict[tuple, 
     """``{(grid, optimizer, parametrization, mode, wd): {width: {lr: seed-mean loss}}}``."""
     cells: dict[tuple, list] = defaultdict(list)
     for r in rows:
-        cells[(r["grid"], optimizer_label(r), r["parametrization"], r["weight_decay_mode"], r["weight_decay"],
-               r["width"], r["lr"])].append(r)
+        cells[
+            (
+                r["grid"],
+                optimizer_label(r),
+                r["parametrization"],
+                r["weight_decay_mode"],
+                r["weight_decay"],
+                r["width"],
+                r["lr"],
+            )
+        ].append(r)
     out: dict[tuple, dict[int, dict[float, float]]] = defaultdict(lambda: defaultdict(dict))
     for (grid, opt, param, mode, wd, width, lr), group in cells.items():
         out[(grid, opt, param, mode, wd)][width][lr] = _mean_score(group, metric)
@@ -104,6 +143,7 @@ def _lr_wd_cells(rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]
     """Rows grouped by ``(grid, optimizer, parametrization, width, mode, wd, lr)``; a λ = 0 row also joins every
     mode of its family that has decayed rows but no λ = 0 rows of its own (results recorded before λ = 0 was shared
     keep their own)."""
+
     def family(r: dict[str, Any]) -> tuple:
         return r["grid"], optimizer_label(r), r["parametrization"], r["width"]
 
@@ -145,8 +185,10 @@ def _best_wd_per_seed(rows: list[dict[str, Any]], key: tuple, metric: str) -> di
             for r in group:
                 value = r[metric]
                 per_seed[r["seed"]][lr][wd] = value if value is not None and math.isfinite(value) else math.inf
-    return {str(seed): {f"{math.log2(lr):g}": _argmin(by_wd) for lr, by_wd in sorted(by_lr.items())}
-            for seed, by_lr in sorted(per_seed.items())}
+    return {
+        str(seed): {f"{math.log2(lr):g}": _argmin(by_wd) for lr, by_wd in sorted(by_lr.items())}
+        for seed, by_lr in sorted(per_seed.items())
+    }
 
 
 def _slope(xs: list[float], ys: list[float]) -> float:
@@ -163,7 +205,7 @@ def _vertex(points: list[tuple[float, float]], at: int) -> float:
     edge of the grid is not extrapolated)."""
     import numpy as np
 
-    window = points[max(0, at - 2): at + 3]
+    window = points[max(0, at - 2) : at + 3]
     xs, ys = [x for x, _ in window], [y for _, y in window]
     if len(window) < 3 or not all(math.isfinite(y) for y in ys):
         return points[at][0]
@@ -181,7 +223,8 @@ def per_step_decay(rows: list[dict[str, Any]], metric: str = "val_loss") -> list
     against log2 lr: 0 = the best per-step decay is lr-free (independent λ* flat, coupled λ* ∝ 1/lr), 1 = the best
     coupled λ is lr-free (independent λ* ∝ lr)."""
     points: dict[tuple, dict[float, dict[float, list[float]]]] = defaultdict(
-        lambda: defaultdict(lambda: defaultdict(list)))
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
     modes: dict[tuple, set[str]] = defaultdict(set)
     for (grid, opt, param, width, mode, wd, lr), group in _lr_wd_cells(rows).items():
         if wd > 0 and mode in ("coupled", "independent"):
@@ -196,22 +239,33 @@ def per_step_decay(rows: list[dict[str, Any]], metric: str = "val_loss") -> list
         lrs = sorted(by_lr)
         best, fitted = {}, {}
         # λ = 0 is not a point in log2 d; where it beats every decayed cell, d* is below the grid: reported.
-        zero = {lr: _mean_score(group, metric) for (g, o, p, w, m, wd, lr), group in _lr_wd_cells(rows).items()
-                if (g, o, p, w) == family and wd == 0}
+        zero = {
+            lr: _mean_score(group, metric)
+            for (g, o, p, w, m, wd, lr), group in _lr_wd_cells(rows).items()
+            if (g, o, p, w) == family and wd == 0
+        }
         for lr in lrs:
             curve = sorted((x, sum(v) / len(v)) for x, v in by_lr[lr].items())
             at = min(range(len(curve)), key=lambda i: (curve[i][1], curve[i][0]))
             best[lr], fitted[lr] = curve[at][0], _vertex(curve, at)
         xs = [math.log2(lr) for lr in lrs]
-        out.append({
-            "grid": family[0], "optimizer": family[1], "parametrization": family[2], "width": family[3],
-            "best_log2_d_per_log2_lr": {f"{math.log2(lr):g}": best[lr] for lr in lrs},
-            "fitted_log2_d_per_log2_lr": {f"{math.log2(lr):g}": round(fitted[lr], 3) for lr in lrs},
-            "slope_best_log2_d_vs_log2_lr": round(_slope(xs, [best[lr] for lr in lrs]), 3),
-            "slope_fitted_log2_d_vs_log2_lr": round(_slope(xs, [fitted[lr] for lr in lrs]), 3),
-            "no_decay_best_at_log2_lrs": [math.log2(lr) for lr in lrs
-                                          if zero.get(lr, math.inf) < min(sum(v) / len(v) for v in by_lr[lr].values())],
-        })
+        out.append(
+            {
+                "grid": family[0],
+                "optimizer": family[1],
+                "parametrization": family[2],
+                "width": family[3],
+                "best_log2_d_per_log2_lr": {f"{math.log2(lr):g}": best[lr] for lr in lrs},
+                "fitted_log2_d_per_log2_lr": {f"{math.log2(lr):g}": round(fitted[lr], 3) for lr in lrs},
+                "slope_best_log2_d_vs_log2_lr": round(_slope(xs, [best[lr] for lr in lrs]), 3),
+                "slope_fitted_log2_d_vs_log2_lr": round(_slope(xs, [fitted[lr] for lr in lrs]), 3),
+                "no_decay_best_at_log2_lrs": [
+                    math.log2(lr)
+                    for lr in lrs
+                    if zero.get(lr, math.inf) < min(sum(v) / len(v) for v in by_lr[lr].values())
+                ],
+            }
+        )
     return out
 
 
@@ -231,12 +285,18 @@ def summarize_width_and_lr_wd(rows: list[dict[str, Any]], metric: str = "val_los
         lrs = sorted({lr for per in by_width.values() for lr in per})
         best = {w: _argmin(per) for w, per in sorted(by_width.items())}
         widths = sorted(best)
-        summary["width_transfer"].append({
-            "grid": grid, "optimizer": opt, "parametrization": param, "weight_decay_mode": mode,
-            "weight_decay": wd, "best_log2_lr": {str(w): math.log2(best[w]) for w in widths},
-            "best_loss": {str(w): by_width[w][best[w]] for w in widths},
-            "shift_grid_steps": lrs.index(best[widths[-1]]) - lrs.index(best[widths[0]]),
-        })
+        summary["width_transfer"].append(
+            {
+                "grid": grid,
+                "optimizer": opt,
+                "parametrization": param,
+                "weight_decay_mode": mode,
+                "weight_decay": wd,
+                "best_log2_lr": {str(w): math.log2(best[w]) for w in widths},
+                "best_loss": {str(w): by_width[w][best[w]] for w in widths},
+                "shift_grid_steps": lrs.index(best[widths[-1]]) - lrs.index(best[widths[0]]),
+            }
+        )
     for (grid, opt, param, width, mode), by_wd in sorted(heatmaps(rows, metric).items()):
         wds = sorted(by_wd)
         lrs = sorted({lr for per in by_wd.values() for lr in per})
@@ -245,24 +305,31 @@ def summarize_width_and_lr_wd(rows: list[dict[str, Any]], metric: str = "val_los
         best_loss = {lr: table[lr][best_wd[lr]] for lr in lrs}
         # "Near the optimum": learning rates within one grid step of the best (lr, wd) cell.
         opt_index = lrs.index(_argmin(best_loss))
-        near = lrs[max(0, opt_index - 1): opt_index + 2]
+        near = lrs[max(0, opt_index - 1) : opt_index + 2]
         index = {lr: wds.index(best_wd[lr]) for lr in lrs}
         near_idx = [index[lr] for lr in near]
-        summary["lr_wd"].append({
-            "grid": grid, "optimizer": opt, "parametrization": param, "width": width, "weight_decay_mode": mode,
-            "weight_decays": wds,
-            "best_weight_decay_per_log2_lr": {f"{math.log2(lr):g}": best_wd[lr] for lr in lrs},
-            "best_wd_grid_index_per_log2_lr": {f"{math.log2(lr):g}": index[lr] for lr in lrs},
-            "best_loss_per_log2_lr": {f"{math.log2(lr):g}": best_loss[lr] for lr in lrs},
-            "best_per_step_decay_per_log2_lr": {f"{math.log2(lr):g}": decay_rate(mode, best_wd[lr], lr, lr)
-                                                for lr in lrs},
-            "best_weight_decay_per_seed": _best_wd_per_seed(rows, (grid, opt, param, width, mode), metric),
-            "best_log2_lr": math.log2(lrs[opt_index]),
-            "near_optimum_log2_lrs": [math.log2(lr) for lr in near],
-            "best_wd_range_grid_steps_near_optimum": max(near_idx) - min(near_idx),
-            "best_wd_move_grid_steps_near_optimum": near_idx[-1] - near_idx[0],
-            "best_wd_range_grid_steps_all_lrs": max(index.values()) - min(index.values()),
-            "best_wd_move_grid_steps_all_lrs": index[lrs[-1]] - index[lrs[0]],
-        })
+        summary["lr_wd"].append(
+            {
+                "grid": grid,
+                "optimizer": opt,
+                "parametrization": param,
+                "width": width,
+                "weight_decay_mode": mode,
+                "weight_decays": wds,
+                "best_weight_decay_per_log2_lr": {f"{math.log2(lr):g}": best_wd[lr] for lr in lrs},
+                "best_wd_grid_index_per_log2_lr": {f"{math.log2(lr):g}": index[lr] for lr in lrs},
+                "best_loss_per_log2_lr": {f"{math.log2(lr):g}": best_loss[lr] for lr in lrs},
+                "best_per_step_decay_per_log2_lr": {
+                    f"{math.log2(lr):g}": decay_rate(mode, best_wd[lr], lr, lr) for lr in lrs
+                },
+                "best_weight_decay_per_seed": _best_wd_per_seed(rows, (grid, opt, param, width, mode), metric),
+                "best_log2_lr": math.log2(lrs[opt_index]),
+                "near_optimum_log2_lrs": [math.log2(lr) for lr in near],
+                "best_wd_range_grid_steps_near_optimum": max(near_idx) - min(near_idx),
+                "best_wd_move_grid_steps_near_optimum": near_idx[-1] - near_idx[0],
+                "best_wd_range_grid_steps_all_lrs": max(index.values()) - min(index.values()),
+                "best_wd_move_grid_steps_all_lrs": index[lrs[-1]] - index[lrs[0]],
+            }
+        )
     summary["lr_wd_per_step_decay"] = per_step_decay(rows, metric)
     return summary

@@ -39,8 +39,14 @@ def make_trainer_class():
         without it the recipe's schedule is built as stated (``build.build_scheduler``).
         """
 
-        def __init__(self, *args: Any, recipe: Mapping[str, Any], deepspeed: bool = False,
-                     schedule_fit: Any = None, **kwargs: Any) -> None:
+        def __init__(
+            self,
+            *args: Any,
+            recipe: Mapping[str, Any],
+            deepspeed: bool = False,
+            schedule_fit: Any = None,
+            **kwargs: Any,
+        ) -> None:
             self.recipe = recipe
             self._deepspeed = deepspeed
             self.schedule_fit = schedule_fit
@@ -56,8 +62,12 @@ def make_trainer_class():
                 opt_model = self.model if model is None else model
                 with config_errors("optimizer"):
                     cls, kwargs = build.optimizer_cls_and_kwargs(self.recipe, opt_model)
-                    kwargs = build.check_deepspeed(cls, kwargs, deepspeed=self._deepspeed,
-                                                   fallback=bool(self.recipe.get("run", {}).get("unfactored_fallback")))
+                    kwargs = build.check_deepspeed(
+                        cls,
+                        kwargs,
+                        deepspeed=self._deepspeed,
+                        fallback=bool(self.recipe.get("run", {}).get("unfactored_fallback")),
+                    )
                 self.optimizer_cls_and_kwargs = (cls, kwargs)
             return super().create_optimizer(model)
 
@@ -91,8 +101,11 @@ def step_zero_callback_class():
             self.eval_loss = eval_loss
 
         def on_train_begin(self, args, state, control, **kwargs):
-            if self.eval_loss is not None and state.global_step == 0 and \
-                    not any(r.get("step") == 0 and "eval_loss" in r for r in state.log_history):
+            if (
+                self.eval_loss is not None
+                and state.global_step == 0
+                and not any(r.get("step") == 0 and "eval_loss" in r for r in state.log_history)
+            ):
                 state.log_history.insert(0, {"eval_loss": self.eval_loss, "step": 0})
 
     return StepZeroEval

@@ -24,6 +24,7 @@ from .schema import WEIGHT_DECAY_IS_LR_PEAK
 
 log = logging.getLogger(__name__)
 
+
 def size_settings(recipe: Mapping[str, Any], size: str | None = None) -> dict[str, Any]:
     """The recipe's settings for one model size (``sizes.<size>`` over ``training``/``schedule``/``optimizer``)."""
     sizes = recipe.get("sizes") or {}
@@ -61,14 +62,18 @@ def weight_decay(recipe: Mapping[str, Any], size: str | None = None) -> float | 
         return wd
     lr = size_settings(recipe, size)["lr"]
     if lr is None:
-        raise ValueError(f"optimizer.weight_decay={WEIGHT_DECAY_IS_LR_PEAK!r} means lambda = the peak lr, but recipe "
-                         f"{recipe.get('name')!r} states no lr for size {size!r}.")
+        raise ValueError(
+            f"optimizer.weight_decay={WEIGHT_DECAY_IS_LR_PEAK!r} means lambda = the peak lr, but recipe "
+            f"{recipe.get('name')!r} states no lr for size {size!r}."
+        )
     return float(lr)
 
 
 def _tokens_to_steps(tokens: float, batch_tokens: float | None, what: str) -> int:
     if not batch_tokens:
-        raise ValueError(f"schedule.{what} is given in tokens but the recipe has no batch_tokens to convert it to steps.")
+        raise ValueError(
+            f"schedule.{what} is given in tokens but the recipe has no batch_tokens to convert it to steps."
+        )
     return round(tokens / batch_tokens)
 
 
@@ -83,18 +88,23 @@ def published_num_steps(recipe: Mapping[str, Any], size: str | None = None) -> i
     return None
 
 
-def schedule_kwargs(recipe: Mapping[str, Any], num_training_steps: int | None = None,
-                    size: str | None = None) -> tuple[str, dict[str, Any]]:
+def schedule_kwargs(
+    recipe: Mapping[str, Any], num_training_steps: int | None = None, size: str | None = None
+) -> tuple[str, dict[str, Any]]:
     """``(name, kwargs)`` for :func:`hf_optim.runner.schedules.make_multiplier`, token counts converted to steps."""
     sched = dict(recipe.get("schedule") or {})
     s = size_settings(recipe, size)
     total = num_training_steps if num_training_steps is not None else published_num_steps(recipe, size)
     if total is None:
-        raise ValueError("num_training_steps is needed: the recipe states neither training.total_steps nor "
-                         "total_tokens and batch_tokens.")
+        raise ValueError(
+            "num_training_steps is needed: the recipe states neither training.total_steps nor "
+            "total_tokens and batch_tokens."
+        )
     name = sched.get("name")
     if name is None:
-        raise ValueError("schedule.name is not set; choose one of the schedules in hf_optim.runner.schedules.SCHEDULES.")
+        raise ValueError(
+            "schedule.name is not set; choose one of the schedules in hf_optim.runner.schedules.SCHEDULES."
+        )
     if s["warmup_steps"] is not None:
         warmup = int(s["warmup_steps"])
     elif sched.get("warmup_tokens") is not None:
@@ -129,8 +139,9 @@ def decay_parameter_names(model: nn.Module, no_decay: list[str] | None) -> list[
     return factory.decay_parameter_names(model, no_decay)
 
 
-def optimizer_cls_and_kwargs(recipe: Mapping[str, Any], model: nn.Module | None = None, *,
-                             size: str | None = None) -> tuple[type, dict[str, Any]]:
+def optimizer_cls_and_kwargs(
+    recipe: Mapping[str, Any], model: nn.Module | None = None, *, size: str | None = None
+) -> tuple[type, dict[str, Any]]:
     """The optimizer class and its keyword arguments (muP overrides included), from :func:`hf_optim.factory.
     resolve_optimizer`: the recipe only says what is stated; the factory decides the rest."""
     opt = dict(recipe.get("optimizer") or {})
@@ -140,13 +151,18 @@ def optimizer_cls_and_kwargs(recipe: Mapping[str, Any], model: nn.Module | None 
     lr = size_settings(recipe, size)["lr"]
     knobs: dict[str, Any] = dict(opt.get("args") or {})
     not_stated = []
-    for key, value in (("betas", opt.get("betas")), ("eps", opt.get("eps")),
-                       ("weight_decay_mode", opt.get("weight_decay_mode"))):
+    for key, value in (
+        ("betas", opt.get("betas")),
+        ("eps", opt.get("eps")),
+        ("weight_decay_mode", opt.get("weight_decay_mode")),
+    ):
         if value is None:
             not_stated.append(key)
         elif not {"betas": spec.takes_betas, "eps": spec.takes_eps}.get(key, True):
-            raise ValueError(f"optimizer.{key}={value!r} is stated, but {opt['name']} has no {key} (its moments are "
-                             f"knobs in optimizer.args; hf-optim list). Set optimizer.{key}=null.")
+            raise ValueError(
+                f"optimizer.{key}={value!r} is stated, but {opt['name']} has no {key} (its moments are "
+                f"knobs in optimizer.args; hf-optim list). Set optimizer.{key}=null."
+            )
         else:
             knobs[key] = tuple(value) if key == "betas" else value
     wd = weight_decay(recipe, size)
@@ -154,13 +170,15 @@ def optimizer_cls_and_kwargs(recipe: Mapping[str, Any], model: nn.Module | None 
     # Only what the optimizer has: Adafactor / SGD state their moments in optimizer.args.
     not_stated = [k for k in not_stated if {"betas": spec.takes_betas, "eps": spec.takes_eps}.get(k, True)]
     if not_stated:
-        log.warning("Recipe %s does not state %s: %s's defaults apply.", recipe.get("name"), ", ".join(not_stated),
-                    spec.target)
+        log.warning(
+            "Recipe %s does not state %s: %s's defaults apply.", recipe.get("name"), ", ".join(not_stated), spec.target
+        )
     if lr is None:
         raise ValueError(f"recipe {recipe.get('name')!r} states no lr: set optimizer.lr.")
     wd_rule = ((recipe.get("model") or {}).get("mup") or {}).get("wd_rule")
-    return factory.resolve_optimizer(opt["name"], model, lr=lr, weight_decay=wd if wd is not None else 0.0,
-                                     knobs=knobs, mup_wd_rule=wd_rule)
+    return factory.resolve_optimizer(
+        opt["name"], model, lr=lr, weight_decay=wd if wd is not None else 0.0, knobs=knobs, mup_wd_rule=wd_rule
+    )
 
 
 def build_optimizer(recipe: Mapping[str, Any], model: nn.Module, *, size: str | None = None) -> torch.optim.Optimizer:
@@ -183,8 +201,13 @@ def unstated_schedule_fields(recipe: Mapping[str, Any], size: str | None = None)
     return missing
 
 
-def build_scheduler(recipe: Mapping[str, Any], optimizer: torch.optim.Optimizer,
-                    num_training_steps: int | None = None, *, size: str | None = None):
+def build_scheduler(
+    recipe: Mapping[str, Any],
+    optimizer: torch.optim.Optimizer,
+    num_training_steps: int | None = None,
+    *,
+    size: str | None = None,
+):
     """The recipe's lr schedule as a ``LambdaLR``; logs which schedule fields the recipe does not state."""
     missing = unstated_schedule_fields(recipe, size)
     if missing:
@@ -215,7 +238,12 @@ def check_deepspeed(cls: type, kwargs: dict[str, Any], *, deepspeed: bool, fallb
             "Factored Adafactor cannot run under DeepSpeed ZeRO: ZeRO hands the optimizer flat 1-D partitions, so "
             "the row/column statistics of each matrix do not exist. Use FSDP2 (recipes/accelerate/fsdp2.yaml), "
             "pass optimizer.args.factored=false (unfactored, like PaLM), or run.unfactored_fallback=true to switch "
-            "to it automatically with a warning.")
-    warnings.warn("DeepSpeed ZeRO: Adafactor falls back to an unfactored second moment (factored=False); its "
-                  "state now has one value per parameter, as Adam's exp_avg_sq.", UserWarning, stacklevel=2)
+            "to it automatically with a warning."
+        )
+    warnings.warn(
+        "DeepSpeed ZeRO: Adafactor falls back to an unfactored second moment (factored=False); its "
+        "state now has one value per parameter, as Adam's exp_avg_sq.",
+        UserWarning,
+        stacklevel=2,
+    )
     return {**kwargs, "factored": False}

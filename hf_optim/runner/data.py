@@ -49,8 +49,10 @@ def read_text(corpus: str) -> str:
         return resources.files("hf_optim").joinpath("data", BUNDLED[corpus]).read_text(encoding="utf-8")
     path = Path(corpus).expanduser()
     if not path.is_file():
-        raise ValueError(f"data.corpus must be one of {list(BUNDLED)} or the path of a text file, got {corpus!r} "
-                         f"(no such file).{v.closest(corpus, BUNDLED)}")
+        raise ValueError(
+            f"data.corpus must be one of {list(BUNDLED)} or the path of a text file, got {corpus!r} "
+            f"(no such file).{v.closest(corpus, BUNDLED)}"
+        )
     return path.read_text(encoding="utf-8")
 
 
@@ -70,8 +72,14 @@ def _round_up(x: float, digits: int = 2) -> float:
     return math.ceil(x * scale) / scale
 
 
-def load_corpus(corpus: str = "tinyshakespeare", *, tokenizer: str = "char", block_size: int = 128,
-                val_fraction: float = 0.1, max_tokens: int | None = None) -> Corpus:
+def load_corpus(
+    corpus: str = "tinyshakespeare",
+    *,
+    tokenizer: str = "char",
+    block_size: int = 128,
+    val_fraction: float = 0.1,
+    max_tokens: int | None = None,
+) -> Corpus:
     """Load, tokenize and block a corpus into train/val ``datasets.Dataset`` objects (see the module docstring).
 
     ``max_tokens`` truncates the stream first (tests and quick demos).
@@ -85,23 +93,30 @@ def load_corpus(corpus: str = "tinyshakespeare", *, tokenizer: str = "char", blo
     if max_tokens is not None:
         ids = ids[:max_tokens]
     n_val = int(len(ids) * val_fraction)
-    splits = {"train": ids[: len(ids) - n_val], "val": ids[len(ids) - n_val:]}
+    splits = {"train": ids[: len(ids) - n_val], "val": ids[len(ids) - n_val :]}
     out = {}
     for split, stream in splits.items():
         n_blocks = len(stream) // block_size
         if split == "train" and n_blocks == 0:
-            raise ValueError(f"corpus {corpus!r} has {len(stream)} training tokens, fewer than one block of "
-                             f"data.block_size={block_size}.")
+            raise ValueError(
+                f"corpus {corpus!r} has {len(stream)} training tokens, fewer than one block of "
+                f"data.block_size={block_size}."
+            )
         if split == "val" and n_blocks == 0:
             # Training evaluates at step 0 and at the end: an empty split would only fail later, as a KeyError
             # on 'eval_loss' inside the Trainer.
             need = _round_up(block_size / len(ids)) if len(ids) else math.inf
             # ... while the training split keeps at least one block too
-            fix = (f"use data.val_fraction >= {need:g}" if need + block_size / len(ids) <= 1 else
-                   "use a larger corpus or data.max_tokens, or a smaller data.block_size")
-            raise ValueError(f"data.val_fraction={val_fraction!r} leaves {len(stream)} validation tokens of "
-                             f"{len(ids)}, fewer than one block of data.block_size={block_size}; the validation "
-                             f"split needs at least one block: {fix}.")
+            fix = (
+                f"use data.val_fraction >= {need:g}"
+                if need + block_size / len(ids) <= 1
+                else "use a larger corpus or data.max_tokens, or a smaller data.block_size"
+            )
+            raise ValueError(
+                f"data.val_fraction={val_fraction!r} leaves {len(stream)} validation tokens of "
+                f"{len(ids)}, fewer than one block of data.block_size={block_size}; the validation "
+                f"split needs at least one block: {fix}."
+            )
         blocks = stream[: n_blocks * block_size].reshape(n_blocks, block_size).tolist()
         out[split] = datasets.Dataset.from_dict({"input_ids": blocks, "labels": blocks})
     return Corpus(out["train"], out["val"], vocab_size, tokenizer, chars)

@@ -31,8 +31,7 @@ from .schedules import make_multiplier
 STEP_KEYS = ("num_warmup_steps", "decay_steps", "plateau_steps")
 #: Recipe fields (command-line overrides) that set each of those in the run's own steps.
 _OVERRIDE_FIELDS = {
-    "num_warmup_steps": ("schedule.warmup_steps", "schedule.warmup_tokens", "schedule.warmup_fraction",
-                         "warmup_steps"),
+    "num_warmup_steps": ("schedule.warmup_steps", "schedule.warmup_tokens", "schedule.warmup_fraction", "warmup_steps"),
     "decay_steps": ("schedule.decay_steps", "schedule.decay_tokens", "decay_steps"),
     "plateau_steps": ("schedule.plateau_steps",),
 }
@@ -47,11 +46,11 @@ class Fit:
     schedule: str
     run_steps: int
     recipe_horizon: int | None
-    scale: bool                       # schedule.scale (True = compress to the run)
-    factor: float                     # T / H applied to the recipe's step counts (1.0 = unchanged)
+    scale: bool  # schedule.scale (True = compress to the run)
+    factor: float  # T / H applied to the recipe's step counts (1.0 = unchanged)
     steps: dict[str, list[int]] = field(default_factory=dict)  # key -> [recipe value, run value]
-    kwargs: dict[str, Any] = field(default_factory=dict)       # make_multiplier(name, **kwargs) for this run
-    peak_multiplier: float = 1.0      # max_k eta(k) over the run
+    kwargs: dict[str, Any] = field(default_factory=dict)  # make_multiplier(name, **kwargs) for this run
+    peak_multiplier: float = 1.0  # max_k eta(k) over the run
     peak_step: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -65,20 +64,31 @@ class Fit:
         if self.factor == 1.0 or not changed:
             return None
         what = ", ".join(f"{_LABELS[k]} {a} -> {b}" for k, (a, b) in changed.items())
-        return (f"schedule compressed to this run: {what} steps (x{self.factor:.3g} = run.max_steps {self.run_steps} / "
-                f"recipe horizon {self.recipe_horizon}; schedule.scale=false keeps the recipe's steps)")
+        return (
+            f"schedule compressed to this run: {what} steps (x{self.factor:.3g} = run.max_steps {self.run_steps} / "
+            f"recipe horizon {self.recipe_horizon}; schedule.scale=false keeps the recipe's steps)"
+        )
 
     def warning(self, peak_lr: float | None) -> str | None:
         """A warning when the run cannot reach its peak lr (e.g. ``schedule.scale=false`` with a long warm-up)."""
         if self.peak_multiplier >= 0.999:
             return None
         warmup = self.kwargs.get("num_warmup_steps", 0)
-        why = (f"its warm-up is {warmup} steps and the run has {self.run_steps}" if warmup >= self.run_steps
-               else "the schedule does not reach its peak within the run")
-        reached = f"{peak_lr * self.peak_multiplier:.3g} of peak lr {peak_lr:.3g}" if peak_lr is not None else \
-            f"{self.peak_multiplier:.1%} of the peak lr"
-        hint = ("; remove schedule.scale=false to compress the schedule to the run, or set schedule.warmup_steps"
-                if not self.scale else "; set schedule.warmup_steps (in this run's steps)")
+        why = (
+            f"its warm-up is {warmup} steps and the run has {self.run_steps}"
+            if warmup >= self.run_steps
+            else "the schedule does not reach its peak within the run"
+        )
+        reached = (
+            f"{peak_lr * self.peak_multiplier:.3g} of peak lr {peak_lr:.3g}"
+            if peak_lr is not None
+            else f"{self.peak_multiplier:.1%} of the peak lr"
+        )
+        hint = (
+            "; remove schedule.scale=false to compress the schedule to the run, or set schedule.warmup_steps"
+            if not self.scale
+            else "; set schedule.warmup_steps (in this run's steps)"
+        )
         return f"this run reaches only {reached} ({self.peak_multiplier:.1%}): {why}{hint}."
 
 
@@ -98,14 +108,21 @@ def fixed_keys(overrides: Iterable[str]) -> set[str]:
     fixed = set()
     for key, names in _OVERRIDE_FIELDS.items():
         for name in names:
-            if name in fields or (name.count(".") == 0 and any(f.startswith("sizes.") and f.endswith("." + name)
-                                                               for f in fields)):
+            if name in fields or (
+                name.count(".") == 0 and any(f.startswith("sizes.") and f.endswith("." + name) for f in fields)
+            ):
                 fixed.add(key)
     return fixed
 
 
-def fit(recipe: Mapping[str, Any], run_steps: int, *, size: str | None = None, horizon: int | None = None,
-        fixed: Iterable[str] = ()) -> Fit:
+def fit(
+    recipe: Mapping[str, Any],
+    run_steps: int,
+    *,
+    size: str | None = None,
+    horizon: int | None = None,
+    fixed: Iterable[str] = (),
+) -> Fit:
     """Resolve the schedule for a run of ``run_steps`` steps (see the module docstring); raises ``ValueError``."""
     scale = (recipe.get("schedule") or {}).get("scale")
     scale = True if scale is None else bool(scale)

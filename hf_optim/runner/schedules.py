@@ -71,8 +71,9 @@ def inverse_sqrt_max(k: int, *, num_warmup_steps: int, plateau_steps: int) -> fl
     return _warmup(k, num_warmup_steps) * math.sqrt(plateau_steps / max(k, plateau_steps))
 
 
-def step_decay(k: int, *, num_warmup_steps: int, num_training_steps: int,
-               milestones: Sequence[float], factors: Sequence[float]) -> float:
+def step_decay(
+    k: int, *, num_warmup_steps: int, num_training_steps: int, milestones: Sequence[float], factors: Sequence[float]
+) -> float:
     value = _warmup(k, num_warmup_steps)
     for fraction, factor in zip(milestones, factors):
         if k >= fraction * num_training_steps:
@@ -117,7 +118,9 @@ def _check_phases(spec: Any) -> None:
             raise ValueError(f"{name} has unknown key {key!r}.{v.closest(key, ['until', 'shape', 'to', 'value'])}")
         v.check_positive(f"{name}.until", phase.get("until"))
         if not previous < phase["until"] <= 1.0:
-            raise ValueError(f"{name}.until must increase and be <= 1.0 (a fraction of training), got {phase['until']}.")
+            raise ValueError(
+                f"{name}.until must increase and be <= 1.0 (a fraction of training), got {phase['until']}."
+            )
         previous = phase["until"]
         shape = phase.get("shape", "constant")
         v.check_choice(f"{name}.shape", shape, ("constant", "cosine", "linear"))
@@ -143,8 +146,9 @@ def make_multiplier(name: str, *, num_training_steps: int, num_warmup_steps: int
     func, allowed = SCHEDULES[name]
     for key in params:
         if key not in allowed:
-            raise ValueError(f"schedule {name!r} has no parameter {key!r}; allowed: {list(allowed)}."
-                             f"{v.closest(key, allowed)}")
+            raise ValueError(
+                f"schedule {name!r} has no parameter {key!r}; allowed: {list(allowed)}.{v.closest(key, allowed)}"
+            )
     for arg, value in (("num_training_steps", num_training_steps), ("num_warmup_steps", num_warmup_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{arg} must be an integer >= 0, got {value!r}.")
@@ -166,8 +170,9 @@ def make_multiplier(name: str, *, num_training_steps: int, num_warmup_steps: int
     elif name == "step_decay":
         milestones, factors = list(params.get("milestones", [])), list(params.get("factors", []))
         if len(milestones) != len(factors) or not milestones:
-            raise ValueError(f"step_decay needs equally long non-empty milestones and factors, got {milestones!r} "
-                             f"and {factors!r}.")
+            raise ValueError(
+                f"step_decay needs equally long non-empty milestones and factors, got {milestones!r} and {factors!r}."
+            )
         for i, (m, f) in enumerate(zip(milestones, factors)):
             v.check_unit_interval(f"milestones[{i}]", m)
             v.check_non_negative(f"factors[{i}]", f)
@@ -178,9 +183,17 @@ def make_multiplier(name: str, *, num_training_steps: int, num_warmup_steps: int
     return partial(func, **kwargs)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, name: str, *, num_training_steps: int,
-                   num_warmup_steps: int = 0, last_epoch: int = -1, **params: Any) -> LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer,
+    name: str,
+    *,
+    num_training_steps: int,
+    num_warmup_steps: int = 0,
+    last_epoch: int = -1,
+    **params: Any,
+) -> LambdaLR:
     """A ``LambdaLR`` applying schedule ``name`` to every group of ``optimizer`` (see the module table)."""
-    multiplier = make_multiplier(name, num_training_steps=num_training_steps, num_warmup_steps=num_warmup_steps,
-                                 **params)
+    multiplier = make_multiplier(
+        name, num_training_steps=num_training_steps, num_warmup_steps=num_warmup_steps, **params
+    )
     return LambdaLR(optimizer, multiplier, last_epoch=last_epoch)

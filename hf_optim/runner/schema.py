@@ -37,8 +37,15 @@ WEIGHT_DECAY_IS_LR_PEAK = "lr_peak"
 #: Schema type of a field that takes a number or the :data:`WEIGHT_DECAY_IS_LR_PEAK` sentinel.
 FLOAT_OR_LR_PEAK = "float_or_lr_peak"
 
-_SIZE_KEYS = {"lr": float, "batch_tokens": float, "total_tokens": float, "seq_len": int, "warmup_steps": int,
-              "decay_steps": int, "floor": float}
+_SIZE_KEYS = {
+    "lr": float,
+    "batch_tokens": float,
+    "total_tokens": float,
+    "seq_len": int,
+    "warmup_steps": int,
+    "decay_steps": int,
+    "floor": float,
+}
 
 #: Allowed keys per section; a type, a tuple of allowed strings, or a nested mapping. ``"any"`` = free mapping
 #: (validated by its consumer, e.g. the optimizer class for ``optimizer.args``).
@@ -52,35 +59,85 @@ SCHEMA: dict[str, Any] = {
     "assumptions": dict,
     "notes": list,
     "optimizer": {
-        "name": str, "lr": float, "betas": list, "eps": float, "weight_decay": FLOAT_OR_LR_PEAK,
+        "name": str,
+        "lr": float,
+        "betas": list,
+        "eps": float,
+        "weight_decay": FLOAT_OR_LR_PEAK,
         "weight_decay_mode": ("l2", "coupled", "independent", "corrected"),
-        "no_decay": list, "args": "any",
+        "no_decay": list,
+        "args": "any",
     },
     "schedule": {
-        "name": str, "warmup_steps": int, "warmup_tokens": float, "warmup_fraction": float,
-        "floor": float, "decay_steps": int, "decay_tokens": float, "plateau_steps": int,
-        "milestones": list, "factors": list, "phases": list, "scale": bool,
+        "name": str,
+        "warmup_steps": int,
+        "warmup_tokens": float,
+        "warmup_fraction": float,
+        "floor": float,
+        "decay_steps": int,
+        "decay_tokens": float,
+        "plateau_steps": int,
+        "milestones": list,
+        "factors": list,
+        "phases": list,
+        "scale": bool,
     },
-    "training": {"max_grad_norm": float, "batch_tokens": float, "seq_len": int, "total_tokens": float,
-                 "total_steps": int},
+    "training": {
+        "max_grad_norm": float,
+        "batch_tokens": float,
+        "seq_len": int,
+        "total_tokens": float,
+        "total_steps": int,
+    },
     "sizes": "sizes",
     "model": {
-        "arch": ("llama", "gpt2"), "hidden_size": int, "num_layers": int, "num_heads": int,
-        "intermediate_size": int, "tie_word_embeddings": bool,
-        "mup": {"base_width": int, "wd_rule": ("independent", "mup", "none"), "zero_readout": bool,
-                "zero_query": bool, "output_mult": float, "base_depth": int, "depth_alpha": float},
+        "arch": ("llama", "gpt2"),
+        "hidden_size": int,
+        "num_layers": int,
+        "num_heads": int,
+        "intermediate_size": int,
+        "tie_word_embeddings": bool,
+        "mup": {
+            "base_width": int,
+            "wd_rule": ("independent", "mup", "none"),
+            "zero_readout": bool,
+            "zero_query": bool,
+            "output_mult": float,
+            "base_depth": int,
+            "depth_alpha": float,
+        },
     },
-    "data": {"corpus": str, "tokenizer": ("char", "byte"), "block_size": int, "val_fraction": float,
-             "max_tokens": int},
-    "run": {"max_steps": int, "batch_size": int, "grad_accum": int, "output_dir": str, "logging_steps": int,
-            "save_steps": int, "eval_steps": int, "eval_batches": int, "seed": int, "size": str, "bf16": bool,
-            "save_total_limit": int, "unfactored_fallback": bool, "threads": int},
+    "data": {"corpus": str, "tokenizer": ("char", "byte"), "block_size": int, "val_fraction": float, "max_tokens": int},
+    "run": {
+        "max_steps": int,
+        "batch_size": int,
+        "grad_accum": int,
+        "output_dir": str,
+        "logging_steps": int,
+        "save_steps": int,
+        "eval_steps": int,
+        "eval_batches": int,
+        "seed": int,
+        "size": str,
+        "bf16": bool,
+        "save_total_limit": int,
+        "unfactored_fallback": bool,
+        "threads": int,
+    },
 }
 
 #: Every published recipe states these or lists them in ``unknown``.
-PUBLISHED_FIELDS = ("optimizer.name", "optimizer.lr", "optimizer.weight_decay", "optimizer.weight_decay_mode",
-                    "optimizer.no_decay", "schedule.name", "schedule.warmup_steps", "training.max_grad_norm",
-                    "training.batch_tokens")
+PUBLISHED_FIELDS = (
+    "optimizer.name",
+    "optimizer.lr",
+    "optimizer.weight_decay",
+    "optimizer.weight_decay_mode",
+    "optimizer.no_decay",
+    "schedule.name",
+    "schedule.warmup_steps",
+    "training.max_grad_norm",
+    "training.batch_tokens",
+)
 #: ... and, for optimizers that take ``betas`` / ``eps`` (the spec says), these (Adafactor states its moments in
 #: ``optimizer.args``).
 ADAM_FIELDS = ("optimizer.betas", "optimizer.eps")
@@ -142,8 +199,10 @@ def _check_keys(where: str, data: Any, schema: Mapping[str, Any], origin: str) -
         if not where and key == "_path":
             continue  # bookkeeping added by load() (e.g. _path)
         if key not in schema:
-            raise RecipeError(f"{origin}: unknown key {path!r}.{closest(str(key), schema)} "
-                              f"Valid keys{' of ' + repr(where) if where else ''}: {sorted(schema)}.")
+            raise RecipeError(
+                f"{origin}: unknown key {path!r}.{closest(str(key), schema)} "
+                f"Valid keys{' of ' + repr(where) if where else ''}: {sorted(schema)}."
+            )
         expected = schema[key]
         if expected == "any":
             if value is not None and not isinstance(value, Mapping):
@@ -187,16 +246,21 @@ def _check_values(recipe: Mapping[str, Any], origin: str) -> None:
     size = _get(recipe, "run.size")
     if size is not None and size not in sizes:
         allowed = f"one of {list(sizes)}" if sizes else "unset (this recipe has no sizes table)"
-        raise RecipeError(f"{origin}: run.size={size!r} is not a size of this recipe; allowed: {allowed}."
-                          f"{closest(str(size), [str(label) for label in sizes])}")
+        raise RecipeError(
+            f"{origin}: run.size={size!r} is not a size of this recipe; allowed: {allowed}."
+            f"{closest(str(size), [str(label) for label in sizes])}"
+        )
     fraction = _get(recipe, "schedule.warmup_fraction")
     # A fraction >= 1 would leave no step after the warm-up: the schedule would never reach its peak.
     if fraction is not None and not 0.0 <= fraction < 1.0:
-        raise RecipeError(f"{origin}: schedule.warmup_fraction must be in [0, 1) (a fraction of the run's steps), "
-                          f"got {fraction!r}.")
+        raise RecipeError(
+            f"{origin}: schedule.warmup_fraction must be in [0, 1) (a fraction of the run's steps), got {fraction!r}."
+        )
     if _get(recipe, "optimizer.weight_decay") == WEIGHT_DECAY_IS_LR_PEAK and not _stated(recipe, "optimizer.lr"):
-        raise RecipeError(f"{origin}: optimizer.weight_decay={WEIGHT_DECAY_IS_LR_PEAK!r} means lambda = the peak lr, "
-                          "but the recipe states no optimizer.lr (nor an lr for every size).")
+        raise RecipeError(
+            f"{origin}: optimizer.weight_decay={WEIGHT_DECAY_IS_LR_PEAK!r} means lambda = the peak lr, "
+            "but the recipe states no optimizer.lr (nor an lr for every size)."
+        )
 
 
 def validate(recipe: Mapping[str, Any], origin: str = "recipe") -> None:
@@ -206,14 +270,18 @@ def validate(recipe: Mapping[str, Any], origin: str = "recipe") -> None:
     for listed in ("unknown", "assumptions"):
         for path in recipe.get(listed) or []:
             if path not in valid_paths and not path.startswith("optimizer.args."):
-                raise RecipeError(f"{origin}: {listed} entry {path!r} is not a recipe field.{closest(path, valid_paths)}")
+                raise RecipeError(
+                    f"{origin}: {listed} entry {path!r} is not a recipe field.{closest(path, valid_paths)}"
+                )
     no_decay = _get(recipe, "optimizer.no_decay") or []
     for item in no_decay:
         from hf_optim.factory import NO_DECAY_PATTERNS as NO_DECAY_CATEGORIES
 
         if item not in NO_DECAY_CATEGORIES:
-            raise RecipeError(f"{origin}: optimizer.no_decay entries must be among {list(NO_DECAY_CATEGORIES)}, "
-                              f"got {item!r}.{closest(str(item), NO_DECAY_CATEGORIES)}")
+            raise RecipeError(
+                f"{origin}: optimizer.no_decay entries must be among {list(NO_DECAY_CATEGORIES)}, "
+                f"got {item!r}.{closest(str(item), NO_DECAY_CATEGORIES)}"
+            )
     betas = _get(recipe, "optimizer.betas")
     if betas is not None and (len(betas) != 2 or not all(_type_ok(b, float) for b in betas)):
         raise RecipeError(f"{origin}: optimizer.betas must be a pair of numbers, got {betas!r}.")
@@ -234,12 +302,15 @@ def validate(recipe: Mapping[str, Any], origin: str = "recipe") -> None:
     fields = PUBLISHED_FIELDS + (ADAM_FIELDS if _takes_betas(_get(recipe, "optimizer.name")) else ())
     for path in fields:
         if not _stated(recipe, path) and path not in unknown:
-            raise RecipeError(f"{origin}: {path} has no value; state it or list it under 'unknown' if the source "
-                              "does not give it.")
+            raise RecipeError(
+                f"{origin}: {path} has no value; state it or list it under 'unknown' if the source does not give it."
+            )
     for path in unknown:
         if _get(recipe, path) is not None and path not in assumptions:
-            raise RecipeError(f"{origin}: {path} is listed as unknown but has a value; add assumptions.{path} "
-                              "saying why this value was chosen, or remove the value.")
+            raise RecipeError(
+                f"{origin}: {path} is listed as unknown but has a value; add assumptions.{path} "
+                "saying why this value was chosen, or remove the value."
+            )
 
 
 def resolve_path(ref: str | Path) -> Path:
@@ -248,14 +319,18 @@ def resolve_path(ref: str | Path) -> Path:
     if path.is_file():
         return path
     name = ALIASES.get(str(ref), str(ref)).removesuffix(".yaml")
-    candidates = [RECIPES_DIR / f"{name}.yaml", RECIPES_DIR / "llm" / f"{name}.yaml",
-                  RECIPES_DIR / "demo" / f"{name}.yaml"]
+    candidates = [
+        RECIPES_DIR / f"{name}.yaml",
+        RECIPES_DIR / "llm" / f"{name}.yaml",
+        RECIPES_DIR / "demo" / f"{name}.yaml",
+    ]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
     known = bundled_names()
-    raise RecipeError(f"recipe {str(ref)!r} is neither a file nor a bundled recipe.{closest(str(ref), known)} "
-                      f"Bundled: {known}.")
+    raise RecipeError(
+        f"recipe {str(ref)!r} is neither a file nor a bundled recipe.{closest(str(ref), known)} Bundled: {known}."
+    )
 
 
 def describe_bundled() -> list[tuple[str, str, str]]:
@@ -307,9 +382,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 #: A recipe-wide field and its per-size counterpart (``sizes.<label>.<key>`` wins over the section's value).
-SIZED_FIELDS = {"optimizer.lr": "lr", "training.batch_tokens": "batch_tokens", "training.total_tokens": "total_tokens",
-                "training.seq_len": "seq_len", "schedule.warmup_steps": "warmup_steps",
-                "schedule.decay_steps": "decay_steps", "schedule.floor": "floor"}
+SIZED_FIELDS = {
+    "optimizer.lr": "lr",
+    "training.batch_tokens": "batch_tokens",
+    "training.total_tokens": "total_tokens",
+    "training.seq_len": "seq_len",
+    "schedule.warmup_steps": "warmup_steps",
+    "schedule.decay_steps": "decay_steps",
+    "schedule.floor": "floor",
+}
 
 
 def _override_sizes(recipe: dict[str, Any], dotted: str) -> None:
@@ -331,23 +412,27 @@ def _override_target(recipe: Mapping[str, Any], text: str, parts: list[str], val
         sizes = recipe.get("sizes") or {}
         # A label may contain dots ("1.3B"): match the longest known label first.
         labels = sorted((str(label) for label in sizes), key=len, reverse=True)
-        rest = dotted[len("sizes."):]
+        rest = dotted[len("sizes.") :]
         label = next((lab for lab in labels if rest == lab or rest.startswith(lab + ".")), None)
         if label is None:
             guess = rest.split(".")[0]
             allowed = list(sizes) if sizes else "none (this recipe has no sizes table)"
-            raise RecipeError(f"override {text!r}: unknown size {guess!r}; sizes of this recipe: {allowed}."
-                              f"{closest(guess, labels)}")
-        key = rest[len(label) + 1:]
+            raise RecipeError(
+                f"override {text!r}: unknown size {guess!r}; sizes of this recipe: {allowed}.{closest(guess, labels)}"
+            )
+        key = rest[len(label) + 1 :]
         if key and key not in _SIZE_KEYS:
-            raise RecipeError(f"override {text!r}: unknown per-size key {key!r}; allowed: {sorted(_SIZE_KEYS)}."
-                              f"{closest(key, _SIZE_KEYS)}")
+            raise RecipeError(
+                f"override {text!r}: unknown per-size key {key!r}; allowed: {sorted(_SIZE_KEYS)}."
+                f"{closest(key, _SIZE_KEYS)}"
+            )
         return ["sizes", label, key] if key else ["sizes", label]
     if parts[0] == "assumptions" and len(parts) > 1:
-        field = dotted[len("assumptions."):]
+        field = dotted[len("assumptions.") :]
         if field not in valid and not field.startswith("optimizer.args."):
-            raise RecipeError(f"override {text!r}: assumptions entry {field!r} is not a recipe field."
-                              f"{closest(field, valid)}")
+            raise RecipeError(
+                f"override {text!r}: assumptions entry {field!r} is not a recipe field.{closest(field, valid)}"
+            )
         return ["assumptions", field]
     if dotted not in valid and not dotted.startswith("optimizer.args."):
         raise RecipeError(f"override {text!r}: unknown key {dotted!r}.{closest(dotted, valid)}")

@@ -70,8 +70,9 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{minutes}:{secs:02d}"
 
 
-def run_sweep(config_path: str, out_dir: Path, *, jobs: int = 1, device: str = "auto",
-              plots: bool = True, log=print) -> dict[str, Any]:
+def run_sweep(
+    config_path: str, out_dir: Path, *, jobs: int = 1, device: str = "auto", plots: bool = True, log=print
+) -> dict[str, Any]:
     """Run (or resume) a sweep; return the summary. See the module docstring for the outputs."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}.")
@@ -80,8 +81,10 @@ def run_sweep(config_path: str, out_dir: Path, *, jobs: int = 1, device: str = "
     store = ResultStore(out_dir)
     todo = [c for c in config.cells if not store.done(c.key)]
     total = len(config.cells)
-    log(f"sweep {config.name!r}: {total} cells, {total - len(todo)} already done, {len(todo)} to run "
-        f"on {device} with {jobs} job(s) -> {out_dir}")
+    log(
+        f"sweep {config.name!r}: {total} cells, {total - len(todo)} already done, {len(todo)} to run "
+        f"on {device} with {jobs} job(s) -> {out_dir}"
+    )
     start, finished, done_cost = time.perf_counter(), 0, 0.0
     todo_cost = sum(_cost(c) for c in todo)
 
@@ -93,8 +96,11 @@ def run_sweep(config_path: str, out_dir: Path, *, jobs: int = 1, device: str = "
         elapsed = time.perf_counter() - start
         eta = elapsed / done_cost * (todo_cost - done_cost)
         status = "DIVERGED" if result["diverged"] else f"train {result['train_loss']:.3f} val {result['val_loss']:.3f}"
-        log(f"[{total - len(todo) + finished}/{total}] {cell.describe()}: {status} "
-            f"({result['seconds']:.1f}s) elapsed {_fmt_seconds(elapsed)} ETA {_fmt_seconds(eta)}", flush=True)
+        log(
+            f"[{total - len(todo) + finished}/{total}] {cell.describe()}: {status} "
+            f"({result['seconds']:.1f}s) elapsed {_fmt_seconds(elapsed)} ETA {_fmt_seconds(eta)}",
+            flush=True,
+        )
 
     # Seed by seed (an interrupted sweep leaves whole replicas), wide or deep (expensive) cells first within a seed so
     # parallel workers finish together instead of waiting on one straggler.
@@ -123,18 +129,24 @@ def run_sweep(config_path: str, out_dir: Path, *, jobs: int = 1, device: str = "
         written = plot_width_transfer(rows, out_dir) + plot_lr_wd(rows, out_dir) + plot_depth_transfer(rows, out_dir)
         log("plots: " + ", ".join(p.name for p in written))
     for entry in summary["width_transfer"]:
-        log(f"{entry['grid']} {entry['optimizer']} {entry['parametrization']:>3} ({entry['weight_decay_mode']}, "
+        log(
+            f"{entry['grid']} {entry['optimizer']} {entry['parametrization']:>3} ({entry['weight_decay_mode']}, "
             f"wd={entry['weight_decay']:g}): best log2 lr per width {entry['best_log2_lr']} "
-            f"-> shift {entry['shift_grid_steps']} grid steps")
+            f"-> shift {entry['shift_grid_steps']} grid steps"
+        )
     for entry in summary["depth_transfer"]:
-        log(f"{entry['grid']} {entry['optimizer']} {entry['parametrization']:>9} width {entry['width']}: best log2 lr "
+        log(
+            f"{entry['grid']} {entry['optimizer']} {entry['parametrization']:>9} width {entry['width']}: best log2 lr "
             f"per depth {entry['best_log2_lr']} -> shift {entry['shift_grid_steps']} grid steps; loss at the "
-            f"shallowest depth's best lr {({d: round(x, 3) for d, x in entry['loss_at_transferred_lr'].items()})}")
+            f"shallowest depth's best lr { ({d: round(x, 3) for d, x in entry['loss_at_transferred_lr'].items()}) }"
+        )
     for entry in summary["lr_wd"]:
-        log(f"{entry['grid']} {entry['optimizer']} {entry['parametrization']} w={entry['width']} "
+        log(
+            f"{entry['grid']} {entry['optimizer']} {entry['parametrization']} w={entry['width']} "
             f"{entry['weight_decay_mode']}: best wd per log2 lr {entry['best_weight_decay_per_log2_lr']}; "
             f"range near optimum {entry['best_wd_range_grid_steps_near_optimum']} grid steps, "
-            f"move over all lrs {entry['best_wd_move_grid_steps_all_lrs']:+d}")
+            f"move over all lrs {entry['best_wd_move_grid_steps_all_lrs']:+d}"
+        )
     return summary
 
 
@@ -149,8 +161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out or Path("sweep_out") / Path(args.config).stem
     try:
-        run_sweep(args.config, out, jobs=args.jobs, device=args.device, plots=not args.no_plots,
-                  log=lambda *a, **k: print(*a, **k))
+        run_sweep(
+            args.config,
+            out,
+            jobs=args.jobs,
+            device=args.device,
+            plots=not args.no_plots,
+            log=lambda *a, **k: print(*a, **k),
+        )
     except ValueError as error:
         print(f"hf-optim sweep: {error}", file=sys.stderr)
         return 2

@@ -35,13 +35,38 @@ from ._trainer import make_trainer_class as _make_trainer_class
 
 log = logging.getLogger(__name__)
 
-MODEL_DEFAULTS = {"arch": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": None,
-                  "tie_word_embeddings": False, "mup": None}
-DATA_DEFAULTS = {"corpus": "tinyshakespeare", "tokenizer": "char", "block_size": 128, "val_fraction": 0.1,
-                 "max_tokens": None}
-RUN_DEFAULTS = {"max_steps": 200, "batch_size": 16, "grad_accum": 1, "output_dir": None, "logging_steps": 10,
-                "save_steps": 100, "eval_steps": 100, "eval_batches": 8, "seed": 0, "size": None, "bf16": False,
-                "save_total_limit": 2, "unfactored_fallback": False, "threads": None}
+MODEL_DEFAULTS = {
+    "arch": "llama",
+    "hidden_size": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "intermediate_size": None,
+    "tie_word_embeddings": False,
+    "mup": None,
+}
+DATA_DEFAULTS = {
+    "corpus": "tinyshakespeare",
+    "tokenizer": "char",
+    "block_size": 128,
+    "val_fraction": 0.1,
+    "max_tokens": None,
+}
+RUN_DEFAULTS = {
+    "max_steps": 200,
+    "batch_size": 16,
+    "grad_accum": 1,
+    "output_dir": None,
+    "logging_steps": 10,
+    "save_steps": 100,
+    "eval_steps": 100,
+    "eval_batches": 8,
+    "seed": 0,
+    "size": None,
+    "bf16": False,
+    "save_total_limit": 2,
+    "unfactored_fallback": False,
+    "threads": None,
+}
 
 
 def _section(recipe: Mapping[str, Any], name: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -59,19 +84,34 @@ def build_model(model_cfg: Mapping[str, Any], vocab_size: int, block_size: int):
             raise ValueError(f"model.{key} must be an integer >= 1, got {model_cfg[key]!r}.")
     if width % heads:
         # Checked here: transformers' own check raises a huggingface_hub error that is not a ValueError.
-        raise ValueError(f"model.hidden_size={width} must be a multiple of model.num_heads={heads} "
-                         f"(each head gets hidden_size / num_heads dimensions).")
+        raise ValueError(
+            f"model.hidden_size={width} must be a multiple of model.num_heads={heads} "
+            f"(each head gets hidden_size / num_heads dimensions)."
+        )
     if model_cfg["arch"] == "llama":
-        config = LlamaConfig(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers,
-                             num_attention_heads=heads, num_key_value_heads=heads,
-                             intermediate_size=model_cfg["intermediate_size"] or 4 * width,
-                             max_position_embeddings=block_size, tie_word_embeddings=model_cfg["tie_word_embeddings"],
-                             use_cache=False)
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            intermediate_size=model_cfg["intermediate_size"] or 4 * width,
+            max_position_embeddings=block_size,
+            tie_word_embeddings=model_cfg["tie_word_embeddings"],
+            use_cache=False,
+        )
         model_cls = LlamaForCausalLM
     else:
-        config = GPT2Config(vocab_size=vocab_size, n_embd=width, n_layer=layers, n_head=heads, n_positions=block_size,
-                            n_inner=model_cfg["intermediate_size"], tie_word_embeddings=model_cfg["tie_word_embeddings"],
-                            use_cache=False)
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=width,
+            n_layer=layers,
+            n_head=heads,
+            n_positions=block_size,
+            n_inner=model_cfg["intermediate_size"],
+            tie_word_embeddings=model_cfg["tie_word_embeddings"],
+            use_cache=False,
+        )
         model_cls = GPT2LMHeadModel
     mup = model_cfg.get("mup") or {}
     if not mup.get("base_width"):
@@ -79,24 +119,45 @@ def build_model(model_cfg: Mapping[str, Any], vocab_size: int, block_size: int):
     from mup_integration.surgery import make_mup_model
 
     # base_depth + depth_alpha (both or neither, checked by make_plan): depth scaling, see mup_integration.depth
-    plan_kwargs = {k: mup[k] for k in ("zero_readout", "zero_query", "output_mult", "base_depth", "depth_alpha")
-                   if mup.get(k) is not None}
+    plan_kwargs = {
+        k: mup[k]
+        for k in ("zero_readout", "zero_query", "output_mult", "base_depth", "depth_alpha")
+        if mup.get(k) is not None
+    }
     return make_mup_model(config, base_width=mup["base_width"], model_cls=model_cls, **plan_kwargs)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="hf-optim train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", nargs="?", default="demo",
-                        help=f"recipe file or bundled name (default: demo). Bundled: {', '.join(schema.bundled_names())}")
+    parser = argparse.ArgumentParser(
+        prog="hf-optim train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "recipe",
+        nargs="?",
+        default="demo",
+        help=f"recipe file or bundled name (default: demo). Bundled: {', '.join(schema.bundled_names())}",
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. run.max_steps=50 optimizer.lr=3e-3")
-    parser.add_argument("--output-dir", help="overrides run.output_dir (default runs/<the recipe's name: field>, e.g. "
-                        "runs/shakespeare_mup_llama_adafactor for demo; the first lines printed show it)")
-    parser.add_argument("--resume", nargs="?", const=True, default=None,
-                        help="continue from the latest checkpoint in the output dir (or from the given checkpoint)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads per process (overrides run.threads; default 1 on CPU, torch's "
-                        "choice on GPU)")
+    parser.add_argument(
+        "--output-dir",
+        help="overrides run.output_dir (default runs/<the recipe's name: field>, e.g. "
+        "runs/shakespeare_mup_llama_adafactor for demo; the first lines printed show it)",
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        help="continue from the latest checkpoint in the output dir (or from the given checkpoint)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads per process (overrides run.threads; default 1 on CPU, torch's choice on GPU)",
+    )
     return parser.parse_args(argv)
 
 
@@ -159,8 +220,11 @@ def _rank() -> int:
 def _note(message: str, *, warning: bool = False) -> None:
     """One ``[hf-optim]`` line from rank 0 only (a warning goes to stderr)."""
     if _rank() == 0:
-        print(f"[hf-optim] {'warning: ' if warning else ''}{message}", file=sys.stderr if warning else sys.stdout,
-              flush=True)
+        print(
+            f"[hf-optim] {'warning: ' if warning else ''}{message}",
+            file=sys.stderr if warning else sys.stdout,
+            flush=True,
+        )
 
 
 def _threads(args: argparse.Namespace, run: Mapping[str, Any]) -> tuple[int | None, str]:
@@ -182,8 +246,7 @@ def _threads(args: argparse.Namespace, run: Mapping[str, Any]) -> tuple[int | No
 
 
 def _check_run(run: Mapping[str, Any]) -> None:
-    for key in ("max_steps", "batch_size", "grad_accum", "eval_batches", "logging_steps", "eval_steps",
-                "save_steps"):
+    for key in ("max_steps", "batch_size", "grad_accum", "eval_batches", "logging_steps", "eval_steps", "save_steps"):
         value = run[key]
         # 0 evaluation batches would fail much later as KeyError 'eval_loss'; 0 steps / batch size make no run.
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -197,13 +260,17 @@ def _fit_schedule(args: argparse.Namespace, recipe: Mapping[str, Any], run: Mapp
     step (the Trainer builds the scheduler inside train()).
     """
     try:  # the horizon the recipe file was written for: its own run.max_steps, before command-line overrides
-        file_steps = ((schema.load(args.recipe).get("run") or {}).get("max_steps"))
+        file_steps = (schema.load(args.recipe).get("run") or {}).get("max_steps")
     except schema.RecipeError:
         file_steps = None
     with _config_errors("schedule"):
-        fit = horizon.fit(recipe, run["max_steps"], size=run["size"],
-                          horizon=horizon.recipe_horizon(recipe, run["size"], file_steps),
-                          fixed=horizon.fixed_keys(args.overrides))
+        fit = horizon.fit(
+            recipe,
+            run["max_steps"],
+            size=run["size"],
+            horizon=horizon.recipe_horizon(recipe, run["size"], file_steps),
+            fixed=horizon.fixed_keys(args.overrides),
+        )
     missing = build.unstated_schedule_fields(recipe, run["size"])
     if missing:
         log.warning("Recipe %s does not state the schedule's %s.", recipe.get("name"), " or ".join(missing))
@@ -226,11 +293,21 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         raise schema.RecipeError(
             "model.mup.wd_rule must be set when muP is on and weight_decay > 0: 'independent' (per-step decay "
             "wd * schedule at every width; wd ~1e-4), 'mup' (mup 1.0.0's MuAdamW: wd x width_mult on hidden "
-            "matrices) or 'none'.")
+            "matrices) or 'none'."
+        )
     lr = build.size_settings(recipe, run["size"])["lr"]
-    return {"recipe": recipe, "model": model_cfg, "data": data_cfg, "run": run, "threads": threads,
-            "threads_origin": threads_origin, "fit": fit, "wd": wd, "lr": lr,
-            "out": Path(args.output_dir or run["output_dir"] or Path("runs") / recipe["name"])}
+    return {
+        "recipe": recipe,
+        "model": model_cfg,
+        "data": data_cfg,
+        "run": run,
+        "threads": threads,
+        "threads_origin": threads_origin,
+        "fit": fit,
+        "wd": wd,
+        "lr": lr,
+        "out": Path(args.output_dir or run["output_dir"] or Path("runs") / recipe["name"]),
+    }
 
 
 def _training_arguments(s: Mapping[str, Any]):
@@ -240,17 +317,30 @@ def _training_arguments(s: Mapping[str, Any]):
     max_grad_norm = (recipe.get("training") or {}).get("max_grad_norm")
     with _config_errors("run"):  # e.g. run.bf16 on a machine without bf16 support
         return TrainingArguments(
-            output_dir=str(s["out"]), max_steps=run["max_steps"], per_device_train_batch_size=run["batch_size"],
-            per_device_eval_batch_size=run["batch_size"], gradient_accumulation_steps=run["grad_accum"],
+            output_dir=str(s["out"]),
+            max_steps=run["max_steps"],
+            per_device_train_batch_size=run["batch_size"],
+            per_device_eval_batch_size=run["batch_size"],
+            gradient_accumulation_steps=run["grad_accum"],
             # The optimizer and schedule come from the recipe (RecipeTrainer); these two are recorded for the logs
             # and give the decay group its weight decay (under DeepSpeed, max_grad_norm and grad_accum also fill
             # the 'auto' values of recipes/accelerate/deepspeed_zero*.yaml).
-            learning_rate=lr if lr is not None else 1e-3, weight_decay=s["wd"] or 0.0,
+            learning_rate=lr if lr is not None else 1e-3,
+            weight_decay=s["wd"] or 0.0,
             max_grad_norm=max_grad_norm if max_grad_norm is not None else 0.0,
-            logging_steps=run["logging_steps"], logging_first_step=True, eval_strategy="steps",
-            eval_steps=run["eval_steps"], save_strategy="steps", save_steps=run["save_steps"],
-            save_total_limit=run["save_total_limit"], seed=run["seed"], bf16=run["bf16"], report_to=[],
-            dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=False,
+            logging_steps=run["logging_steps"],
+            logging_first_step=True,
+            eval_strategy="steps",
+            eval_steps=run["eval_steps"],
+            save_strategy="steps",
+            save_steps=run["save_steps"],
+            save_total_limit=run["save_total_limit"],
+            seed=run["seed"],
+            bf16=run["bf16"],
+            report_to=[],
+            dataloader_num_workers=0,
+            dataloader_pin_memory=False,
+            disable_tqdm=False,
         )
 
 
@@ -266,16 +356,18 @@ def _header(s: Mapping[str, Any], model: Any, corpus: Any, world_size: int) -> s
     peak = f"peak lr {lr * fit.peak_multiplier:.3g}" if lr is not None else "peak lr: the optimizer's default"
     if lr is not None and fit.peak_multiplier < 0.999:
         peak += f" ({fit.peak_multiplier:.0%} of the recipe's {lr:.3g})"
-    return (f"[hf-optim] recipe {recipe['name']} ({recipe['_path']})\n"
-            f"[hf-optim] model: {model_cfg['arch']} width {model_cfg['hidden_size']} x {model_cfg['num_layers']} "
-            f"layers, {n_params / 1e6:.2f}M params"
-            f"{', muP base width ' + str(mup['base_width']) if mup.get('base_width') else ''}; "
-            f"optimizer {recipe['optimizer']['name']}, {peak} (schedule {fit.schedule})\n"
-            f"[hf-optim] data: {data_cfg['corpus']}, {len(corpus.train)} training blocks of {data_cfg['block_size']} "
-            f"{data_cfg['tokenizer']} tokens; {run['max_steps']} steps x "
-            f"{run['batch_size'] * run['grad_accum'] * world_size} blocks\n"
-            f"[hf-optim] outputs -> {s['out'].resolve()} (transformers {transformers.__version__}, "
-            f"torch threads: {torch.get_num_threads()}, {s['threads_origin']})")
+    return (
+        f"[hf-optim] recipe {recipe['name']} ({recipe['_path']})\n"
+        f"[hf-optim] model: {model_cfg['arch']} width {model_cfg['hidden_size']} x {model_cfg['num_layers']} "
+        f"layers, {n_params / 1e6:.2f}M params"
+        f"{', muP base width ' + str(mup['base_width']) if mup.get('base_width') else ''}; "
+        f"optimizer {recipe['optimizer']['name']}, {peak} (schedule {fit.schedule})\n"
+        f"[hf-optim] data: {data_cfg['corpus']}, {len(corpus.train)} training blocks of {data_cfg['block_size']} "
+        f"{data_cfg['tokenizer']} tokens; {run['max_steps']} steps x "
+        f"{run['batch_size'] * run['grad_accum'] * world_size} blocks\n"
+        f"[hf-optim] outputs -> {s['out'].resolve()} (transformers {transformers.__version__}, "
+        f"torch threads: {torch.get_num_threads()}, {s['threads_origin']})"
+    )
 
 
 def _make_trainer(s: Mapping[str, Any], model: Any, corpus: Any):
@@ -286,8 +378,14 @@ def _make_trainer(s: Mapping[str, Any], model: Any, corpus: Any):
     val = corpus.val.select(range(min(len(corpus.val), run["eval_batches"] * run["batch_size"])))
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     trainer = _make_trainer_class()(
-        model=model, args=_training_arguments(s), train_dataset=corpus.train, eval_dataset=val,
-        data_collator=default_data_collator, recipe=s["recipe"], deepspeed=deepspeed, schedule_fit=s["fit"],
+        model=model,
+        args=_training_arguments(s),
+        train_dataset=corpus.train,
+        eval_dataset=val,
+        data_collator=default_data_collator,
+        recipe=s["recipe"],
+        deepspeed=deepspeed,
+        schedule_fit=s["fit"],
     )
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(_trainer.progress_callback_class())
@@ -301,17 +399,25 @@ def _summary(s: Mapping[str, Any], trainer: Any, corpus: Any, final_eval: float,
     first_step = getattr(trainer, "_initial_global_step", 0) or 0
     lr = s["lr"]
     return {
-        "recipe": s["recipe"]["name"], "recipe_path": s["recipe"]["_path"],
+        "recipe": s["recipe"]["name"],
+        "recipe_path": s["recipe"]["_path"],
         # this run's optimizer steps; global_step counts those of the run it resumed too
-        "steps": trainer.state.global_step - first_step, "global_step": trainer.state.global_step,
+        "steps": trainer.state.global_step - first_step,
+        "global_step": trainer.state.global_step,
         "resumed_from_step": first_step or None,
-        "first_logged_loss": losses[0] if losses else None, "final_logged_loss": losses[-1] if losses else None,
-        "initial_eval_loss": _outputs.step_zero_loss(history), "final_eval_loss": final_eval,
-        "uniform_loss": math.log(corpus.vocab_size), "seconds": round(time.time() - start, 1),
+        "first_logged_loss": losses[0] if losses else None,
+        "final_logged_loss": losses[-1] if losses else None,
+        "initial_eval_loss": _outputs.step_zero_loss(history),
+        "final_eval_loss": final_eval,
+        "uniform_loss": math.log(corpus.vocab_size),
+        "seconds": round(time.time() - start, 1),
         "total_seconds": round(time.time() - t_launch, 1),
-        "world_size": trainer.args.world_size, "output_dir": str(s["out"].resolve()),
-        "peak_lr": lr * s["fit"].peak_multiplier if lr is not None else None, "recipe_peak_lr": lr,
-        "schedule": s["fit"].as_dict(), "torch_threads": s["threads"],
+        "world_size": trainer.args.world_size,
+        "output_dir": str(s["out"].resolve()),
+        "peak_lr": lr * s["fit"].peak_multiplier if lr is not None else None,
+        "recipe_peak_lr": lr,
+        "schedule": s["fit"].as_dict(),
+        "torch_threads": s["threads"],
     }
 
 
@@ -333,8 +439,13 @@ def _train(args: argparse.Namespace, t_launch: float) -> int:
 
     set_seed(run["seed"])
     with _config_errors("data"):
-        corpus = load_corpus(data_cfg["corpus"], tokenizer=data_cfg["tokenizer"], block_size=data_cfg["block_size"],
-                             val_fraction=data_cfg["val_fraction"], max_tokens=data_cfg["max_tokens"])
+        corpus = load_corpus(
+            data_cfg["corpus"],
+            tokenizer=data_cfg["tokenizer"],
+            block_size=data_cfg["block_size"],
+            val_fraction=data_cfg["val_fraction"],
+            max_tokens=data_cfg["max_tokens"],
+        )
     with _config_errors("model"):
         model = build_model(s["model"], corpus.vocab_size, data_cfg["block_size"])
     trainer = _make_trainer(s, model, corpus)

@@ -17,8 +17,15 @@ def main() -> None:
     torch.set_num_threads(1)
     (training_args,) = HfArgumentParser((TrainingArguments,)).parse_args_into_dataclasses()
     print(MARKER, training_args.optim_args, flush=True)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=32,
+    )
     model = LlamaForCausalLM(config)
     print("MODEL-BUILT", sum(p.numel() for p in model.parameters()), flush=True)
 

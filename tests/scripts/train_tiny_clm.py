@@ -45,9 +45,14 @@ def main() -> None:
     script_args, training_args = HfArgumentParser((ScriptArguments, TrainingArguments)).parse_args_into_dataclasses()
     torch.manual_seed(training_args.seed)
     config = LlamaConfig(
-        vocab_size=script_args.vocab_size, hidden_size=script_args.hidden_size,
-        intermediate_size=2 * script_args.hidden_size, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False,
+        vocab_size=script_args.vocab_size,
+        hidden_size=script_args.hidden_size,
+        intermediate_size=2 * script_args.hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
     dataset = RuleDataset(script_args.num_examples, script_args.seq_len, script_args.vocab_size)
@@ -59,10 +64,17 @@ def main() -> None:
         torch.save(state, os.path.join(training_args.output_dir, f"params_rank{rank}.pt"))
     if trainer.is_world_process_zero():
         with open(os.path.join(training_args.output_dir, "summary.json"), "w") as f:
-            json.dump({"optimizer": type(trainer.optimizer.optimizer).__module__ + "." +
-                       type(trainer.optimizer.optimizer).__name__ if hasattr(trainer.optimizer, "optimizer")
-                       else type(trainer.optimizer).__qualname__,
-                       "log_history": trainer.state.log_history}, f)
+            json.dump(
+                {
+                    "optimizer": type(trainer.optimizer.optimizer).__module__
+                    + "."
+                    + type(trainer.optimizer.optimizer).__name__
+                    if hasattr(trainer.optimizer, "optimizer")
+                    else type(trainer.optimizer).__qualname__,
+                    "log_history": trainer.state.log_history,
+                },
+                f,
+            )
 
 
 if __name__ == "__main__":
