@@ -9,6 +9,7 @@ Typical use::
 See docs/mup.md for the rules as formulas and the coordinate check.
 """
 
+from .export import export_standard
 from .groups import mup_param_groups, param_overrides
 from .interop import load_base_shapes, plan_from_base_shapes, plan_from_infshapes, save_base_shapes
 from .plan import MuPPlan, ParamInfo, derive_base_config, get_plan, has_plan, make_plan
@@ -26,6 +27,7 @@ __all__ = [
     "ParamInfo",
     "apply_mup",
     "derive_base_config",
+    "export_standard",
     "from_pretrained",
     "get_plan",
     "has_plan",
