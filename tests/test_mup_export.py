@@ -272,3 +272,124 @@ def test_export_with_a_depth_plan(tmp_path):
     fresh = load_in_fresh_interpreter(paths, tmp_path)
     for path in paths:
         torch.testing.assert_close(fresh[path][1], refs[path], rtol=1e-5, atol=1e-5, msg=path)
+
+
+# ---- every supported architecture with a depth plan (issue 16) -------------------------------------------------
+def _llama_family(arch: str, width: int = 128):
+    """The LLaMA-family rows and GPT-2 of mup_integration.adapters.ADAPTERS at width 128, 2 layers."""
+    from transformers import MistralConfig, Olmo2Config, OlmoConfig, Qwen2Config, Qwen3Config
+
+    common = {
+        "vocab_size": 64,
+        "hidden_size": width,
+        "intermediate_size": 2 * width,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 64,
+    }
+    return {
+        "llama": lambda: tiny_llama_config(hidden_size=width, num_key_value_heads=2),
+        "mistral": lambda: MistralConfig(**common, num_key_value_heads=2, sliding_window=None),
+        "qwen2": lambda: Qwen2Config(**common, num_key_value_heads=2),
+        "qwen3": lambda: Qwen3Config(**common, num_key_value_heads=2, head_dim=32),
+        "olmo": lambda: OlmoConfig(**common, pad_token_id=0, bos_token_id=0, eos_token_id=0),
+        "olmo2": lambda: Olmo2Config(**common, pad_token_id=0, bos_token_id=0, eos_token_id=0),
+        "gpt2": lambda: tiny_gpt2_config(
+            n_embd=width, bos_token_id=0, eos_token_id=0, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0
+        ),
+    }[arch]()
+
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "gpt2")
+
+
+def _depth_model(arch: str, tied: bool, alpha: float):
+    """A muP model of ``arch`` with 2 layers over base depth 1 (r = 2^-alpha), weights far from the init."""
+    from test_mup_architectures import ARCHS, build
+
+    if arch in ARCHS:
+        model = build(arch, tied=tied, base_depth=1, depth_alpha=alpha, attn_mult=1.5, output_mult=2.0)
+    else:
+        cfg = _llama_family(arch)
+        cfg._attn_implementation = "eager"
+        cfg.tie_word_embeddings = tied
+        torch.manual_seed(0)
+        model = mi.make_mup_model(cfg, base_width=32, base_depth=1, depth_alpha=alpha, attn_mult=1.5, output_mult=2.0)
+    return randomize(model, std=0.1)
+
+
+def _depth_cases():
+    from test_mup_architectures import ARCHS
+
+    out = []
+    for arch in (*LLAMA_FAMILY, *ARCHS):
+        targets = ("granite", "llama", "native") if arch in ex.LLAMA_LAYOUT else ("native",)
+        out += [(arch, to, tied, alpha) for to in targets for tied in (False, True) for alpha in (0.5, 1.0)]
+    return out
+
+
+DEPTH_CASES = _depth_cases()
+
+
+def _without_branch_multipliers(model):
+    """The logits of ``model`` with every depth-muP branch multiplier set to 1 (restored afterwards)."""
+    from mup_integration.depth import BranchMultiplier
+
+    hooks = [h for m in model.modules() for h in m._forward_hooks.values() if isinstance(h, BranchMultiplier)]
+    assert len(hooks) == 2 * model.config.num_hidden_layers
+    saved = [h.multiplier for h in hooks]
+    try:
+        for h in hooks:
+            h.multiplier = 1.0
+        return logits(model)
+    finally:
+        for h, m in zip(hooks, saved, strict=True):
+            h.multiplier = m
+
+
+@pytest.fixture(scope="module")
+def depth_exports(tmp_path_factory):
+    """Every (architecture, target, tying, alpha) exported and saved; one fresh interpreter loads them all."""
+    from mup_integration import depth as dp
+
+    tmp = tmp_path_factory.mktemp("depth")
+    refs, models = {}, {}
+    for arch, to, tied, alpha in DEPTH_CASES:
+        if (arch, tied, alpha) not in models:
+            model = _depth_model(arch, tied, alpha)
+            plan = mi.get_plan(model)
+            assert plan.residual_multiplier == pytest.approx(2**-alpha, rel=1e-12)
+            assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+            assert dp.branch_multipliers_ok(model, adapter_for(model.config), plan)
+            ref = logits(model)
+            # negative control: the same model without r computes other logits, so an export that lost r fails
+            assert (_without_branch_multipliers(model) - ref).abs().max() > 1e-2, arch
+            models[(arch, tied, alpha)] = (model, ref)
+            if arch not in ex.LLAMA_LAYOUT:  # the refusal is the same with a depth plan: the layout, not r
+                with pytest.raises(ValueError, match=f"cannot represent model_type='{arch}'.*Use --to native"):
+                    ex.export_standard(model, to="granite")
+        model, ref = models[(arch, tied, alpha)]
+        path = str(tmp / f"{arch}-{to}-{'tied' if tied else 'untied'}-{alpha}")
+        ex.export_standard(model, to=to).save_pretrained(path)
+        refs[(arch, to, tied, alpha)] = (path, ref, type(model).__name__)
+    return refs, load_in_fresh_interpreter([p for p, _, _ in refs.values()], tmp)
+
+
+@pytest.mark.parametrize(("arch", "to", "tied", "alpha"), DEPTH_CASES)
+def test_every_architecture_exports_a_depth_plan(depth_exports, arch, to, tied, alpha):
+    """2 layers over base depth 1: r = 2^-alpha (depth-muP 2^-0.5, CompleteP 0.5) on every branch output; every
+    export loads with plain from_pretrained in a fresh interpreter and gives the muP model's logits (fp32, 1e-5)."""
+    refs, fresh = depth_exports
+    path, ref, cls_name = refs[(arch, to, tied, alpha)]
+    got_cls, got = fresh[path]
+    assert got_cls == {"granite": "GraniteForCausalLM", "llama": "LlamaForCausalLM"}.get(to, cls_name)
+    print(f"depth export {arch} --to {to} tied={tied} alpha={alpha}: max |logit diff| {(got - ref).abs().max():.2e}")
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    assert "hf_optim_mup" not in saved and "mup" not in saved
+    if to == "granite":
+        assert saved["residual_multiplier"] == pytest.approx(2**-alpha, rel=1e-12)
+        assert saved["tie_word_embeddings"] == tied
+    else:
+        assert saved["tie_word_embeddings"] is False
