@@ -7,7 +7,8 @@ local tensors: the eager ``for-loop`` and ``foreach`` paths. One function per st
 * :func:`deltas_with_momentum`: clipping, the learning rate and β1 momentum (before or after the lr);
 * :func:`subtract_decay_`: the decoupled weight decay :math:`x \leftarrow x - r x`;
 * :func:`write_back_`: low-precision parameters receive the fp32 result (round-to-nearest, or stochastic);
-* :func:`eager_step` ties them together.
+* :func:`eager_step` ties them together;
+* :func:`factor_dims`: the two dims of a tensor whose statistics are factored (``None``: unfactored).
 
 The C kernel (:mod:`hf_optim._native_adafactor`) and the compiled graph (:mod:`hf_optim._compiled`) are other
 implementations of the same rule, tested against these functions.
@@ -350,3 +351,17 @@ def foreach_or_loop(foreach: bool, op: str, tensors: list[torch.Tensor], others:
     else:
         for t, o in zip(tensors, others):
             getattr(t, op)(o)
+
+
+def factor_dims(shape: torch.Size | tuple[int, ...], group: dict[str, Any]) -> tuple[int, int] | None:
+    """The (row, col) dims whose statistics are kept, or ``None`` for an unfactored second moment."""
+    if not group["factored"] or len(shape) < 2:
+        return None
+    if group["factor_dims"] == "last_two":
+        dims = (len(shape) - 2, len(shape) - 1)
+    else:  # the two largest; ties go to the later dim, so a square matrix is factored like "last_two"
+        order = sorted(range(len(shape)), key=lambda d: (shape[d], d))
+        dims = (min(order[-2:]), max(order[-2:]))
+    if min(shape[dims[0]], shape[dims[1]]) < group["min_dim_size_to_factor"]:
+        return None
+    return dims

@@ -1,8 +1,9 @@
 r"""Adafactor with every component a knob, presets for the known variants, and FSDP2 (``DTensor``) support.
 
-This module holds the optimizer class (knobs, validation, state, dispatch to an implementation). The update rule
-is stated in :class:`Adafactor`'s docstring; its eager implementation is :mod:`hf_optim._adafactor_rule`, the
-compiled one :mod:`hf_optim._compiled`, the C kernel for factored fp32 CPU matrices :mod:`hf_optim._native_adafactor`.
+This module holds the optimizer class (knobs, validation, state); which implementation steps which tensors is
+:mod:`hf_optim._adafactor_dispatch`. The update rule is stated in :class:`Adafactor`'s docstring; its eager
+implementation is :mod:`hf_optim._adafactor_rule`, the compiled one :mod:`hf_optim._compiled`, the C kernel for
+factored fp32 CPU matrices :mod:`hf_optim._native_adafactor`.
 Presets and their sources: :mod:`hf_optim._adafactor_presets`.
 
 Implementations (``implementation=``): ``"for-loop"`` (one tensor at a time, one reused scratch buffer),
@@ -23,33 +24,18 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import _compiled
-from . import _native_adafactor as _native
 from . import _validation as v
+from ._adafactor_dispatch import step_group
 from ._adafactor_presets import KNOBS, PRESETS, WEIGHT_DECAY_IS_LR
-from ._adafactor_rule import Item, eager_step, step_scalars
+from ._adafactor_rule import factor_dims
 from ._base import BaseOptimizer, ParamOverrides
-from ._distributed import check_factorable, factoring_impossible, local, shard_spec
+from ._distributed import check_factorable, factoring_impossible, local
 from ._state_loading import STEP, StateSpec
 
 __all__ = ["PRESETS", "Adafactor", "check_factorable", "factor_dims"]
 
 _MOMENTUM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16"}
-
-
-def factor_dims(shape: torch.Size | tuple[int, ...], group: dict[str, Any]) -> tuple[int, int] | None:
-    """The (row, col) dims whose statistics are kept, or ``None`` for an unfactored second moment."""
-    if not group["factored"] or len(shape) < 2:
-        return None
-    if group["factor_dims"] == "last_two":
-        dims = (len(shape) - 2, len(shape) - 1)
-    else:  # the two largest; ties go to the later dim, so a square matrix is factored like "last_two"
-        order = sorted(range(len(shape)), key=lambda d: (shape[d], d))
-        dims = (min(order[-2:]), max(order[-2:]))
-    if min(shape[dims[0]], shape[dims[1]]) < group["min_dim_size_to_factor"]:
-        return None
-    return dims
 
 
 class Adafactor(BaseOptimizer):
@@ -328,85 +314,5 @@ class Adafactor(BaseOptimizer):
                 continue
             if group["factored"] and any(not self.state.get(p) for p in params):
                 self._check_still_factorable(index, group)
-            _adafactor_group(self, params, group, group["implementation"])
+            step_group(self, params, group, group["implementation"])
         return loss
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Dispatch: which implementation steps which tensors (the rule itself: hf_optim._adafactor_rule).
-
-
-def _resolve(impl: str, params: list[torch.Tensor]) -> str:
-    """``auto``: compiled for groups of at least ``AUTO_MIN_NUMEL`` elements where compilation works (its cost, seconds
-    per shape, is earned back only by large models); otherwise foreach off the CPU and the for-loop on the CPU (which
-    reuses one scratch buffer: fresh large CPU allocations page-fault)."""
-    if impl != "auto":
-        return impl
-    device = local(params[0]).device.type
-    if sum(p.numel() for p in params) >= _compiled.AUTO_MIN_NUMEL and not _compiled.compile_broken(device):
-        return "compiled"
-    return "foreach" if all(local(p).device.type != "cpu" for p in params) else "for-loop"
-
-
-def _adafactor_group(opt: Adafactor, params: list[torch.Tensor], group: dict[str, Any], impl: str) -> None:
-    """One step for the parameters of ``group`` that have gradients."""
-    items = []
-    for p in params:
-        x, g = local(p), local(p.grad)
-        state = opt._init_state(p, g, group)
-        state["step"] += 1
-        # `step` lives on the CPU: no device sync
-        items.append(Item(x, g, state, factor_dims(p.shape, group), step_scalars(state["step"].item(), group), p))
-    took_native = False
-    if impl in ("auto", "fused") and _native.supports_group(group) and _native.library() is not None:
-        # The C kernel takes every factored fp32 CPU matrix (on the CPU it beats the other paths at every size).
-        native = [it for it in items if shard_spec(it.param) is None and _native.supports_tensor(it.x, it.g, it.dims)]
-        if native:
-            _native_steps(native, group)
-        native_ids = {id(it) for it in native}
-        items = [it for it in items if id(it) not in native_ids]
-        took_native = bool(native)
-    if not items:
-        return
-    if impl == "fused" or took_native:
-        # What the kernel leaves is usually a handful of norm vectors: one multi-tensor pass beats a Python loop
-        # (17 norm vectors of the 58M set: ~3 ms for-loop, ~0.5 ms foreach).
-        impl = "foreach" if sum(it.x.numel() for it in items) < _compiled.AUTO_MIN_NUMEL else "auto"
-    impl = _resolve(impl, [it.param for it in items])
-    if impl == "compiled":
-        # FSDP2 shards need cross-rank reductions, empty tensors have nothing to fuse, stochastic rounding draws
-        # eager random bits, and Inductor mishandles 0-d float64 (_compiled.inductor_ok): those stay eager.
-        fast = [
-            it
-            for it in items
-            if shard_spec(it.param) is None
-            and it.x.numel() > 0
-            and _compiled.inductor_ok(it.x)
-            and not (group["stochastic_rounding"] and it.x.dtype == torch.bfloat16)
-        ]
-        if fast:
-            _compiled.adafactor_group(fast, group, lambda sub: eager_step(sub, group, False, opt._scratch_for))
-            fast_ids = {id(it) for it in fast}
-            items = [it for it in items if id(it) not in fast_ids]
-    if items:
-        eager_step(items, group, impl == "foreach", opt._scratch_for)
-
-
-def _native_steps(items: list[Item], group: dict[str, Any]) -> None:
-    """Step sizes and decay as :func:`hf_optim._adafactor_rule.apply_update` computes them, then the C kernel."""
-    jobs = []
-    for it in items:
-        sc = it.scalars
-        alpha = sc.rho
-        if group["scale_parameter"]:  # max(eps2, RMS(x_{t-1})) · ρ_t
-            alpha = max(group["eps2"], torch.linalg.vector_norm(it.x).item() / math.sqrt(it.x.numel())) * sc.rho
-        jobs.append(_native.Job(it.x, it.g, it.state, sc.beta2, alpha, float(sc.decay_rate(alpha))))
-    _native.adafactor_steps(
-        jobs,
-        eps1=group["eps1"],
-        clip=group["clip_threshold"],
-        decay_as_factor=group["decay_as_factor"],
-        maximize=group["maximize"],
-        beta1=group["beta1"],
-        momentum_before_lr=group["momentum_before_lr"],
-    )

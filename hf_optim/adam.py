@@ -56,14 +56,13 @@ from torch import Tensor
 
 from . import _compiled
 from . import _validation as v
-from ._adam_kernels import KERNELS, Rule
+from ._adam_step import LOW_PRECISION, step_group
 from ._base import BaseOptimizer, ParamOverrides
 from ._state_loading import StateSpec, like
 
 __all__ = ["Adam", "AdamAtan2", "AdamW", "RAdam"]
 
 EPS_MODES = ("torch", "tf")
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 _FUSED_DEVICES = ("cpu", "cuda")
 
 
@@ -75,7 +74,7 @@ class _AdamFamily(BaseOptimizer):
     eps_knobs: ClassVar[tuple[str, ...]] = ("eps",)
 
     def _state_specs(self, p: Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
-        # _step_group creates all three at once, only for an empty state: a partial state cannot be stepped.
+        # step_group creates all three at once, only for an empty state: a partial state cannot be stepped.
         return {
             "step": StateSpec(None, required=True),
             "exp_avg": like(p, required=True),
@@ -83,9 +82,9 @@ class _AdamFamily(BaseOptimizer):
         }
 
     def _normalize_state_dtypes(self) -> None:
-        # The kernels (fused ones above all) take the moments in the dtype _step_group creates them in.
+        # The kernels (fused ones above all) take the moments in the dtype step_group creates them in.
         for p, state in self.state.items():
-            dtype = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+            dtype = torch.float32 if p.dtype in LOW_PRECISION else p.dtype
             for key in ("exp_avg", "exp_avg_sq"):
                 if torch.is_tensor(state.get(key)) and state[key].dtype != dtype:
                     state[key] = state[key].to(dtype)
@@ -99,22 +98,6 @@ class _AdamFamily(BaseOptimizer):
         else:
             v.check_non_negative("eps", group["eps"])
             v.check_choice("eps_mode", group["eps_mode"], EPS_MODES)
-
-    def _rule(self, group: dict[str, Any]) -> Rule:
-        beta1, beta2 = group["betas"]
-        return Rule(
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group.get("eps", 0.0),
-            eps_mode=group.get("eps_mode", "torch"),
-            weight_decay=group["weight_decay"],
-            weight_decay_mode=group["weight_decay_mode"],
-            lr_peak=group["lr_peak"],
-            maximize=group["maximize"],
-            rectify=self._rectify,
-            atan2=(group["a"], group["b"]) if self._atan2 else None,
-        )
 
     def _resolve(self, group: dict[str, Any], params: list[Tensor]) -> str:
         impl = group["implementation"]
@@ -139,59 +122,8 @@ class _AdamFamily(BaseOptimizer):
                 loss = closure()
         self._prepare_step()
         for group in self.param_groups:
-            self._step_group(group)
+            step_group(self, group)
         return loss
-
-    def _step_group(self, group: dict[str, Any]) -> None:
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
-        exp_avgs: list[Tensor] = []
-        exp_avg_sqs: list[Tensor] = []
-        steps: list[Tensor] = []
-        writeback: list[tuple[Tensor, Tensor]] = []
-        for p in group["params"]:
-            grad = p.grad
-            if grad is None:
-                continue
-            if grad.is_sparse:
-                v.check_dense_grad(grad, type(self).__name__)
-            state = self.state[p]
-            if not state:
-                # float32 state for low-precision parameters; step on the host like torch's non-fused paths.
-                dtype = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
-                state["step"] = torch.zeros((), dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-            m, sq = state["exp_avg"], state["exp_avg_sq"]
-            if p.dtype in _LOW_PRECISION:
-                work = p.float()
-                writeback.append((p, work))
-                p, grad = work, grad.float()
-            if p.is_complex():  # real and imaginary parts are independent coordinates, as in torch.optim.Adam
-                p, grad, m, sq = (torch.view_as_real(x) for x in (p, grad, m, sq))
-            params.append(p)
-            grads.append(grad)
-            exp_avgs.append(m)
-            exp_avg_sqs.append(sq)
-            steps.append(state["step"])
-        if not params:
-            return
-        impl = self._resolve(group, params)
-        if impl == "fused" and params[0].device.type != "cpu":
-            steps = self._steps_on_device(group, steps)
-        KERNELS[impl](params, grads, exp_avgs, exp_avg_sqs, steps, self._rule(group))
-        for p, work in writeback:
-            p.copy_(work)  # round-to-nearest-even
-
-    def _steps_on_device(self, group: dict[str, Any], steps: list[Tensor]) -> list[Tensor]:
-        """The CUDA fused kernels read ``step`` on the device: move it there once (kept there afterwards)."""
-        moved = []
-        with_grad = (p for p in group["params"] if p.grad is not None)
-        for p, s in zip(with_grad, steps):
-            if s.device != p.device:
-                s = self.state[p]["step"] = s.to(p.device)
-            moved.append(s)
-        return moved
 
 
 def _defaults(**knobs: Any) -> dict[str, Any]:

@@ -9,10 +9,11 @@ Typical use::
 See docs/mup.md for the rules as formulas and the coordinate check.
 """
 
+from ._base_config import derive_base_config
 from .export import export_standard
 from .groups import mup_param_groups, param_overrides
 from .interop import load_base_shapes, plan_from_base_shapes, plan_from_infshapes, save_base_shapes
-from .plan import MuPPlan, ParamInfo, derive_base_config, get_plan, has_plan, make_plan
+from .plan import MuPPlan, ParamInfo, get_plan, has_plan, make_plan
 from .surgery import (
     apply_mup,
     from_pretrained,

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from hf_optim import bench
+from hf_optim._bench_cases import BenchCase
 from hf_optim._bench_params import SIZES, make_params
 
 
@@ -110,8 +111,8 @@ class ScriptedStep(torch.optim.Optimizer):
         self.calls += 1
 
 
-def _scripted(name: str, clock: FakeClock, durations: list[float], load: float | None = None) -> bench.BenchCase:
-    return bench.BenchCase(name, lambda p: ScriptedStep(p, clock, durations, load))
+def _scripted(name: str, clock: FakeClock, durations: list[float], load: float | None = None) -> BenchCase:
+    return BenchCase(name, lambda p: ScriptedStep(p, clock, durations, load))
 
 
 def test_erratic_rows_and_reference_drift_are_flagged_and_ratios_stay_paired():
@@ -193,7 +194,7 @@ def test_a_case_that_sleeps_at_random_is_flagged_in_real_time():
         warmup=1,
         repeats=4,
         progress=lines.append,
-        cases=[bench.BenchCase("hiccup", lambda p: Hiccup(p, lr=0.0))],
+        cases=[BenchCase("hiccup", lambda p: Hiccup(p, lr=0.0))],
     )
     hiccup = report["results"][1]
     assert hiccup["name"] == "hiccup" and "spread" in hiccup["flags"] and max(hiccup["times_s"]) >= 0.05
@@ -220,9 +221,9 @@ def test_missing_and_failing_optimizers_are_rows_not_crashes():
             raise RuntimeError("kaboom")
 
     cases = [
-        bench.BenchCase("missing_one", lambda p: __import__("hf_optim.no_such_module")),
-        bench.BenchCase("exploding", lambda p: Boom(p, lr=0.1)),
-        bench.BenchCase("sgd", lambda p: torch.optim.SGD(p, lr=0.1)),
+        BenchCase("missing_one", lambda p: __import__("hf_optim.no_such_module")),
+        BenchCase("exploding", lambda p: Boom(p, lr=0.1)),
+        BenchCase("sgd", lambda p: torch.optim.SGD(p, lr=0.1)),
     ]
     lines: list[str] = []
     report = bench.run("tiny", threads=1, warmup=0, repeats=1, cases=cases, progress=lines.append)

@@ -15,7 +15,7 @@ import torch
 
 import hf_optim
 from hf_optim import _compiled
-from hf_optim.adafactor import _resolve
+from hf_optim._adafactor_dispatch import resolve
 
 SHAPES = [(136, 128), (5, 7), (9,)]  # 136x128 is factored by every preset; 5x7 only by hf/torch (min dim 1)
 STEPS = 7  # RAdam's rectification switches on at step 6 (β2 = 0.999): both branches run
@@ -142,9 +142,9 @@ def test_state_dict_round_trip_across_implementations(first, second):
 def test_auto_compiles_only_large_groups():
     small = [torch.zeros(64, 64)]
     large = [torch.zeros(_compiled.AUTO_MIN_NUMEL)]
-    assert _resolve("auto", small) == "for-loop"
-    assert _resolve("auto", large) == "compiled"
-    assert _resolve("foreach", large) == "foreach"
+    assert resolve("auto", small) == "for-loop"
+    assert resolve("auto", large) == "compiled"
+    assert resolve("foreach", large) == "foreach"
     assert hf_optim.AdamAtan2(small)._resolve(hf_optim.AdamAtan2(small).param_groups[0], small) == "foreach"
     assert hf_optim.RAdam(large)._resolve(hf_optim.RAdam(large).param_groups[0], large) == "compiled"
     assert hf_optim.AdamW(large)._resolve(hf_optim.AdamW(large).param_groups[0], large) == "fused"
@@ -170,7 +170,7 @@ def test_failed_compilation_warns_once_and_falls_back_to_eager(monkeypatch):
     assert len([w for w in record if "torch.compile failed" in str(w.message)]) == 1
     assert_same(actual, run(build, "for-loop"))
     assert _compiled.compile_broken("cpu")
-    assert _resolve("auto", [torch.zeros(_compiled.AUTO_MIN_NUMEL)]) == "for-loop"
+    assert resolve("auto", [torch.zeros(_compiled.AUTO_MIN_NUMEL)]) == "for-loop"
 
 
 def test_maths_errors_are_not_swallowed(monkeypatch):

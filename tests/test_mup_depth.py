@@ -374,7 +374,7 @@ def test_is_mup_applied_sees_a_missing_or_extra_branch_hook():
 
 # ---- recipes: model.mup.base_depth / depth_alpha ----------------------------------------------------------------
 def test_recipe_builds_a_depth_scaled_model():
-    from hf_optim.runner import train
+    from hf_optim.runner import _train_model
 
     model_cfg = {
         "arch": "gpt2",
@@ -385,7 +385,7 @@ def test_recipe_builds_a_depth_scaled_model():
         "tie_word_embeddings": False,
         "mup": {"base_width": 16, "base_depth": 2, "depth_alpha": 0.5},
     }
-    model = train.build_model(model_cfg, vocab_size=64, block_size=32)
+    model = _train_model.build_model(model_cfg, vocab_size=64, block_size=32)
     plan = mi.get_plan(model)
     assert (plan.base_depth, plan.depth, plan.depth_alpha, plan.width_mult) == (2, 8, 0.5, 2.0)
     assert mi.is_mup_applied(model) and [h.multiplier for h in branch_hooks(model)] == [0.5] * 16

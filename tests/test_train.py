@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from hf_optim.runner import train
+from hf_optim.runner import _train_model, train
 
 TINY = [
     "model.hidden_size=32",
@@ -162,7 +162,7 @@ def test_build_model_from_config(arch, base_width):
     from mup_integration.plan import has_plan
 
     cfg = {
-        **train.MODEL_DEFAULTS,
+        **_train_model.MODEL_DEFAULTS,
         "arch": arch,
         "hidden_size": 32,
         "num_layers": 1,
@@ -170,7 +170,7 @@ def test_build_model_from_config(arch, base_width):
         "mup": {"base_width": base_width} if base_width else None,
     }
     torch.manual_seed(0)
-    model = train.build_model(cfg, vocab_size=65, block_size=16)
+    model = _train_model.build_model(cfg, vocab_size=65, block_size=16)
     assert isinstance(model, {"llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel}[arch])
     assert has_plan(model) == bool(base_width)
     assert model.get_input_embeddings().weight.shape == (65, 32)

@@ -54,6 +54,7 @@ from hf_optim.decay import WEIGHT_DECAY_MODES
 from hf_optim.registry import get_spec
 from mup_integration.groups import WD_RULES
 
+from ._sweep_values import as_float, as_int
 from .bundled import recipes_dir
 
 DEFAULT_OPTIMIZER = "adamw_v2"
@@ -135,35 +136,6 @@ _LIMITS: dict[str, tuple[Any, str]] = {
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {"arch": ARCHS, "schedule": SCHEDULES, "decay": DECAY_SETS}
-
-
-def _yaml_string_hint(value: Any) -> str:
-    """Why a number arrived as a string: PyYAML follows YAML 1.1, where ``1e-1`` (no dot) is not a float."""
-    if isinstance(value, str):
-        try:
-            float(value)
-        except ValueError:
-            return ""
-        return " (YAML 1.1 reads exponents without a dot, like 1e-1, as strings: write 1.0e-1 or 0.1)"
-    return ""
-
-
-def as_int(where: str, value: Any) -> int:
-    """``value`` as an int; a ValueError for bools, strings and non-integral numbers (no silent truncation)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or (isinstance(value, float) and (not math.isfinite(value) or not value.is_integer()))
-    ):
-        raise ValueError(f"{where} must be an integer, got {value!r}{_yaml_string_hint(value)}.")
-    return int(value)
-
-
-def as_float(where: str, value: Any) -> float:
-    """``value`` as a finite float; a ValueError for bools, strings (see ``_yaml_string_hint``) and NaN/inf."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{where} must be a finite number, got {value!r}{_yaml_string_hint(value)}.")
-    return float(value)
 
 
 def _checked(cls: type, raw: dict[str, Any], where: str) -> dict[str, Any]:

@@ -19,8 +19,8 @@ from hf_optim import _validation as v
 from hf_optim import factory
 from hf_optim.registry import get_spec
 
+from ._recipe_fields import WEIGHT_DECAY_IS_LR_PEAK
 from .schedules import make_multiplier, make_scheduler
-from .schema import WEIGHT_DECAY_IS_LR_PEAK
 
 log = logging.getLogger(__name__)
 

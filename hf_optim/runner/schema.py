@@ -1,12 +1,12 @@
 """Load and validate recipe YAML files.
 
-A recipe is a nested mapping whose allowed keys are :data:`SCHEMA`; anything else is an error that names the key
-and the closest valid one. YAML is read with ``yaml.safe_load`` only. Two kinds:
+A recipe is a nested mapping whose allowed keys are :data:`~hf_optim.runner._recipe_fields.SCHEMA`; anything else is
+an error that names the key and the closest valid one. YAML is read with ``yaml.safe_load`` only. Two kinds:
 
 - ``published``: the optimizer settings of a paper. It must cite ``sources`` and every field of
-  :data:`PUBLISHED_FIELDS` must either have a value or be listed in ``unknown`` (fields the source does not state).
-  A field listed in ``unknown`` may still carry a value only if ``assumptions`` says why (e.g. GPT-3's "weight
-  decay 0.1" read as PyTorch-AdamW's lr-coupled form): nothing is filled in silently.
+  :data:`~hf_optim.runner._recipe_fields.PUBLISHED_FIELDS` must either have a value or be listed in ``unknown``
+  (fields the source does not state). A field listed in ``unknown`` may still carry a value only if ``assumptions``
+  says why (e.g. GPT-3's "weight decay 0.1" read as PyTorch-AdamW's lr-coupled form): nothing is filled in silently.
 - ``demo``: a runnable recipe; ``base: llm/llama2`` inherits a published recipe (deep merge, the demo wins), then
   ``model``/``data``/``run`` say what to train.
 
@@ -25,122 +25,19 @@ import yaml
 
 from hf_optim._validation import closest
 
+from ._recipe_fields import (
+    ADAM_FIELDS,
+    FLOAT_OR_LR_PEAK,
+    PUBLISHED_FIELDS,
+    SCHEMA,
+    SIZE_KEYS,
+    WEIGHT_DECAY_IS_LR_PEAK,
+    field_paths,
+)
 from .bundled import recipes_dir
 
 RECIPES_DIR = recipes_dir()
 ALIASES = {"demo": "demo/shakespeare_mup_llama_adafactor"}
-
-#: ``optimizer.weight_decay: lr_peak`` means λ = the peak lr of the chosen size (resolved by
-#: :func:`hf_optim.runner.build.weight_decay`), so PaLM's ``lr_t²`` decay (mode ``corrected``) stays ``lr_t²`` when the lr is
-#: overridden; a number copied from the peak lr would silently stop tracking it.
-WEIGHT_DECAY_IS_LR_PEAK = "lr_peak"
-#: Schema type of a field that takes a number or the :data:`WEIGHT_DECAY_IS_LR_PEAK` sentinel.
-FLOAT_OR_LR_PEAK = "float_or_lr_peak"
-
-_SIZE_KEYS = {
-    "lr": float,
-    "batch_tokens": float,
-    "total_tokens": float,
-    "seq_len": int,
-    "warmup_steps": int,
-    "decay_steps": int,
-    "floor": float,
-}
-
-#: Allowed keys per section; a type, a tuple of allowed strings, or a nested mapping. ``"any"`` = free mapping
-#: (validated by its consumer, e.g. the optimizer class for ``optimizer.args``).
-SCHEMA: dict[str, Any] = {
-    "name": str,
-    "title": str,
-    "kind": ("published", "demo"),
-    "base": str,
-    "sources": list,
-    "unknown": list,
-    "assumptions": dict,
-    "notes": list,
-    "optimizer": {
-        "name": str,
-        "lr": float,
-        "betas": list,
-        "eps": float,
-        "weight_decay": FLOAT_OR_LR_PEAK,
-        "weight_decay_mode": ("l2", "coupled", "independent", "corrected"),
-        "no_decay": list,
-        "args": "any",
-    },
-    "schedule": {
-        "name": str,
-        "warmup_steps": int,
-        "warmup_tokens": float,
-        "warmup_fraction": float,
-        "floor": float,
-        "decay_steps": int,
-        "decay_tokens": float,
-        "plateau_steps": int,
-        "milestones": list,
-        "factors": list,
-        "phases": list,
-        "scale": bool,
-    },
-    "training": {
-        "max_grad_norm": float,
-        "batch_tokens": float,
-        "seq_len": int,
-        "total_tokens": float,
-        "total_steps": int,
-    },
-    "sizes": "sizes",
-    "model": {
-        "arch": ("llama", "gpt2"),
-        "hidden_size": int,
-        "num_layers": int,
-        "num_heads": int,
-        "intermediate_size": int,
-        "tie_word_embeddings": bool,
-        "mup": {
-            "base_width": int,
-            "wd_rule": ("independent", "mup", "none"),
-            "zero_readout": bool,
-            "zero_query": bool,
-            "output_mult": float,
-            "base_depth": int,
-            "depth_alpha": float,
-        },
-    },
-    "data": {"corpus": str, "tokenizer": ("char", "byte"), "block_size": int, "val_fraction": float, "max_tokens": int},
-    "run": {
-        "max_steps": int,
-        "batch_size": int,
-        "grad_accum": int,
-        "output_dir": str,
-        "logging_steps": int,
-        "save_steps": int,
-        "eval_steps": int,
-        "eval_batches": int,
-        "seed": int,
-        "size": str,
-        "bf16": bool,
-        "save_total_limit": int,
-        "unfactored_fallback": bool,
-        "threads": int,
-    },
-}
-
-#: Every published recipe states these or lists them in ``unknown``.
-PUBLISHED_FIELDS = (
-    "optimizer.name",
-    "optimizer.lr",
-    "optimizer.weight_decay",
-    "optimizer.weight_decay_mode",
-    "optimizer.no_decay",
-    "schedule.name",
-    "schedule.warmup_steps",
-    "training.max_grad_norm",
-    "training.batch_tokens",
-)
-#: ... and, for optimizers that take ``betas`` / ``eps`` (the spec says), these (Adafactor states its moments in
-#: ``optimizer.args``).
-ADAM_FIELDS = ("optimizer.betas", "optimizer.eps")
 
 
 def _takes_betas(name: Any) -> bool:
@@ -154,21 +51,6 @@ def _takes_betas(name: Any) -> bool:
 
 class RecipeError(ValueError):
     """A recipe that does not match the schema (unknown key, wrong type, missing source or unknown-field entry)."""
-
-
-def field_paths() -> list[str]:
-    """All ``section.key`` paths (for ``unknown``/``assumptions`` entries and command-line overrides)."""
-    paths: list[str] = []
-
-    def walk(prefix: str, node: Any) -> None:
-        for key, sub in node.items():
-            path = f"{prefix}{key}"
-            paths.append(path)
-            if isinstance(sub, dict):
-                walk(path + ".", sub)
-
-    walk("", SCHEMA)
-    return paths
 
 
 def _type_ok(value: Any, expected: Any) -> bool:
@@ -211,7 +93,7 @@ def _check_keys(where: str, data: Any, schema: Mapping[str, Any], origin: str) -
             if not isinstance(value, Mapping):
                 raise RecipeError(f"{origin}: sizes must map a size label (e.g. '7B') to its settings, got {value!r}.")
             for label, entry in value.items():
-                _check_keys(f"sizes.{label}", entry, _SIZE_KEYS, origin)
+                _check_keys(f"sizes.{label}", entry, SIZE_KEYS, origin)
         elif isinstance(expected, dict):
             _check_keys(path, value, expected, origin)
         elif not _type_ok(value, expected):
@@ -421,10 +303,10 @@ def _override_target(recipe: Mapping[str, Any], text: str, parts: list[str], val
                 f"override {text!r}: unknown size {guess!r}; sizes of this recipe: {allowed}.{closest(guess, labels)}"
             )
         key = rest[len(label) + 1 :]
-        if key and key not in _SIZE_KEYS:
+        if key and key not in SIZE_KEYS:
             raise RecipeError(
-                f"override {text!r}: unknown per-size key {key!r}; allowed: {sorted(_SIZE_KEYS)}."
-                f"{closest(key, _SIZE_KEYS)}"
+                f"override {text!r}: unknown per-size key {key!r}; allowed: {sorted(SIZE_KEYS)}."
+                f"{closest(key, SIZE_KEYS)}"
             )
         return ["sizes", label, key] if key else ["sizes", label]
     if parts[0] == "assumptions" and len(parts) > 1:

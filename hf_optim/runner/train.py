@@ -29,21 +29,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import _outputs, _trainer, build, horizon, schema
+from . import _outputs, _process_group, _train_model, _trainer, build, horizon, schema
 from ._trainer import config_errors as _config_errors
 from ._trainer import make_trainer_class as _make_trainer_class
 
 log = logging.getLogger(__name__)
 
-MODEL_DEFAULTS = {
-    "arch": "llama",
-    "hidden_size": 64,
-    "num_layers": 2,
-    "num_heads": 4,
-    "intermediate_size": None,
-    "tie_word_embeddings": False,
-    "mup": None,
-}
 DATA_DEFAULTS = {
     "corpus": "tinyshakespeare",
     "tokenizer": "char",
@@ -72,59 +63,6 @@ RUN_DEFAULTS = {
 def _section(recipe: Mapping[str, Any], name: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
     given = recipe.get(name) or {}
     return {**defaults, **{k: v for k, v in given.items() if v is not None}}
-
-
-def build_model(model_cfg: Mapping[str, Any], vocab_size: int, block_size: int):
-    """A LLaMA or GPT-2 causal LM from config; with ``mup.base_width`` a muP model (plan in ``config.hf_optim_mup``)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    width, layers, heads = model_cfg["hidden_size"], model_cfg["num_layers"], model_cfg["num_heads"]
-    for key in ("hidden_size", "num_layers", "num_heads"):
-        if isinstance(model_cfg[key], bool) or not isinstance(model_cfg[key], int) or model_cfg[key] < 1:
-            raise ValueError(f"model.{key} must be an integer >= 1, got {model_cfg[key]!r}.")
-    if width % heads:
-        # Checked here: transformers' own check raises a huggingface_hub error that is not a ValueError.
-        raise ValueError(
-            f"model.hidden_size={width} must be a multiple of model.num_heads={heads} "
-            f"(each head gets hidden_size / num_heads dimensions)."
-        )
-    if model_cfg["arch"] == "llama":
-        config = LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=width,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=heads,
-            intermediate_size=model_cfg["intermediate_size"] or 4 * width,
-            max_position_embeddings=block_size,
-            tie_word_embeddings=model_cfg["tie_word_embeddings"],
-            use_cache=False,
-        )
-        model_cls = LlamaForCausalLM
-    else:
-        config = GPT2Config(
-            vocab_size=vocab_size,
-            n_embd=width,
-            n_layer=layers,
-            n_head=heads,
-            n_positions=block_size,
-            n_inner=model_cfg["intermediate_size"],
-            tie_word_embeddings=model_cfg["tie_word_embeddings"],
-            use_cache=False,
-        )
-        model_cls = GPT2LMHeadModel
-    mup = model_cfg.get("mup") or {}
-    if not mup.get("base_width"):
-        return model_cls(config)
-    from mup_integration.surgery import make_mup_model
-
-    # base_depth + depth_alpha (both or neither, checked by make_plan): depth scaling, see mup_integration.depth
-    plan_kwargs = {
-        k: mup[k]
-        for k in ("zero_readout", "zero_query", "output_mult", "base_depth", "depth_alpha")
-        if mup.get(k) is not None
-    }
-    return make_mup_model(config, base_width=mup["base_width"], model_cls=model_cls, **plan_kwargs)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -170,56 +108,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except schema.RecipeError as error:
         # The message names the field, the value and what is allowed; a 40-line traceback would only bury it.
         print(f"hf-optim train: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
-        _destroy_process_group()  # the error may come after the Trainer joined a process group
+        _process_group.destroy()  # the error may come after the Trainer joined a process group
         return 2
-
-
-def _destroy_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-#: How long the ranks wait for each other at the end of a run before failing with the missing ranks' numbers. The
-#: final evaluation's collectives have just synchronised them, so they arrive within seconds of each other.
-FINAL_SYNC_TIMEOUT_S = 120
-
-
-def _leave_process_group() -> None:
-    """All ranks leave the process group together, right after their last collective (the final evaluation).
-
-    Called *before* rank 0 writes metrics.json, metrics.csv and loss.png, so that no rank sits in a collective while
-    another does seconds of file and matplotlib work, and every rank closes its group before the interpreter exits
-    (a live gloo group torn down at exit aborts: "terminate called without an active exception"). On gloo the sync is
-    ``monitored_barrier``: a rank that does not arrive within :data:`FINAL_SYNC_TIMEOUT_S` is an error naming it,
-    not a hang.
-    """
-    import datetime
-
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    if dist.get_world_size() > 1:
-        if dist.get_backend() == "gloo":
-            dist.monitored_barrier(timeout=datetime.timedelta(seconds=FINAL_SYNC_TIMEOUT_S), wait_all_ranks=True)
-        else:
-            dist.barrier()
-    dist.destroy_process_group()
-
-
-def _rank() -> int:
-    """This process' rank under a launcher (``RANK``), 0 alone; known before the Trainer joins a process group."""
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
 
 
 def _note(message: str, *, warning: bool = False) -> None:
     """One ``[hf-optim]`` line from rank 0 only (a warning goes to stderr)."""
-    if _rank() == 0:
+    if _process_group.rank() == 0:
         print(
             f"[hf-optim] {'warning: ' if warning else ''}{message}",
             file=sys.stderr if warning else sys.stdout,
@@ -280,7 +175,7 @@ def _fit_schedule(args: argparse.Namespace, recipe: Mapping[str, Any], run: Mapp
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """Everything decided from the recipe and the command line, checked before any data or model work."""
     recipe = schema.load(args.recipe, args.overrides)
-    model_cfg = _section(recipe, "model", MODEL_DEFAULTS)
+    model_cfg = _section(recipe, "model", _train_model.MODEL_DEFAULTS)
     data_cfg = _section(recipe, "data", DATA_DEFAULTS)
     run = _section(recipe, "run", RUN_DEFAULTS)
     threads, threads_origin = _threads(args, run)
@@ -447,7 +342,7 @@ def _train(args: argparse.Namespace, t_launch: float) -> int:
             max_tokens=data_cfg["max_tokens"],
         )
     with _config_errors("model"):
-        model = build_model(s["model"], corpus.vocab_size, data_cfg["block_size"])
+        model = _train_model.build_model(s["model"], corpus.vocab_size, data_cfg["block_size"])
     trainer = _make_trainer(s, model, corpus)
     main_process = trainer.is_world_process_zero()
     if main_process:
@@ -458,7 +353,7 @@ def _train(args: argparse.Namespace, t_launch: float) -> int:
     trainer.train(resume_from_checkpoint=args.resume)
     final_eval = trainer.evaluate()["eval_loss"]
     summary = _summary(s, trainer, corpus, final_eval, (start, t_launch)) if main_process else None
-    _leave_process_group()  # before the outputs: see its docstring
+    _process_group.leave()  # before the outputs: see its docstring
     if summary is not None:
         s["out"].mkdir(parents=True, exist_ok=True)
         _outputs.write_outputs(s["out"], trainer.state.log_history, summary)

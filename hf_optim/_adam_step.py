@@ -1,0 +1,89 @@
+"""One step of the Adam family (:mod:`hf_optim.adam`) over a parameter group: the group's tensors and state gathered
+(state created on first use, float32 work copies of bf16/fp16 parameters, complex as real), the kernels'
+:class:`~hf_optim._adam_kernels.Rule` built from the group, the chosen kernel run, low-precision results written back.
+The kernels themselves are :mod:`hf_optim._adam_kernels`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _validation as v
+from ._adam_kernels import KERNELS, Rule
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def make_rule(group: dict[str, Any], *, rectify: bool, atan2: bool) -> Rule:
+    """The kernels' :class:`~hf_optim._adam_kernels.Rule` for ``group`` (RAdam rectifies, AdamAtan2 uses atan2)."""
+    beta1, beta2 = group["betas"]
+    return Rule(
+        lr=group["lr"],
+        beta1=beta1,
+        beta2=beta2,
+        eps=group.get("eps", 0.0),
+        eps_mode=group.get("eps_mode", "torch"),
+        weight_decay=group["weight_decay"],
+        weight_decay_mode=group["weight_decay_mode"],
+        lr_peak=group["lr_peak"],
+        maximize=group["maximize"],
+        rectify=rectify,
+        atan2=(group["a"], group["b"]) if atan2 else None,
+    )
+
+
+def step_group(opt: Any, group: dict[str, Any]) -> None:
+    """One step of the Adam-family optimizer ``opt`` (:mod:`hf_optim.adam`) over the parameters of ``group`` that have
+    gradients: state created on first use, float32 work copies of low-precision parameters, then the kernel."""
+    params: list[Tensor] = []
+    grads: list[Tensor] = []
+    exp_avgs: list[Tensor] = []
+    exp_avg_sqs: list[Tensor] = []
+    steps: list[Tensor] = []
+    writeback: list[tuple[Tensor, Tensor]] = []
+    for p in group["params"]:
+        grad = p.grad
+        if grad is None:
+            continue
+        if grad.is_sparse:
+            v.check_dense_grad(grad, type(opt).__name__)
+        state = opt.state[p]
+        if not state:
+            # float32 state for low-precision parameters; step on the host like torch's non-fused paths.
+            dtype = torch.float32 if p.dtype in LOW_PRECISION else p.dtype
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        m, sq = state["exp_avg"], state["exp_avg_sq"]
+        if p.dtype in LOW_PRECISION:
+            work = p.float()
+            writeback.append((p, work))
+            p, grad = work, grad.float()
+        if p.is_complex():  # real and imaginary parts are independent coordinates, as in torch.optim.Adam
+            p, grad, m, sq = (torch.view_as_real(x) for x in (p, grad, m, sq))
+        params.append(p)
+        grads.append(grad)
+        exp_avgs.append(m)
+        exp_avg_sqs.append(sq)
+        steps.append(state["step"])
+    if not params:
+        return
+    impl = opt._resolve(group, params)
+    if impl == "fused" and params[0].device.type != "cpu":
+        steps = _steps_on_device(opt, group, steps)
+    KERNELS[impl](params, grads, exp_avgs, exp_avg_sqs, steps, make_rule(group, rectify=opt._rectify, atan2=opt._atan2))
+    for p, work in writeback:
+        p.copy_(work)  # round-to-nearest-even
+
+
+def _steps_on_device(opt: Any, group: dict[str, Any], steps: list[Tensor]) -> list[Tensor]:
+    """The CUDA fused kernels read ``step`` on the device: move it there once (kept there afterwards)."""
+    moved = []
+    with_grad = (p for p in group["params"] if p.grad is not None)
+    for p, s in zip(with_grad, steps):
+        if s.device != p.device:
+            s = opt.state[p]["step"] = s.to(p.device)
+        moved.append(s)
+    return moved
