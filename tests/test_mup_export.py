@@ -246,7 +246,7 @@ def test_cli_export(tmp_path, capsys):
 def test_export_with_a_depth_plan(tmp_path):
     """A depth-scaled muP model (4 layers over base depth 2): r = (4/2)^-alpha, by hand 0.5 (alpha 1, CompleteP)
     and 2^-0.5 (alpha 1/2, depth-muP); every export reloads in a fresh interpreter with the same logits."""
-    from test_mup_architectures import build as build_arch
+    from mup_archs import build as build_arch
 
     cases, paths = {}, []
     for tied in (False, True):
@@ -305,7 +305,7 @@ LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "gpt2")
 
 def _depth_model(arch: str, tied: bool, alpha: float):
     """A muP model of ``arch`` with 2 layers over base depth 1 (r = 2^-alpha), weights far from the init."""
-    from test_mup_architectures import ARCHS, build
+    from mup_archs import ARCHS, build
 
     if arch in ARCHS:
         model = build(arch, tied=tied, base_depth=1, depth_alpha=alpha, attn_mult=1.5, output_mult=2.0)
@@ -319,7 +319,7 @@ def _depth_model(arch: str, tied: bool, alpha: float):
 
 
 def _depth_cases():
-    from test_mup_architectures import ARCHS
+    from mup_archs import ARCHS
 
     out = []
     for arch in (*LLAMA_FAMILY, *ARCHS):
