@@ -187,6 +187,22 @@ class BaseOptimizer(torch.optim.Optimizer):
         """The state entries this class keeps for ``p`` in ``group`` (keys, shapes): what loading accepts."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._prepare_step()
+        for index, group in enumerate(self.param_groups):
+            self._step_group(index, group)
+        return loss
+
+    def _step_group(self, index: int, group: dict[str, Any]) -> None:
+        """Update the parameters of ``group`` (the ``index``-th) that have a gradient: the rule of the subclass."""
+        raise NotImplementedError
+
     def _prepare_step(self) -> None:
         """Run first in every ``step``: the peak lr a scheduler recorded, and the warning when the lr exceeds it."""
         warned = self.__dict__.setdefault("_warned_lr_above_peak", set())

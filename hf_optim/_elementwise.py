@@ -125,28 +125,20 @@ class ElementwiseOptimizer(BaseOptimizer):
         raise NotImplementedError
 
     # --- the shared step ---------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._prepare_step()
-        for group in self.param_groups:
-            params = list(self._params_with_grad(group))
-            if not params:
-                continue
-            if choose_implementation(group["implementation"], params) == "foreach":
-                buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-                for p in params:
-                    work_dtype = torch.float32 if p.dtype in LOW_PRECISION else p.dtype
-                    buckets.setdefault((p.device, work_dtype), []).append(p)
-                batches = list(buckets.values())
-            else:
-                batches = [[p] for p in params]
-            for batch in batches:
-                self._step_batch(group, batch)
-        return loss
+    def _step_group(self, index: int, group: dict[str, Any]) -> None:
+        params = list(self._params_with_grad(group))
+        if not params:
+            return
+        if choose_implementation(group["implementation"], params) == "foreach":
+            buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+            for p in params:
+                work_dtype = torch.float32 if p.dtype in LOW_PRECISION else p.dtype
+                buckets.setdefault((p.device, work_dtype), []).append(p)
+            batches = list(buckets.values())
+        else:
+            batches = [[p] for p in params]
+        for batch in batches:
+            self._step_batch(group, batch)
 
     def _step_batch(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         low = [p.dtype in LOW_PRECISION for p in params]

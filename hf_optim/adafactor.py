@@ -301,18 +301,10 @@ class Adafactor(BaseOptimizer):
                 if "exp_avg" in state:
                     state["exp_avg"] = state["exp_avg"].to(self._momentum_kwargs({"dtype": stat_dtype}, group)["dtype"])
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._prepare_step()
-        for index, group in enumerate(self.param_groups):
-            params = list(self._params_with_grad(group))
-            if not params:
-                continue
-            if group["factored"] and any(not self.state.get(p) for p in params):
-                self._check_still_factorable(index, group)
-            step_group(self, params, group, group["implementation"])
-        return loss
+    def _step_group(self, index: int, group: dict[str, Any]) -> None:
+        params = list(self._params_with_grad(group))
+        if not params:
+            return
+        if group["factored"] and any(not self.state.get(p) for p in params):
+            self._check_still_factorable(index, group)
+        step_group(self, params, group, group["implementation"])

@@ -113,17 +113,8 @@ class _AdamFamily(BaseOptimizer):
             return "compiled"
         return "foreach"
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._prepare_step()
-        for group in self.param_groups:
-            step_group(self, group)
-        return loss
+    def _step_group(self, index: int, group: dict[str, Any]) -> None:
+        step_group(self, group)
 
 
 def _defaults(**knobs: Any) -> dict[str, Any]:
