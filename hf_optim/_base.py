@@ -97,6 +97,26 @@ def _check_override_keys(overrides: Iterable[Mapping[str, Any]], defaults: Mappi
                 )
 
 
+def constructor_knobs(init: Callable[..., Any]) -> tuple[str, ...]:
+    """The named arguments of an optimizer constructor that are group knobs (all but ``params``/``param_overrides``)."""
+    skip = {"self", "params", "param_overrides"}
+    return tuple(
+        n
+        for n, p in inspect.signature(init).parameters.items()
+        if n not in skip and p.kind is not inspect.Parameter.VAR_KEYWORD
+    )
+
+
+def group_defaults(init: Callable[..., Any], arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``defaults`` of an optimizer from its constructor ``init`` called with ``arguments`` (its ``locals()``).
+
+    The signature is the one list of a class's knobs (:meth:`BaseOptimizer.knob_names` reads it too), so a knob
+    added to a constructor reaches its groups without a second list to keep in step. ``init`` is the constructor
+    whose locals these are, not ``type(self).__init__``: a subclass may take other arguments.
+    """
+    return {name: arguments[name] for name in constructor_knobs(init)}
+
+
 class BaseOptimizer(torch.optim.Optimizer):
     """Base class: validates every group (at construction and in ``add_param_group``) and records ``lr_peak``.
 
@@ -176,12 +196,7 @@ class BaseOptimizer(torch.optim.Optimizer):
     @classmethod
     def knob_names(cls) -> tuple[str, ...]:
         """The knobs a group of this class holds (the named constructor arguments)."""
-        skip = {"self", "params", "param_overrides"}
-        return tuple(
-            n
-            for n, p in inspect.signature(cls.__init__).parameters.items()
-            if n not in skip and p.kind is not inspect.Parameter.VAR_KEYWORD
-        )
+        return constructor_knobs(cls.__init__)
 
     def _state_specs(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, _state_loading.StateSpec]:
         """The state entries this class keeps for ``p`` in ``group`` (keys, shapes): what loading accepts."""

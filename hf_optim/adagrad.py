@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from . import _validation as v
-from ._base import ParamOverrides
+from ._base import ParamOverrides, group_defaults
 from ._elementwise import ElementwiseOptimizer, State, state_tensor
 
 
@@ -73,17 +73,7 @@ class AdaGrad(ElementwiseOptimizer):
         implementation: str = "auto",
         param_overrides: ParamOverrides | None = None,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            lr_decay=lr_decay,
-            initial_accumulator_value=initial_accumulator_value,
-            eps=eps,
-            weight_decay=weight_decay,
-            weight_decay_mode=weight_decay_mode,
-            maximize=maximize,
-            implementation=implementation,
-        )
-        super().__init__(params, defaults, param_overrides=param_overrides)
+        super().__init__(params, group_defaults(AdaGrad.__init__, locals()), param_overrides=param_overrides)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)

@@ -48,7 +48,7 @@ Everett et al. 2024, "Scaling Exponents Across Parameterizations and Optimizers"
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -57,7 +57,7 @@ from torch import Tensor
 from . import _compiled
 from . import _validation as v
 from ._adam_step import LOW_PRECISION, step_group
-from ._base import BaseOptimizer, ParamOverrides
+from ._base import BaseOptimizer, ParamOverrides, group_defaults
 from ._state_loading import StateSpec, like
 
 __all__ = ["Adam", "AdamAtan2", "AdamW", "RAdam"]
@@ -117,7 +117,9 @@ class _AdamFamily(BaseOptimizer):
         step_group(self, group)
 
 
-def _defaults(**knobs: Any) -> dict[str, Any]:
+def _defaults(init: Callable[..., Any], arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`~hf_optim._base.group_defaults`, with ``betas`` stored as a tuple (JSON and --optim_args give lists)."""
+    knobs = group_defaults(init, arguments)
     betas = knobs["betas"]
     knobs["betas"] = tuple(betas) if isinstance(betas, list) else betas
     return knobs
@@ -188,17 +190,7 @@ class Adam(_AdamFamily):
         implementation: str = "auto",
         param_overrides: ParamOverrides | None = None,
     ) -> None:
-        defaults = _defaults(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            weight_decay_mode=weight_decay_mode,
-            eps_mode=eps_mode,
-            maximize=maximize,
-            implementation=implementation,
-        )
-        super().__init__(params, defaults, param_overrides=param_overrides)
+        super().__init__(params, _defaults(Adam.__init__, locals()), param_overrides=param_overrides)
 
 
 class AdamW(Adam):
@@ -248,18 +240,7 @@ class AdamW(Adam):
         implementation: str = "auto",
         param_overrides: ParamOverrides | None = None,
     ) -> None:
-        super().__init__(
-            params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            weight_decay_mode=weight_decay_mode,
-            eps_mode=eps_mode,
-            maximize=maximize,
-            implementation=implementation,
-            param_overrides=param_overrides,
-        )
+        super().__init__(params, **group_defaults(AdamW.__init__, locals()), param_overrides=param_overrides)
 
 
 class AdamAtan2(_AdamFamily):
@@ -305,17 +286,7 @@ class AdamAtan2(_AdamFamily):
         implementation: str = "auto",
         param_overrides: ParamOverrides | None = None,
     ) -> None:
-        defaults = _defaults(
-            lr=lr,
-            betas=betas,
-            a=a,
-            b=b,
-            weight_decay=weight_decay,
-            weight_decay_mode=weight_decay_mode,
-            maximize=maximize,
-            implementation=implementation,
-        )
-        super().__init__(params, defaults, param_overrides=param_overrides)
+        super().__init__(params, _defaults(AdamAtan2.__init__, locals()), param_overrides=param_overrides)
 
 
 class RAdam(_AdamFamily):
@@ -369,14 +340,4 @@ class RAdam(_AdamFamily):
         implementation: str = "auto",
         param_overrides: ParamOverrides | None = None,
     ) -> None:
-        defaults = _defaults(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            weight_decay_mode=weight_decay_mode,
-            eps_mode=eps_mode,
-            maximize=maximize,
-            implementation=implementation,
-        )
-        super().__init__(params, defaults, param_overrides=param_overrides)
+        super().__init__(params, _defaults(RAdam.__init__, locals()), param_overrides=param_overrides)

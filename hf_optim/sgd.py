@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from . import _validation as v
-from ._base import ParamOverrides
+from ._base import ParamOverrides, group_defaults
 from ._elementwise import ElementwiseOptimizer, State, state_tensor, zeros_like
 
 
@@ -77,17 +77,7 @@ class SGDW(ElementwiseOptimizer):
         implementation: str = "auto",
         param_overrides: ParamOverrides | None = None,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            weight_decay_mode=weight_decay_mode,
-            maximize=maximize,
-            implementation=implementation,
-        )
-        super().__init__(params, defaults, param_overrides=param_overrides)
+        super().__init__(params, group_defaults(SGDW.__init__, locals()), param_overrides=param_overrides)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
