@@ -101,41 +101,27 @@ def _radam_group(saved: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str,
     return {**_adam_group(saved, live), "eps_mode": "tf"}
 
 
-def _sgd_group(saved: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
+def _l2_group(saved: Mapping[str, Any], *knobs: str) -> dict[str, Any]:
+    """torch's SGD, Adagrad and RMSprop: ``knobs`` carry over as saved, and their ``weight_decay`` is an L2 term."""
     return {
         "lr": _float(saved["lr"]),
-        "momentum": saved["momentum"],
-        "dampening": saved["dampening"],
-        "nesterov": saved["nesterov"],
+        **{knob: saved[knob] for knob in knobs},
         "weight_decay": saved["weight_decay"],
         "weight_decay_mode": "l2",
         "maximize": saved.get("maximize", False),
     }
+
+
+def _sgd_group(saved: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
+    return _l2_group(saved, "momentum", "dampening", "nesterov")
 
 
 def _adagrad_group(saved: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "lr": _float(saved["lr"]),
-        "lr_decay": saved["lr_decay"],
-        "eps": saved["eps"],
-        "initial_accumulator_value": saved["initial_accumulator_value"],
-        "weight_decay": saved["weight_decay"],
-        "weight_decay_mode": "l2",
-        "maximize": saved.get("maximize", False),
-    }
+    return _l2_group(saved, "lr_decay", "eps", "initial_accumulator_value")
 
 
 def _rmsprop_group(saved: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "lr": _float(saved["lr"]),
-        "alpha": saved["alpha"],
-        "eps": saved["eps"],
-        "momentum": saved["momentum"],
-        "centered": saved["centered"],
-        "weight_decay": saved["weight_decay"],
-        "weight_decay_mode": "l2",
-        "maximize": saved.get("maximize", False),
-    }
+    return _l2_group(saved, "alpha", "eps", "momentum", "centered")
 
 
 #: Adafactor knobs that are not part of the maths a saved dict defines: they keep the live optimizer's values.
