@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from torch import nn
 
-from .plan import MuPPlan, ParamInfo, _fan_dims, unwrap
+from .plan import MuPPlan, ParamInfo, _fan_dims, _param_info, unwrap
 
 _BSH_HEADER = (
     "# muP base shapes (YAML, the format of microsoft/mup's .bsh files)\n"
@@ -40,26 +40,7 @@ def _info(
         if n0 is not None and n < n0:
             raise ValueError(f"{name}: the base is wider than the model in dimension {i} ({n0} > {n}).")
         mults.append(1.0 if n0 is None else n / n0)
-    fan_in, fan_out = fans
-    in_w = fan_in is not None and base_shape[fan_in] is not None
-    out_w = fan_out is not None and base_shape[fan_out] is not None
-    if fan_in is None:
-        kind = "vector"
-    elif in_w and out_w:
-        kind = "hidden"
-    elif out_w:
-        kind = "embedding"
-    elif in_w:
-        kind = "readout"
-    else:
-        kind = "vector"
-    return ParamInfo(
-        kind,
-        tuple(shape),
-        tuple(base_shape),
-        mults[fan_in] if fan_in is not None else 1.0,
-        mults[fan_out] if fan_out is not None else 1.0,
-    )
+    return _param_info(shape, base_shape, mults, fans)
 
 
 def plan_from_base_shapes(

@@ -24,7 +24,7 @@ With :math:`n` a dimension of the target and :math:`n_0` its size in the base mo
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -251,24 +251,36 @@ def plan_from_shapes(
                 )
             else:
                 mults.append(n / n0)
-        fi = mults[fan_in] if fan_in is not None else 1.0
-        fo = mults[fan_out] if fan_out is not None else 1.0
-        in_w = fan_in is not None and width_dims[fan_in]
-        out_w = fan_out is not None and width_dims[fan_out]
-        if fan_in is None:
-            kind = "vector"
-        elif in_w and out_w:
-            kind = "hidden"
-        elif out_w:
-            kind = "embedding"
-        elif in_w:
-            kind = "readout"
-        else:
-            kind = "vector"  # a finite matrix: no width dims, every multiplier is 1
-        params[name] = ParamInfo(
-            kind, tuple(shape), tuple(n0 if w else None for n0, w in zip(base_shape, width_dims)), fi, fo
+        params[name] = _param_info(
+            shape, tuple(n0 if w else None for n0, w in zip(base_shape, width_dims)), mults, (fan_in, fan_out)
         )
     return params
+
+
+def _param_info(
+    shape: tuple[int, ...],
+    base_shape: tuple[int | None, ...],
+    mults: Sequence[float],
+    fans: tuple[int | None, int | None],
+) -> ParamInfo:
+    """The :class:`ParamInfo` of a parameter whose ``base_shape`` is ``None`` where a dimension does not grow with width
+    (the kind follows from its fan dimensions); plans from configs and from mup base shapes share it, so agree."""
+    fan_in, fan_out = fans
+    in_w = fan_in is not None and base_shape[fan_in] is not None
+    out_w = fan_out is not None and base_shape[fan_out] is not None
+    if fan_in is None:
+        kind = "vector"
+    elif in_w and out_w:
+        kind = "hidden"
+    elif out_w:
+        kind = "embedding"
+    elif in_w:
+        kind = "readout"
+    else:
+        kind = "vector"  # a finite matrix: no width dims, every multiplier is 1
+    fan_in_mult = mults[fan_in] if fan_in is not None else 1.0
+    fan_out_mult = mults[fan_out] if fan_out is not None else 1.0
+    return ParamInfo(kind, tuple(shape), tuple(base_shape), fan_in_mult, fan_out_mult)
 
 
 def make_plan(
