@@ -1,11 +1,18 @@
-"""What the width and depth coordinate checks feed their models: a small config per family and fixed text batches."""
+"""What the width and depth coordinate checks share: a small config per family, fixed text batches, the training
+step and the CSV and figure output."""
 
 from __future__ import annotations
 
+import csv
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import asdict
 from importlib import resources
 from typing import Any
 
 import torch
+from torch import nn
 
 
 def _config(model: str, width: int, num_layers: int, vocab_size: int, seq_len: int) -> Any:
@@ -42,3 +49,33 @@ def _batches(vocab_size: int, batch_size: int, seq_len: int, steps: int) -> list
     need = steps * batch_size * seq_len
     data = torch.tensor(list(text[:need]), dtype=torch.long) % vocab_size
     return list(data.view(steps, batch_size, seq_len))
+
+
+def _train_step(net: nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor, label: str, step: int) -> None:
+    """One language-modelling step; a non-finite loss stops the check, since every later record would be noise."""
+    loss = net(input_ids=tokens, labels=tokens).loss
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"{label}: loss {loss.item()} at step {step}.")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def _write_csv(records: Iterable[Any], fields: Iterable[str], path: str | os.PathLike) -> None:
+    """The records (dataclasses with ``fields``) as a CSV file with a header row."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in records)
+
+
+def _save_figure(fig: Any, axes: Any, path: str | os.PathLike, title: str) -> None:
+    """Legend on the top-right panel, optional title, then write and close the figure (no pyplot state left)."""
+    import matplotlib.pyplot as plt
+
+    axes[0][-1].legend(fontsize=6, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -13,13 +13,11 @@ coordinate :math:`\frac{1}{N}\sum_i |h_i|` of each module's output (forward hook
 from __future__ import annotations
 
 import argparse
-import csv
-import math
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +25,7 @@ from torch import nn
 
 from hf_optim import _validation as v
 
-from ._coord_inputs import _batches, _config
+from ._coord_inputs import _batches, _config, _save_figure, _train_step, _write_csv
 
 PARAMETRIZATIONS = ("sp", "mup")
 MODELS = ("llama", "gpt2")
@@ -107,12 +105,7 @@ def run_one(
     try:
         for step, tokens in enumerate(_batches(vocab_size, batch_size, seq_len, steps)):
             step_box[0] = step
-            loss = net(input_ids=tokens, labels=tokens).loss
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"{parametrization} width={width}: loss {loss.item()} at step {step}.")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _train_step(net, opt, tokens, f"{parametrization} width={width}", step)
     finally:
         for h in handles:
             h.remove()
@@ -165,10 +158,7 @@ def growth(records: Sequence[Record], parametrization: str, module: str, step: i
 
 
 def write_csv(records: Sequence[Record], path: str | os.PathLike) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(Record.__dataclass_fields__))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in records)
+    _write_csv(records, Record.__dataclass_fields__, path)
 
 
 def plot(records: Sequence[Record], path: str | os.PathLike, title: str = "") -> None:
@@ -206,12 +196,7 @@ def plot(records: Sequence[Record], path: str | os.PathLike, title: str = "") ->
                 ax.set_xlabel("width")
             if j == 0:
                 ax.set_ylabel("mean |activation|")
-    axes[0][-1].legend(fontsize=6, loc="best")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, axes, path, title)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -236,23 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.depths is not None:
         return _main_depth(parser, args)
-    try:
-        widths = [int(w) for w in args.widths.split(",") if w.strip()]
-    except ValueError:
-        parser.error(f"--widths must be comma-separated integers, got {args.widths!r}")
+    widths = _ints(parser, "--widths", args.widths)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
-    records = coord_check(
-        widths,
-        base_width=args.base_width,
-        model=args.model,
-        steps=args.steps,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        num_layers=args.layers,
-        seed=args.seed,
-        progress=lambda line: print(line, flush=True),
-    )
+    records = coord_check(widths, base_width=args.base_width, num_layers=args.layers, **_run_options(args))
     os.makedirs(args.out_dir, exist_ok=True)
     csv_path, png_path = os.path.join(args.out_dir, "coord_check.csv"), os.path.join(args.out_dir, "coord_check.png")
     write_csv(records, csv_path)
@@ -267,30 +238,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _ints(parser: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
+    """A comma-separated list of integers from the command line (a usage error otherwise)."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"{flag} must be comma-separated integers, got {text!r}")
+
+
+def _run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options the width and the depth check take alike, so both runs of one command line train the same way."""
+    return {
+        "model": args.model,
+        "steps": args.steps,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "seed": args.seed,
+        "progress": lambda line: print(line, flush=True),
+    }
+
+
 def _main_depth(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from . import coord_check_depth as ccd
 
-    try:
-        depths = [int(d) for d in args.depths.split(",") if d.strip()]
-    except ValueError:
-        parser.error(f"--depths must be comma-separated integers, got {args.depths!r}")
+    depths = _ints(parser, "--depths", args.depths)
     if not depths or min(depths) < 1 or args.width < 1 or args.steps < 1:
         parser.error(
             f"--depths must be integers >= 1 and --width, --steps >= 1; got --depths {args.depths!r}, "
             f"--width {args.width}, --steps {args.steps}"
         )
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
-    records = ccd.coord_check_depth(
-        depths,
-        width=args.width,
-        model=args.model,
-        steps=args.steps,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        seed=args.seed,
-        progress=lambda line: print(line, flush=True),
-    )
+    records = ccd.coord_check_depth(depths, width=args.width, **_run_options(args))
     os.makedirs(args.out_dir, exist_ok=True)
     csv_path = os.path.join(args.out_dir, "coord_check_depth.csv")
     png_path = os.path.join(args.out_dir, "coord_check_depth.png")

@@ -14,12 +14,10 @@ and its updates grow with depth (Dey et al. 2025, arXiv 2505.01618, Figure 7).
 
 from __future__ import annotations
 
-import csv
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +25,7 @@ from torch import nn
 
 from hf_optim import _validation as v
 
-from ._coord_inputs import _batches, _config
+from ._coord_inputs import _batches, _config, _save_figure, _train_step, _write_csv
 
 #: parametrization -> depth_alpha (None = width-only muP)
 DEPTH_PARAMETRIZATIONS: dict[str, float | None] = {"mup": None, "depth_mup": 0.5, "completep": 1.0}
@@ -110,12 +108,7 @@ def run_one_depth(
             values |= {f"{k}_update": (seen[k] - first[k]).abs().mean().item() for k in ("residual", "logits")}
             records += [DepthRecord(parametrization, depth, step, q, values[q]) for q in QUANTITIES]
             net.train()
-            loss = net(input_ids=tokens, labels=tokens).loss
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"{parametrization} depth={depth}: loss {loss.item()} at step {step}.")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _train_step(net, opt, tokens, f"{parametrization} depth={depth}", step)
     finally:
         for h in handles:
             h.remove()
@@ -168,10 +161,7 @@ def depth_spread(records: Sequence[DepthRecord], parametrization: str, quantity:
 
 
 def write_csv(records: Sequence[DepthRecord], path: str | os.PathLike) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(DepthRecord.__dataclass_fields__))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in records)
+    _write_csv(records, DepthRecord.__dataclass_fields__, path)
 
 
 def plot(
@@ -220,12 +210,7 @@ def plot(
                 ax.set_xlabel("depth L")
             if j == 0:
                 ax.set_ylabel(f"mean |{q}|", fontsize=8)
-    axes[0][-1].legend(fontsize=6, loc="best")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, axes, path, title)
 
 
 def report(records: Sequence[DepthRecord], steps: int) -> list[str]:
