@@ -6,7 +6,8 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from importlib import resources
 from typing import Any
@@ -79,3 +80,22 @@ def _save_figure(fig: Any, axes: Any, path: str | os.PathLike, title: str) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _sweep(
+    parametrizations: Sequence[str],
+    sizes: Sequence[int],
+    run: Callable[[str, int], list[Any]],
+    describe: str,
+    progress: Callable[[str], None] | None,
+) -> list[Any]:
+    """``run`` for every parametrization and size, in that nesting, each run's time reported to ``progress`` (the run
+    named by ``describe``, a format string of ``p`` and ``size``)."""
+    records: list[Any] = []
+    for p in parametrizations:
+        for size in sizes:
+            start = time.perf_counter()
+            records += run(p, size)
+            if progress is not None:
+                progress(f"coord-check {describe.format(p=p, size=size)} ({time.perf_counter() - start:.1f}s)")
+    return records

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from torch import nn
 
 from hf_optim import _validation as v
 
-from ._coord_inputs import _batches, _config, _save_figure, _train_step, _write_csv
+from ._coord_inputs import _batches, _config, _save_figure, _sweep, _train_step, _write_csv
 
 PARAMETRIZATIONS = ("sp", "mup")
 MODELS = ("llama", "gpt2")
@@ -127,14 +127,8 @@ def coord_check(
     for p in parametrizations:
         v.check_choice("parametrizations", p, PARAMETRIZATIONS)
     base_width = widths[0] if base_width is None else base_width
-    records: list[Record] = []
-    for p in parametrizations:
-        for width in widths:
-            start = time.perf_counter()
-            records += run_one(p, width, base_width=base_width, **kwargs)
-            if progress is not None:
-                progress(f"coord-check {p:3s} width={width:5d} ({time.perf_counter() - start:.1f}s)")
-    return records
+    run = partial(run_one, base_width=base_width, **kwargs)
+    return _sweep(parametrizations, widths, run, "{p:3s} width={size:5d}", progress)
 
 
 def table(records: Sequence[Record]) -> dict[tuple[str, str, int], dict[int, float]]:

@@ -15,9 +15,9 @@ and its updates grow with depth (Dey et al. 2025, arXiv 2505.01618, Figure 7).
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from torch import nn
 
 from hf_optim import _validation as v
 
-from ._coord_inputs import _batches, _config, _save_figure, _train_step, _write_csv
+from ._coord_inputs import _batches, _config, _save_figure, _sweep, _train_step, _write_csv
 
 #: parametrization -> depth_alpha (None = width-only muP)
 DEPTH_PARAMETRIZATIONS: dict[str, float | None] = {"mup": None, "depth_mup": 0.5, "completep": 1.0}
@@ -130,14 +130,8 @@ def coord_check_depth(
     for p in parametrizations:
         v.check_choice("parametrizations", p, tuple(DEPTH_PARAMETRIZATIONS))
     base_depth = depths[0] if base_depth is None else base_depth
-    records: list[DepthRecord] = []
-    for p in parametrizations:
-        for depth in depths:
-            start = time.perf_counter()
-            records += run_one_depth(p, depth, base_depth=base_depth, **kwargs)
-            if progress is not None:
-                progress(f"coord-check {p:9s} depth={depth:3d} ({time.perf_counter() - start:.1f}s)")
-    return records
+    run = partial(run_one_depth, base_depth=base_depth, **kwargs)
+    return _sweep(parametrizations, depths, run, "{p:9s} depth={size:3d}", progress)
 
 
 def by_depth(records: Sequence[DepthRecord], parametrization: str, quantity: str, step: int) -> dict[int, float]:
