@@ -240,8 +240,9 @@ def test_quick_config_test_sized_in_parallel_workers(tmp_path):
 
 def test_bundled_configs_have_the_promised_grids():
     """The committed sweeps cover what the write-up claims: >= 4 widths from 64 to >= 512, >= 7 lrs, 2 seeds, SP and
-    muP; LR x WD over both decay modes; `quick` covers both experiments."""
-    full = load_config("full_width_transfer").cells
+    muP (the width-transfer grid; the multiplier grids: tests/test_sweep_multipliers.py); LR x WD over both decay
+    modes; `quick` covers both experiments."""
+    full = [c for c in load_config("full_width_transfer").cells if c.grid == "width_transfer"]
     widths = sorted({c.width for c in full})
     assert len(widths) >= 4 and widths[0] == 64 and widths[-1] >= 512
     assert len({c.lr for c in full}) >= 7 and {c.seed for c in full} == {0, 1}
@@ -333,7 +334,9 @@ def _summary_of(name: str, folder: str) -> dict:
 def test_committed_width_transfer_meets_acceptance():
     """Issue 7: under SP the best lr shifts >= 2 grid steps from the narrowest to the widest model, under muP <= 1."""
     summary = _summary_of("full_width_transfer", "width_transfer")
-    shift = {e["parametrization"]: e["shift_grid_steps"] for e in summary["width_transfer"]}
+    shift = {
+        e["parametrization"]: e["shift_grid_steps"] for e in summary["width_transfer"] if e["grid"] == "width_transfer"
+    }
     assert abs(shift["sp"]) >= 2, shift
     assert abs(shift["mup"]) <= 1, shift
 

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._sweep_config import DEPTH_ALPHA, Cell
+from ._sweep_axes import DEPTH_ALPHA
+from ._sweep_config import Cell
 from ._sweep_data import CharData, vocab_size
 from .schedules import cosine_to_floor
 
@@ -81,7 +82,12 @@ def build_model(cell: Cell) -> torch.nn.Module:
     alpha = DEPTH_ALPHA.get(cell.parametrization)  # depth scaling: m_L = layers / base_depth (mup_integration.depth)
     depth = {} if alpha is None else {"base_depth": cell.model.base_depth, "depth_alpha": alpha}
     return make_mup_model(
-        config, model_config(cell, cell.model.base_width), model_cls=_model_class(cell.model.arch), **depth
+        config,
+        model_config(cell, cell.model.base_width),
+        model_cls=_model_class(cell.model.arch),
+        output_mult=cell.model.output_mult,
+        attn_mult=cell.model.attn_mult,
+        **depth,
     )
 
 

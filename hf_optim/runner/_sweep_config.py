@@ -32,6 +32,10 @@ A grid may instead vary the depth at one width: ``depth: [2, 4, 8, 16]`` sets ``
 parametrizations ``depth_mup`` (branch multiplier (L/L0)^-0.5) and ``completep`` ((L/L0)^-1), with the lr and eps rules
 of mup_integration.depth, need ``model.base_depth`` (L0); ``mup`` is width-only muP, ``sp`` the HF model.
 
+A grid may also tune muP's base multipliers at one width: lists ``output_mult``, ``attn_mult`` and ``init_std``
+(every combination, see :mod:`._sweep_axes`); a later grid then transfers the best ones to other widths with
+``model: {output_mult: ..., attn_mult: ..., init_std: ...}``.
+
 Every value is type-checked at load (YAML 1.1 reads ``1e-1`` without a dot as a *string*: write ``1.0e-1``), and
 integers (widths, seeds, steps) must be integers: ``48.9`` is an error, not 48. A weight decay of 0 is the same run
 in every decay mode, so it is expanded once (as ``coupled``) and shared by every mode's heat-map.
@@ -43,7 +47,7 @@ import hashlib
 import itertools
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +58,11 @@ from hf_optim.decay import WEIGHT_DECAY_MODES
 from hf_optim.registry import get_spec
 from mup_integration.groups import WD_RULES
 
-from ._sweep_values import as_float, as_int
+from ._sweep_axes import DEPTH_ALPHA, MULTIPLIER_AXES, depth_axis, multiplier_axes
+from ._sweep_values import as_float, as_int, as_list
 from .bundled import recipes_dir
 
 DEFAULT_OPTIMIZER = "adamw_v2"
-#: ``sp``, width-only ``mup``, and muP with depth scaling (mup_integration.depth): parametrization -> depth_alpha.
-DEPTH_ALPHA = {"depth_mup": 0.5, "completep": 1.0}
 PARAMETRIZATIONS = ("sp", "mup", *DEPTH_ALPHA)
 # Set by the sweep itself (or by the grid's lr / weight_decay axes), so not allowed in an entry's ``args``.
 _RESERVED_ARGS = {"params", "lr", "weight_decay", "weight_decay_mode", "param_overrides"}
@@ -88,6 +91,10 @@ class ModelSettings:
     # The tuned depth of the depth parametrizations (``depth_mup``, ``completep``): m_L = layers / base_depth. Left
     # out of the cell key when unset.
     base_depth: int | None = None
+    # muP's tunable base multipliers (mup_integration.make_plan; _sweep_axes): readout and attention-logit
+    # constants. Left out of the cell key at 1.
+    output_mult: float = 1.0
+    attn_mult: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +127,8 @@ _LIMITS: dict[str, tuple[Any, str]] = {
     "init_std": (lambda x: x > 0, "> 0"),
     "norm_eps": (lambda x: x is None or x > 0, "> 0 or null"),
     "base_depth": (lambda x: x is None or x >= 1, ">= 1 or null"),
+    "output_mult": (lambda x: x > 0, "> 0"),
+    "attn_mult": (lambda x: x > 0, "> 0"),
     "steps": (lambda x: x >= 1, ">= 1"),
     "warmup_steps": (lambda x: x >= 0, ">= 0"),
     "schedule": (lambda x: x in SCHEDULES, f"one of {list(SCHEDULES)}"),
@@ -200,6 +209,9 @@ class Cell:
             del payload["model"]["norm_eps"]
         if payload["model"]["base_depth"] is None:
             del payload["model"]["base_depth"]
+        for name in ("output_mult", "attn_mult"):
+            if payload["model"][name] == 1.0:
+                del payload["model"][name]
         if payload["train"]["decay"] == "all":
             del payload["train"]["decay"]
         return hashlib.sha1(json.dumps(payload, sort_keys=True, default=float).encode()).hexdigest()[:16]
@@ -212,8 +224,13 @@ class Cell:
         decay = "" if self.train.decay == "all" else f" decay={self.train.decay}"
         mode = "no-decay" if self.weight_decay == 0 else self.weight_decay_mode
         depth = "" if self.model.base_depth is None else f" L={self.model.layers}"
+        mults = "".join(
+            f" {name}={getattr(self.model, name):g}"
+            for name in ("output_mult", "attn_mult")
+            if getattr(self.model, name) != 1
+        )
         return (
-            f"{self.grid}{arch} {self.parametrization} w={self.width}{depth} lr=2^{math.log2(self.lr):.1f} "
+            f"{self.grid}{arch} {self.parametrization} w={self.width}{depth}{mults} lr=2^{math.log2(self.lr):.1f} "
             f"{self.optimizer}{args} {mode} wd={self.weight_decay:g}{decay} seed={self.seed}"
         )
 
@@ -241,22 +258,13 @@ def _override(settings: Any, raw: Any, where: str) -> Any:
     return _settings(type(settings), {**asdict(settings), **raw}, where) if raw else settings
 
 
-def _list(raw: dict[str, Any], key: str, where: str, default: list[Any] | None = None) -> list[Any]:
-    value = raw.get(key, default)
-    if value is None:
-        raise ValueError(f"{where}: {key!r} is required (a list).")
-    if not isinstance(value, list) or not value:
-        raise ValueError(f"{where}: {key!r} must be a non-empty list, got {value!r}.")
-    return value
-
-
 def _learning_rates(grid: dict[str, Any], where: str) -> list[float]:
     if ("lr" in grid) == ("log2_lr" in grid):
         raise ValueError(f"{where}: give exactly one of 'lr' or 'log2_lr', got keys {sorted(grid)}.")
     if "lr" in grid:
-        lrs = [as_float(f"{where}: lr", x) for x in _list(grid, "lr", where)]
+        lrs = [as_float(f"{where}: lr", x) for x in as_list(grid, "lr", where)]
     else:
-        lrs = [2.0 ** as_float(f"{where}: log2_lr", x) for x in _list(grid, "log2_lr", where)]
+        lrs = [2.0 ** as_float(f"{where}: log2_lr", x) for x in as_list(grid, "log2_lr", where)]
     for lr in lrs:
         if lr <= 0:
             raise ValueError(f"{where}: lr must be > 0, got {lr!r}.")
@@ -266,23 +274,25 @@ def _learning_rates(grid: dict[str, Any], where: str) -> list[float]:
 def _expand_grid(grid: dict[str, Any], model: ModelSettings, train: TrainSettings, index: int) -> list[Cell]:
     name = grid.get("name", f"grid{index}")
     where = f"grids[{index}] ({name})"
-    known = {"name", "width", "depth", "lr", "log2_lr", "parametrization", "optimizer", "seed", "model", "train"}
+    known = {"name", "width", "depth", *MULTIPLIER_AXES, "lr", "log2_lr", "parametrization", "optimizer", "seed"}
+    known |= {"model", "train"}
     for key in grid:
         if key not in known:
             raise ValueError(f"{where}: unknown key {key!r}; allowed: {sorted(known)}.{v.closest(key, known)}")
     model = _override(model, grid.get("model", {}), f"{where}.model")
     train = _override(train, grid.get("train", {}), f"{where}.train")
-    widths = [as_int(f"{where}: width", w) for w in _list(grid, "width", where)]
+    widths = [as_int(f"{where}: width", w) for w in as_list(grid, "width", where)]
     for w in widths:
         if w < model.head_dim:
             raise ValueError(f"{where}: width {w} is smaller than head_dim={model.head_dim}.")
         if w % model.head_dim:
             raise ValueError(f"{where}: width {w} is not a multiple of head_dim={model.head_dim}.")
-    params = _list(grid, "parametrization", where, ["sp"])
+    params = as_list(grid, "parametrization", where, ["sp"])
     for p in params:
         v.check_choice(f"{where}: parametrization", p, PARAMETRIZATIONS)
-    models = _depth_axis(grid, model, widths, params, where)
-    optimizers = _list(grid, "optimizer", where, [{"weight_decay_mode": "coupled", "weight_decay": [0.0]}])
+    models = depth_axis(grid, model, widths, params, where)
+    models = multiplier_axes(grid, models, widths, params, where)
+    optimizers = as_list(grid, "optimizer", where, [{"weight_decay_mode": "coupled", "weight_decay": [0.0]}])
     opt_variants: list[tuple[str, tuple[tuple[str, Any], ...], str, float, str]] = []
     for opt in optimizers:
         if not isinstance(opt, dict):
@@ -318,7 +328,7 @@ def _expand_grid(grid: dict[str, Any], model: ModelSettings, train: TrainSetting
                 opt_variants.append((opt_name, tuple(sorted(args.items())), "coupled", 0.0, "independent"))
             else:
                 opt_variants.append((opt_name, tuple(sorted(args.items())), mode, wd, wd_rule))
-    seeds = [as_int(f"{where}: seed", s) for s in _list(grid, "seed", where, [0])]
+    seeds = [as_int(f"{where}: seed", s) for s in as_list(grid, "seed", where, [0])]
     lrs = _learning_rates(grid, where)
     return [
         Cell(name, w, lr, p, mode, wd, rule, s, m, train, optimizer=opt, optimizer_args=args)
@@ -326,26 +336,6 @@ def _expand_grid(grid: dict[str, Any], model: ModelSettings, train: TrainSetting
             params, widths, models, opt_variants, seeds, lrs
         )
     ]
-
-
-def _depth_axis(
-    grid: dict[str, Any], model: ModelSettings, widths: list[int], params: list[str], where: str
-) -> list[ModelSettings]:
-    """The grid's model settings, one per ``depth`` (``model.layers``) when the grid has a depth axis."""
-    if any(p in DEPTH_ALPHA for p in params) and model.base_depth is None:
-        raise ValueError(
-            f"{where}: parametrizations {sorted(set(params) & set(DEPTH_ALPHA))} need "
-            "model.base_depth (the depth the lr is tuned at)."
-        )
-    if "depth" not in grid:
-        return [model]
-    depths = [as_int(f"{where}: depth", d) for d in _list(grid, "depth", where)]
-    if min(depths) < 1:
-        raise ValueError(f"{where}: depth must be >= 1, got {depths!r}.")
-    if len(depths) > 1 and len(widths) > 1:
-        # the width analysis averages over everything but the width: a grid varies one of the two
-        raise ValueError(f"{where}: a grid varies width or depth, not both (got widths {widths}, depths {depths}).")
-    return [replace(model, layers=d) for d in depths]
 
 
 def load_config(path: str | Path) -> SweepConfig:

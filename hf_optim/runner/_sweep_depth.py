@@ -79,7 +79,7 @@ def depth_transfer(rows: list[dict[str, Any]], metric: str = "val_loss") -> list
 def plot_depth_transfer(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """One PNG per (grid, optimizer, decay mode, λ, width) with >= 2 depths: val loss vs log2 lr, one panel per
     parametrization, one line per depth, a star at each depth's best lr."""
-    from ._sweep_plots import _label, _plt, _slug
+    from ._sweep_plots import _label, _plt, _save, _slug
 
     plt = _plt()
     curves = depth_curves(rows)
@@ -121,9 +121,5 @@ def plot_depth_transfer(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]
         axes[0][0].set_ylabel("validation loss (seed mean)")
         axes[0][-1].legend(fontsize=8)
         fig.suptitle(f"{grid}: {opt} ({mode}, wd={_label(wd)}), width {width}; star = best lr per depth", fontsize=10)
-        fig.tight_layout()
-        path = out_dir / f"{grid}_{_slug(opt)}_w{width}_depth.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, out_dir / f"{grid}_{_slug(opt)}_w{width}_depth.png", dpi=110))
     return written

@@ -24,6 +24,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path, *, dpi: int) -> Path:
+    """Lay out, write and close ``fig``; the path written."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _slug(label: str) -> str:
     """A file-name-safe optimizer label: ``sgdw_v2(momentum=0.9)`` -> ``sgdw_v2-momentum0.9``."""
     return "".join(ch if ch.isalnum() or ch in "._" else "-" for ch in label.replace("=", "")).strip("-")
@@ -85,11 +93,7 @@ def plot_width_transfer(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=8)
         fig.suptitle(f"{grid}: {opt} ({mode}, wd={_label(wd)}); star = best lr per width")
-        fig.tight_layout()
-        path = out_dir / f"{grid}_{_slug(opt)}_{mode}_wd{_label(wd)}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, out_dir / f"{grid}_{_slug(opt)}_{mode}_wd{_label(wd)}.png", dpi=90))
     return written
 
 
@@ -192,9 +196,5 @@ def plot_lr_wd(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             ax.set_ylabel("weight decay λ")
             ax.set_title(f"{mode} decay (red circle = best λ per lr)")
         fig.suptitle(f"{grid}: {opt}, {param.upper()} width {width}, LR × WD")
-        fig.tight_layout()
-        path = out_dir / f"{grid}_{_slug(opt)}_{param}_w{width}_lr_wd.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, out_dir / f"{grid}_{_slug(opt)}_{param}_w{width}_lr_wd.png", dpi=90))
     return written

@@ -34,3 +34,13 @@ def as_float(where: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{where} must be a finite number, got {value!r}{_yaml_string_hint(value)}.")
     return float(value)
+
+
+def as_list(raw: dict[str, Any], key: str, where: str, default: list[Any] | None = None) -> list[Any]:
+    """``raw[key]`` as a non-empty list (``default`` when absent); a ValueError naming ``where`` and ``key``."""
+    value = raw.get(key, default)
+    if value is None:
+        raise ValueError(f"{where}: {key!r} is required (a list).")
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{where}: {key!r} must be a non-empty list, got {value!r}.")
+    return value

@@ -124,9 +124,11 @@ def run_sweep(
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     if plots:
         from ._sweep_depth import plot_depth_transfer
+        from ._sweep_multipliers import plot_multiplier_transfer
         from ._sweep_plots import plot_lr_wd, plot_width_transfer
 
         written = plot_width_transfer(rows, out_dir) + plot_lr_wd(rows, out_dir) + plot_depth_transfer(rows, out_dir)
+        written += plot_multiplier_transfer(rows, out_dir)
         log("plots: " + ", ".join(p.name for p in written))
     for entry in summary["width_transfer"]:
         log(
@@ -139,6 +141,19 @@ def run_sweep(
             f"{entry['grid']} {entry['optimizer']} {entry['parametrization']:>9} width {entry['width']}: best log2 lr "
             f"per depth {entry['best_log2_lr']} -> shift {entry['shift_grid_steps']} grid steps; loss at the "
             f"shallowest depth's best lr { ({d: round(x, 3) for d, x in entry['loss_at_transferred_lr'].items()}) }"
+        )
+    for entry in summary["multiplier_tuning"]:
+        log(
+            f"{entry['grid']} {entry['optimizer']} {entry['parametrization']} w={entry['width']}: best of "
+            f"{entry['combinations']} multiplier combinations {entry['best']} (default multipliers: "
+            f"{entry.get('default')}); loss spread around the best {entry['spread_around_best']}"
+        )
+    for entry in summary["multiplier_transfer"]:
+        sp = entry.get("sp_tuned_at_largest_width")
+        log(
+            f"{entry['transfer_grid']}: width {entry['largest_width']} at everything tuned at the base width "
+            f"{entry['loss_at_transferred_lr'][str(entry['largest_width'])]:.3f}"
+            + (f" vs SP tuned at that width {sp['loss']:.3f} (log2 lr {sp['log2_lr']:g})" if sp else "")
         )
     for entry in summary["lr_wd"]:
         log(
