@@ -81,6 +81,28 @@ def marked_pids(marker: str) -> list[int]:
     return found
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still exists as a process that has not finished exiting (zombies and dead count as gone).
+
+    Not the same as "no longer marked": a killed process loses its environment (so :func:`marked_pids` stops
+    seeing it) while the kernel still tears it down, before it becomes a zombie; under load that window is long
+    enough for a check right after to find it running.
+    """
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def _wait_dead(pids: Sequence[int], seconds: float) -> list[int]:
+    """Wait until none of ``pids`` is :func:`_alive` (or ``seconds`` pass); the ones still alive."""
+    deadline = time.monotonic() + seconds
+    while (alive := [pid for pid in pids if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive
+
+
 def _describe(pid: int) -> str:
     try:
         cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -110,9 +132,10 @@ def _kill_tree(proc: subprocess.Popen, marker: str) -> list[str]:
     _wait_gone_except(marker, proc.pid, 5.0)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    _signal_all(marked_pids(marker), signal.SIGKILL)
+    remaining = marked_pids(marker)
+    _signal_all(remaining, signal.SIGKILL)
     proc.wait()
-    _wait_gone(marker, 10.0)
+    _wait_dead([*workers, *remaining], 10.0)
     return described
 
 
@@ -165,7 +188,7 @@ def run(
             survivors = _wait_gone(marker, 5.0)
             leftovers = [_describe(pid) for pid in survivors]
             _signal_all(survivors, signal.SIGKILL)
-            _wait_gone(marker, 10.0)
+            _wait_dead(survivors, 10.0)
         out.seek(0)
         err.seek(0)
         result = Launch(proc.returncode, out.read(), err.read(), seconds, leftovers)
