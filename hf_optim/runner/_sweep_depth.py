@@ -92,7 +92,7 @@ def plot_depth_transfer(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]
     written = []
     for (grid, opt, mode, wd, width), params in sorted(families.items()):
         params = sorted(params, key=lambda p: order.index(p) if p in order else len(order))
-        fig, axes = plt.subplots(1, len(params), figsize=(4.2 * len(params), 3.6), sharey=True, squeeze=False)
+        fig, axes = plt.subplots(1, len(params), figsize=(max(5.6, 4.2 * len(params)), 3.6), sharey=True, squeeze=False)
         finite = [
             x
             for p in params
@@ -114,12 +114,17 @@ def plot_depth_transfer(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]
                     ax.plot([math.log2(best)], [by_depth[depth][best]], marker="*", ms=12, color=color)
             ax.set_title(titles.get(param, param), fontsize=10)
             ax.set_xlabel("log2 learning rate")
+            ax.xaxis.get_major_locator().set_params(integer=True)
             ax.grid(alpha=0.3)
         if finite:
             low = min(finite)
             axes[0][0].set_ylim(low - 0.05, min(max(finite), low + 1.0))
         axes[0][0].set_ylabel("validation loss (seed mean)")
         axes[0][-1].legend(fontsize=8)
-        fig.suptitle(f"{grid}: {opt} ({mode}, wd={_label(wd)}), width {width}; star = best lr per depth", fontsize=10)
+        # one panel is too narrow for the whole title on one line
+        sep = "\n" if len(params) == 1 else "; "
+        fig.suptitle(
+            f"{grid}: {opt} ({mode}, wd={_label(wd)}), width {width}{sep}star = best lr per depth", fontsize=10
+        )
         written.append(_save(plt, fig, out_dir / f"{grid}_{_slug(opt)}_w{width}_depth.png", dpi=110))
     return written
