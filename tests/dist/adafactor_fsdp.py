@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from _rank_exit import finish
 from hf_optim.adafactor import Adafactor, factor_dims
 
 torch.set_num_threads(1)
@@ -161,11 +162,9 @@ def main() -> int:
     if rank == 0:
         print(f"{'OK' if seen else 'FAIL'} instrument counts full_tensor() as {sizes.total()} >= {gathered.numel()}",
               flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    sys.exit(main())
+    finish(main())

@@ -21,6 +21,7 @@ from conftest import tiny_llama_config
 import hf_optim
 import mup_integration as mi
 from mup_integration.depth import BranchMultiplier
+from _rank_exit import finish
 
 EPS = 1e-6
 
@@ -88,8 +89,8 @@ def main() -> None:
     dist.barrier()
     if dist.get_rank() == 0:
         print("MUP_DEPTH_DIST_OK", flush=True)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    finish()

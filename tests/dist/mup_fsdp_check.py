@@ -19,6 +19,7 @@ from conftest import tiny_llama_config  # noqa: E402
 
 import hf_optim  # noqa: E402
 import mup_integration as mi  # noqa: E402
+from _rank_exit import finish  # noqa: E402
 
 
 def step(model: torch.nn.Module, ids: torch.Tensor) -> torch.optim.Optimizer:
@@ -80,8 +81,8 @@ def main() -> None:
     dist.barrier()
     if rank == 0:
         print("MUP_DIST_OK", flush=True)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    finish()
