@@ -13,7 +13,8 @@ Here every process the launcher starts carries a marker in its environment (``HF
 torch and accelerate copy into each worker's environment), so the harness finds the ranks by scanning ``/proc``
 whatever their session or parent. Output goes to files, not pipes. On timeout each rank gets SIGABRT first (with
 ``PYTHONFAULTHANDLER=1`` Python prints every thread's stack: the failure message shows *where* each rank waits),
-then everything left gets SIGKILL. After a normal exit, any marked process still alive is killed and reported: a
+then everything left gets SIGKILL. Where ``gdb`` is installed, each rank's native stacks are taken first (a rank
+stuck in C++ teardown at interpreter exit has no Python frame to show). After a normal exit, any marked process still alive is killed and reported: a
 launcher that returns while a rank lives on is a failure, not a pass.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -58,9 +60,11 @@ class Launch:
     leftovers: list[str] = field(default_factory=list)
 
     def tail(self, chars: int = 4000) -> str:
+        # faulthandler's list of loaded extension modules is one ~4 kB line that would push the stacks out
+        stderr = "\n".join(line for line in self.stderr.splitlines() if not line.startswith("Extension modules:"))
         return (
             f"--- stdout (last {chars} chars) ---\n{self.stdout[-chars:]}\n"
-            f"--- stderr (last {chars} chars) ---\n{self.stderr[-chars:]}"
+            f"--- stderr (last {chars} chars) ---\n{stderr[-chars:]}"
         )
 
 
@@ -103,6 +107,25 @@ def _wait_dead(pids: Sequence[int], seconds: float) -> list[int]:
     return alive
 
 
+def _native_stacks(pid: int, chars: int = 3000) -> str:
+    """Every thread's C/C++ stack of ``pid`` from ``gdb`` (empty when gdb is missing, fails or takes too long)."""
+    gdb = shutil.which("gdb")
+    if gdb is None:
+        return ""
+    try:
+        done = subprocess.run(
+            [gdb, "-p", str(pid), "-batch", "-nx", "-ex", "thread apply all bt 25"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    frames = [line for line in done.stdout.splitlines() if line.startswith(("Thread ", "#"))]
+    return "\n    ".join(["native stacks (gdb):", *frames])[:chars]
+
+
 def _describe(pid: int) -> str:
     try:
         cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -127,7 +150,7 @@ def _wait_gone(marker: str, seconds: float) -> list[int]:
 def _kill_tree(proc: subprocess.Popen, marker: str) -> list[str]:
     """Stop the launcher and every marked process: SIGABRT to the workers (stack dumps), then SIGKILL to all."""
     workers = [pid for pid in marked_pids(marker) if pid != proc.pid]
-    described = [_describe(pid) for pid in workers]
+    described = [f"{_describe(pid)}\n    {_native_stacks(pid)}".rstrip() for pid in workers]
     _signal_all(workers, signal.SIGABRT)
     _wait_gone_except(marker, proc.pid, 5.0)
     with contextlib.suppress(ProcessLookupError):

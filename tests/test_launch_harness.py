@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def test_timeout_kills_the_rank_in_its_own_session_and_shows_its_output():
     assert "timed out after 20 s" in message
     assert "rank 1: waiting in the barrier" in message  # the rank's last output
     assert "Current thread" in message or "Thread 0x" in message, message  # its stack (faulthandler on SIGABRT)
+    if shutil.which("gdb"):  # and its native stacks, taken before the SIGABRT
+        assert "native stacks (gdb):" in message and "#0 " in message, message
     (child,) = _pids(message)
     assert not _alive(child) and child != os.getpid()
 

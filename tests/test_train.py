@@ -97,6 +97,32 @@ def test_recipe_mistakes_give_one_line_and_exit_status_2(tmp_path, capsys, argv,
     assert expected in _refused(capsys, tmp_path, *argv)
 
 
+def test_resume_followed_by_an_override_keeps_the_override(tmp_path):
+    """``--resume run.max_steps=200``: argparse hands the token to --resume's optional value; it is the override."""
+    args = train.parse_args(["demo", "run.batch_size=4", "--resume", "run.max_steps=200"])
+    assert args.resume is True and args.overrides == ["run.batch_size=4", "run.max_steps=200"]
+    checkpoint = tmp_path / "checkpoint-8"
+    checkpoint.mkdir()
+    args = train.parse_args(["demo", "--resume", str(checkpoint)])
+    assert args.resume == str(checkpoint) and args.overrides == []
+    args = train.parse_args(["demo", "--resume"])
+    assert args.resume is True
+
+
+@pytest.mark.parametrize("value", ["no/such/checkpoint-8", "model=3"])
+def test_resume_from_a_missing_checkpoint_is_refused_at_parsing(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_:
+        train.parse_args(["demo", "--resume", value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--resume {value!r}: no such checkpoint directory" in err
+
+
+def test_resume_without_a_checkpoint_is_one_line_before_any_work(tmp_path, capsys):
+    message = _refused(capsys, tmp_path, "demo", "--resume")
+    assert "--resume: no checkpoint-N directory in the output dir" in message and str(tmp_path / "out") in message
+
+
 def test_console_script_prints_no_traceback(tmp_path):
     """The installed ``hf-optim`` entry point, as a user runs it: status 2 and one line, no traceback."""
     import shutil

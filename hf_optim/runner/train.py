@@ -96,7 +96,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="torch intra-op threads per process (overrides run.threads; default 1 on CPU, torch's choice on GPU)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    _check_resume(parser, args)
+    return args
+
+
+def _check_resume(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--resume``'s optional value is a checkpoint directory; settle what it is at parsing, before any model is built.
+
+    argparse gives an optional value the next token, so ``--resume run.max_steps=200`` (what the end-of-run hint
+    suggests in words) hands the override to ``--resume``. A ``section.key=value`` token that is not a directory is
+    the override the user wrote and goes back to the overrides; any other missing path is an error naming it.
+    """
+    value = args.resume
+    if not isinstance(value, str) or Path(value).is_dir():
+        return
+    if "=" in value and "." in value.split("=", 1)[0]:
+        args.overrides.append(value)
+        args.resume = True
+        return
+    parser.error(
+        f"--resume {value!r}: no such checkpoint directory (give a checkpoint-N directory, or --resume alone "
+        "for the latest checkpoint in the output dir)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -191,6 +213,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
             "matrices) or 'none'."
         )
     lr = build.size_settings(recipe, run["size"])["lr"]
+    out = Path(args.output_dir or run["output_dir"] or Path("runs") / recipe["name"])
+    if args.resume is True:
+        _check_has_checkpoint(out)
     return {
         "recipe": recipe,
         "model": model_cfg,
@@ -201,8 +226,19 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "fit": fit,
         "wd": wd,
         "lr": lr,
-        "out": Path(args.output_dir or run["output_dir"] or Path("runs") / recipe["name"]),
+        "out": out,
     }
+
+
+def _check_has_checkpoint(out: Path) -> None:
+    """``--resume`` alone continues from the latest ``checkpoint-N`` in the output dir: there must be one."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not (out.is_dir() and get_last_checkpoint(str(out))):
+        raise schema.RecipeError(
+            f"--resume: no checkpoint-N directory in the output dir {out.resolve()}; run without --resume first, "
+            "point --output-dir at the earlier run, or give --resume PATH/checkpoint-N"
+        )
 
 
 def _training_arguments(s: Mapping[str, Any]):
