@@ -109,6 +109,19 @@ def test_resume_followed_by_an_override_keeps_the_override(tmp_path):
     assert args.resume is True
 
 
+@pytest.mark.parametrize(
+    "argv, output_dir",
+    [
+        (["demo", "--output-dir", "out", "a.b=1", "c.d=2"], "out"),
+        (["--output-dir", "out", "demo", "a.b=1", "--threads", "1", "c.d=2"], "out"),
+        (["demo", "a.b=1", "--resume", "c.d=2"], None),
+    ],
+)
+def test_overrides_may_follow_options(argv, output_dir):
+    args = train.parse_args(argv)
+    assert (args.recipe, args.overrides, args.output_dir) == ("demo", ["a.b=1", "c.d=2"], output_dir)
+
+
 @pytest.mark.parametrize("value", ["no/such/checkpoint-8", "model=3"])
 def test_resume_from_a_missing_checkpoint_is_refused_at_parsing(tmp_path, capsys, value):
     with pytest.raises(SystemExit) as exit_:

@@ -96,7 +96,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="torch intra-op threads per process (overrides run.threads; default 1 on CPU, torch's choice on GPU)",
     )
-    args = parser.parse_args(argv)
+    # intermixed: overrides may follow an option (`--output-dir out run.max_steps=50`), as users type them
+    args = parser.parse_intermixed_args(argv)
     _check_resume(parser, args)
     return args
 
