@@ -107,14 +107,15 @@ def _wait_dead(pids: Sequence[int], seconds: float) -> list[int]:
     return alive
 
 
-def _native_stacks(pid: int, chars: int = 3000) -> str:
-    """Every thread's C/C++ stack of ``pid`` from ``gdb`` (empty when gdb is missing, fails or takes too long)."""
+def _native_stacks(pid: int, chars: int = 12000) -> str:
+    """The main thread's C/C++ stack of ``pid``, then every thread's top frames, from ``gdb`` (empty when gdb is
+    missing, fails or takes too long)."""
     gdb = shutil.which("gdb")
     if gdb is None:
         return ""
     try:
         done = subprocess.run(
-            [gdb, "-p", str(pid), "-batch", "-nx", "-ex", "thread apply all bt 25"],
+            [gdb, "-p", str(pid), "-batch", "-nx", "-ex", "thread apply 1 bt 40", "-ex", "thread apply all bt 15"],
             capture_output=True,
             text=True,
             timeout=60,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import pytest
 import torch
@@ -43,6 +44,8 @@ def test_train_demo_tiny_then_resume(tmp_path, capsys):
     terminal = printed.out + printed.err
     assert "step 15/30  validation loss" in terminal and "step  5/30  loss " in terminal
     assert "lr/group_0" not in terminal  # per-group values go to metrics.json, not the terminal
+    # no tqdm monitor (a daemon thread) is left running for the interpreter's exit: see runner/_shutdown.py
+    assert not [t for t in threading.enumerate() if t.name == "tqdm_monitor" and t.is_alive()]
 
     assert train.main(["demo", *TINY, "run.max_steps=40", "--output-dir", str(out), "--threads", "1", "--resume"]) == 0
     resumed = json.loads((out / "metrics.json").read_text())

@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import _outputs, _process_group, _train_model, _trainer, build, horizon, schema
+from . import _outputs, _process_group, _shutdown, _train_model, _trainer, build, horizon, schema
 from ._trainer import config_errors as _config_errors
 from ._trainer import make_trainer_class as _make_trainer_class
 
@@ -133,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hf-optim train: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
         _process_group.destroy()  # the error may come after the Trainer joined a process group
         return 2
+    finally:
+        _shutdown.stop_progress_monitors()  # no daemon thread may meet the interpreter's finalization: see the module
 
 
 def _note(message: str, *, warning: bool = False) -> None:

@@ -1,0 +1,46 @@
+"""hf_optim.runner._shutdown: no tqdm monitor (a daemon thread) is left for the interpreter's finalization."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+from tqdm import auto
+from tqdm._monitor import TMonitor
+
+from hf_optim.runner import _shutdown
+
+
+def _monitors() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if isinstance(t, TMonitor) and t.is_alive()]
+
+
+def test_a_disabled_bar_leaves_a_monitor_running_and_stopping_joins_it():
+    # What a rank > 0 does: the Trainer's bars are created disabled there.
+    bar = auto.tqdm(total=10, disable=True)
+    bar.close()
+    leaked = _monitors()
+    assert leaked and all(t.daemon for t in leaked)  # the tqdm behaviour the module exists for
+    assert _shutdown.stop_progress_monitors() == len(leaked)
+    assert not _monitors() and not any(t.is_alive() for t in leaked)
+
+
+def test_an_open_bar_keeps_working_after_its_monitor_is_stopped():
+    out = io.StringIO()
+    bar = auto.tqdm(total=3, file=out, mininterval=0)
+    bar.update(1)
+    assert _monitors()
+    assert _shutdown.stop_progress_monitors() >= 1 and not _monitors()
+    bar.update(2)
+    bar.close()
+    assert "3/3" in out.getvalue()
+    second = auto.tqdm(total=1, file=out)  # a later bar starts a fresh monitor, which stopping handles again
+    assert _monitors()
+    second.close()
+    _shutdown.stop_progress_monitors()
+    assert not _monitors()
+
+
+def test_nothing_to_stop_is_fine():
+    _shutdown.stop_progress_monitors()
+    assert _shutdown.stop_progress_monitors() == 0
