@@ -63,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "list":
         return list_main(rest)
     module = importlib.import_module(COMMANDS[command][0])
+    if command == "train":  # a launched rank ends in train.main: see hf_optim.runner._shutdown
+        return int(module.main(rest, exit_process=True) or 0)
     return int(module.main(rest) or 0)
 
 

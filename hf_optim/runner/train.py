@@ -122,19 +122,25 @@ def _check_resume(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``hf-optim train``: 0 on success, 2 (one line on stderr) for a recipe mistake, as ``hf-optim sweep`` does."""
+def main(argv: Sequence[str] | None = None, *, exit_process: bool = False) -> int:
+    """``hf-optim train``: 0 on success, 2 (one line on stderr) for a recipe mistake, as ``hf-optim sweep`` does.
+
+    ``exit_process`` (the command line's entry points): a rank under a multi-process launcher ends here, see
+    :func:`hf_optim.runner._shutdown.end_launched_process`; in-process callers get the code back.
+    """
     t_launch = time.time()
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        return _train(args, t_launch)
+        code = _train(args, t_launch)
     except schema.RecipeError as error:
         # The message names the field, the value and what is allowed; a 40-line traceback would only bury it.
         print(f"hf-optim train: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
         _process_group.destroy()  # the error may come after the Trainer joined a process group
-        return 2
-    finally:
-        _shutdown.stop_progress_monitors()  # no daemon thread may meet the interpreter's finalization: see the module
+        code = 2
+    _shutdown.stop_progress_monitors()  # no daemon thread may meet the interpreter's finalization: see the module
+    if exit_process:
+        _shutdown.end_launched_process(code)
+    return code
 
 
 def _note(message: str, *, warning: bool = False) -> None:
@@ -401,4 +407,4 @@ def _train(args: argparse.Namespace, t_launch: float) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(exit_process=True))
