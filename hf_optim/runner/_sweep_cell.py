@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from ._sweep_axes import DEPTH_ALPHA
 from ._sweep_config import Cell
-from ._sweep_data import CharData, vocab_size
+from ._sweep_data import CharData
+from ._sweep_model import model_class, model_config
 from .schedules import cosine_to_floor
 
 #: The hidden matrices (``train.decay: hidden``): attention q/k/v/o and MLP gate/up/down of every block. Same names in
@@ -33,58 +34,20 @@ from .schedules import cosine_to_floor
 HIDDEN_MATRIX = re.compile(r"(^|\.)layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
 
 
-def model_config(cell: Cell, width: int):
-    """A ``LlamaConfig`` or ``Olmo2Config`` for ``cell.model`` at ``width`` (built locally: nothing is downloaded).
-
-    OLMo-2 differs from LLaMA by normalising q and k (QK-norm over the whole projection) and each block's *output*
-    (``post_attention_layernorm`` / ``post_feedforward_layernorm`` before the residual add, no pre-norm): the
-    function no longer depends on the norms of W_q, W_k, of the product W_o·W_v or of W_down·W_up, which is the
-    scale-invariant setting of the rotational-equilibrium analysis of decoupled weight decay.
-    """
-    from transformers import LlamaConfig, Olmo2Config
-
-    m = cell.model
-    heads = width // m.head_dim
-    common = dict(
-        vocab_size=vocab_size(),
-        hidden_size=width,
-        intermediate_size=m.ffn_mult * width,
-        num_hidden_layers=m.layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=m.seq_len,
-        tie_word_embeddings=False,
-        initializer_range=m.init_std,
-    )
-    if m.norm_eps is not None:
-        common["rms_norm_eps"] = m.norm_eps
-    if m.arch == "llama":
-        return LlamaConfig(**common)
-    # OLMo-2's default special tokens (pad 1, eos 50279) belong to its 100k vocabulary; the character vocabulary
-    # has none, and generation is never used here.
-    return Olmo2Config(**common, pad_token_id=None, bos_token_id=None, eos_token_id=None)
-
-
-def _model_class(arch: str):
-    from transformers import LlamaForCausalLM, Olmo2ForCausalLM
-
-    return {"llama": LlamaForCausalLM, "olmo2": Olmo2ForCausalLM}[arch]
-
-
 def build_model(cell: Cell) -> torch.nn.Module:
     """The cell's model (under muP with its plan in the config, which the optimizer factory reads)."""
     torch.manual_seed(cell.seed)
-    config = model_config(cell, cell.width)
+    config = model_config(cell.model, cell.width)
     if cell.parametrization == "sp":
-        return _model_class(cell.model.arch)(config)
+        return model_class(cell.model.arch)(config)
     from mup_integration.surgery import make_mup_model
 
     alpha = DEPTH_ALPHA.get(cell.parametrization)  # depth scaling: m_L = layers / base_depth (mup_integration.depth)
     depth = {} if alpha is None else {"base_depth": cell.model.base_depth, "depth_alpha": alpha}
     return make_mup_model(
         config,
-        model_config(cell, cell.model.base_width),
-        model_cls=_model_class(cell.model.arch),
+        model_config(cell.model, cell.model.base_width),
+        model_cls=model_class(cell.model.arch),
         output_mult=cell.model.output_mult,
         attn_mult=cell.model.attn_mult,
         **depth,

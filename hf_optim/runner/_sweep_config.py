@@ -32,6 +32,11 @@ A grid may instead vary the depth at one width: ``depth: [2, 4, 8, 16]`` sets ``
 parametrizations ``depth_mup`` (branch multiplier (L/L0)^-0.5) and ``completep`` ((L/L0)^-1), with the lr and eps rules
 of mup_integration.depth, need ``model.base_depth`` (L0); ``mup`` is width-only muP, ``sp`` the HF model.
 
+The horizon may be set per model size instead of in steps: ``train: {tokens_per_param: 20, warmup_fraction: 0.1}``
+gives each cell ceil(20 N / (batch_size x seq_len)) steps for its model's N parameters (characters are the tokens),
+so a depth grid trains every depth at the same share of its own budget (:mod:`._sweep_model`). A block gives
+``steps`` or ``tokens_per_param`` (``warmup_steps`` or ``warmup_fraction``), not both; a grid's own wins.
+
 A grid may also tune muP's base multipliers at one width: lists ``output_mult``, ``attn_mult`` and ``init_std``
 (every combination, see :mod:`._sweep_axes`); a later grid then transfers the best ones to other widths with
 ``model: {output_mult: ..., attn_mult: ..., init_std: ...}``.
@@ -59,6 +64,7 @@ from hf_optim.registry import get_spec
 from mup_integration.groups import WD_RULES
 
 from ._sweep_axes import DEPTH_ALPHA, MULTIPLIER_AXES, depth_axis, multiplier_axes
+from ._sweep_model import fit_horizon
 from ._sweep_values import as_float, as_int, as_list
 from .bundled import recipes_dir
 
@@ -113,6 +119,9 @@ class TrainSettings:
     # Which tensors weight decay applies to: "all" >= 2-D tensors (embedding and lm_head included, the committed
     # width/LR x WD sweeps) or only the "hidden" attention/MLP matrices. Left out of the cell key at its default.
     decay: str = "all"
+    # Instead of steps / warmup_steps (module docstring, _sweep_model.fit_horizon); left out of the key when unset.
+    tokens_per_param: float | None = None
+    warmup_fraction: float | None = None
 
 
 # Per-field checks beyond the type: (predicate, what is allowed). Types come from the dataclass annotations.
@@ -141,7 +150,11 @@ _LIMITS: dict[str, tuple[Any, str]] = {
     "train_chars": (lambda x: x is None or x >= 1, ">= 1 or null"),
     "diverge_loss": (lambda x: x > 0, "> 0"),
     "decay": (lambda x: x in DECAY_SETS, f"one of {list(DECAY_SETS)}"),
+    "tokens_per_param": (lambda x: x is None or x > 0, "> 0 or null"),
+    "warmup_fraction": (lambda x: x is None or 0 <= x < 1, "in [0, 1) or null"),
 }
+#: Keys that set the same thing two ways: one block (the top-level ``train`` or a grid's) may give only one of each.
+_EXCLUSIVE = (("steps", "tokens_per_param"), ("warmup_steps", "warmup_fraction"))
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {"arch": ARCHS, "schedule": SCHEDULES, "decay": DECAY_SETS}
@@ -214,6 +227,9 @@ class Cell:
                 del payload["model"][name]
         if payload["train"]["decay"] == "all":
             del payload["train"]["decay"]
+        for name in ("tokens_per_param", "warmup_fraction"):
+            if payload["train"][name] is None:
+                del payload["train"][name]
         return hashlib.sha1(json.dumps(payload, sort_keys=True, default=float).encode()).hexdigest()[:16]
 
     def describe(self) -> str:
@@ -251,6 +267,21 @@ def _settings(cls: type, raw: Any, where: str) -> Any:
     return cls(**_checked(cls, raw, where))
 
 
+def _train_settings(raw: Any, where: str, inherited: TrainSettings | None = None) -> TrainSettings:
+    """A ``train`` block (the top-level one, or a grid's over ``inherited``). A block gives at most one way of each
+    setting in :data:`_EXCLUSIVE`; its own ``steps`` (``warmup_steps``) wins over an inherited ``tokens_per_param``
+    (``warmup_fraction``), which otherwise decides (fit_horizon derives the step counts from it)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be a mapping of settings, got {raw!r}.")
+    for pair in _EXCLUSIVE:
+        if all(raw.get(key) is not None for key in pair):
+            raise ValueError(f"{where}: give one of {pair[0]!r} or {pair[1]!r}, not both.")
+    if inherited is None:
+        return _settings(TrainSettings, raw, where)
+    overridden = {derived: None for given, derived in _EXCLUSIVE if raw.get(given) is not None}
+    return _settings(TrainSettings, {**asdict(inherited), **overridden, **raw}, where)
+
+
 def _override(settings: Any, raw: Any, where: str) -> Any:
     """``settings`` with the keys of ``raw`` replaced (a grid's own ``model:`` / ``train:`` block)."""
     if not isinstance(raw, dict):
@@ -280,7 +311,7 @@ def _expand_grid(grid: dict[str, Any], model: ModelSettings, train: TrainSetting
         if key not in known:
             raise ValueError(f"{where}: unknown key {key!r}; allowed: {sorted(known)}.{v.closest(key, known)}")
     model = _override(model, grid.get("model", {}), f"{where}.model")
-    train = _override(train, grid.get("train", {}), f"{where}.train")
+    train = _train_settings(grid.get("train", {}), f"{where}.train", train)
     widths = [as_int(f"{where}: width", w) for w in as_list(grid, "width", where)]
     for w in widths:
         if w < model.head_dim:
@@ -331,7 +362,7 @@ def _expand_grid(grid: dict[str, Any], model: ModelSettings, train: TrainSetting
     seeds = [as_int(f"{where}: seed", s) for s in as_list(grid, "seed", where, [0])]
     lrs = _learning_rates(grid, where)
     return [
-        Cell(name, w, lr, p, mode, wd, rule, s, m, train, optimizer=opt, optimizer_args=args)
+        Cell(name, w, lr, p, mode, wd, rule, s, m, fit_horizon(train, m, w), optimizer=opt, optimizer_args=args)
         for p, w, m, (opt, args, mode, wd, rule), s, lr in itertools.product(
             params, widths, models, opt_variants, seeds, lrs
         )
@@ -358,7 +389,7 @@ def load_config(path: str | Path) -> SweepConfig:
             f"config {str(path)!r}: unknown top-level keys {sorted(unknown)}; allowed: name, model, train, grids."
         )
     model = _settings(ModelSettings, raw.get("model") or {}, "model")
-    train = _settings(TrainSettings, raw.get("train") or {}, "train")
+    train = _train_settings(raw.get("train") or {}, "train")
     grids = raw.get("grids")
     if not isinstance(grids, list) or not grids:
         raise ValueError(f"config {str(path)!r}: 'grids' must be a non-empty list of grid mappings.")
