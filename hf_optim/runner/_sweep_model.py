@@ -1,6 +1,6 @@
 r"""The HF model behind a sweep cell's settings, and the horizon fitted to its size.
 
-:func:`model_config` turns :class:`~._sweep_config.ModelSettings` into a ``LlamaConfig`` or ``Olmo2Config``;
+:func:`model_config` turns :class:`~._sweep_settings.ModelSettings` into a ``LlamaConfig`` or ``Olmo2Config``;
 :func:`parameter_count` counts that model's parameters without allocating them (built on the meta device);
 :func:`fit_horizon` sets a cell's step counts from ``train.tokens_per_param`` and ``train.warmup_fraction``:
 
@@ -17,12 +17,9 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from functools import cache
-from typing import TYPE_CHECKING
 
 from ._sweep_data import vocab_size
-
-if TYPE_CHECKING:  # annotations only: _sweep_config imports this module
-    from ._sweep_config import ModelSettings, TrainSettings
+from ._sweep_settings import ModelSettings, TrainSettings
 
 
 def model_config(model: ModelSettings, width: int):
