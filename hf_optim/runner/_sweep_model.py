@@ -7,9 +7,8 @@ r"""The HF model behind a sweep cell's settings, and the horizon fitted to its s
 .. math:: T = \left\lceil \frac{\rho \, N}{B\,S} \right\rceil, \qquad W = \operatorname{round}(f_w T)
 
 (:math:`\rho` characters per parameter, :math:`N` parameters, :math:`B\,S` characters per step). Scaling studies
-compare models at a fixed number of tokens per parameter (Hoffmann et al. 2022's compute-optimal ≈ 20; Dey et al.
-2025 train every depth of their depth-transfer figures at 20), so that a deeper model is not judged at a smaller
-share of its own training budget. Here a token is one character.
+compare models at a fixed number of tokens per parameter (Hoffmann et al. 2022's compute-optimal ≈ 20), so that a
+larger model is not judged at a smaller share of its own training budget. Here a token is one character.
 """
 
 from __future__ import annotations
