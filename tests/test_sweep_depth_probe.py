@@ -99,8 +99,8 @@ def _two_seed_shift(parametrization: str) -> int:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 15 stays open: the probe has one seed; seed 1 of recipes/sweeps/depth_transfer_probe.yaml is still "
-    "to run (docs/experiments/README.md section 4c)",
+    reason="issue 15 stays open: seed 1 of recipes/sweeps/depth_transfer_probe.yaml has only its depth-32 cells so "
+    "far (docs/experiments/README.md section 4c)",
 )
 def test_two_seeds_width_only_mup_shifts_at_least_two_steps_and_completep_at_most_one():
     assert _two_seed_shift("mup") >= 2
