@@ -82,8 +82,10 @@ def test_sweep_end_to_end_outputs_and_resume(tmp_path, capsys):
         assert matplotlib.image.imread(out / name).ndim == 3
 
     # Resume: nothing left to do; after forgetting one cell exactly that one runs again.
+    fresh_csv = (out / "results.csv").read_text()
     assert sweep.main([str(config), "--out", str(out), "--device", "cpu", "--no-plots"]) == 0
     assert f"{N_CELLS} already done, 0 to run" in capsys.readouterr().out
+    assert (out / "results.csv").read_text() == fresh_csv  # rows read back from the log tabulate as they were run
     lines = (out / "results.jsonl").read_text().splitlines()
     (out / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n")
     forgotten = json.loads(lines[-1])["key"]

@@ -80,9 +80,12 @@ class ResultStore:
         return key in self.rows
 
     def add(self, row: dict[str, Any]) -> None:
-        self.rows[row["key"]] = row
+        line = json.dumps(row, allow_nan=True)
+        # Keep the row as a resume will read it back (tuples become lists), so tables do not depend on whether a
+        # row was run in this process or loaded from the log.
+        self.rows[row["key"]] = json.loads(line)
         with self.log.open("a") as f:
-            f.write(json.dumps(row, allow_nan=True) + "\n")
+            f.write(line + "\n")
 
     def write_tables(self, keys: list[str] | None = None) -> list[dict[str, Any]]:
         """Write CSV and JSON for ``keys`` (default: every row), sorted for reading; returns the rows."""
