@@ -198,8 +198,8 @@ def test_committed_depth_transfer_width_only_mup_loses_depth_at_the_transferred_
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 15 stays open: at 80 steps the deep width-only muP models sit on a "
-    "flat loss plateau and their best lr does not move 2 grid steps (docs/experiments/README.md §4)",
+    reason="too short to show it: at 80 steps the deep width-only muP models sit on a flat loss plateau and their "
+    "best lr does not move 2 grid steps (docs/experiments/README.md §4; §4c shows the shift at 1650 steps)",
 )
 def test_committed_depth_transfer_width_only_mup_shift_at_least_two_steps():
     entry = _committed_entries()["mup"]
@@ -225,8 +225,8 @@ def test_committed_long_depth_transfer_base_depth_is_one_model():
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 15 stays open: at 800 steps and depth multipliers up to 64 the width-only muP optimum moves by "
-    "less than 2 grid steps (docs/experiments/README.md §4b)",
+    reason="too short to show it: at 800 steps (0.08 characters per parameter at depth 64) the width-only muP "
+    "optimum moves by less than 2 grid steps (docs/experiments/README.md §4b; §4c shows the shift at 1650 steps)",
 )
 def test_committed_long_depth_transfer_width_only_mup_shift_at_least_two_steps():
     entry = _committed_entries("depth_transfer_long")["mup"]
