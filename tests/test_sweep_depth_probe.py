@@ -23,21 +23,21 @@ def _rows() -> list[dict]:
     return [json.loads(line) for line in (PROBE / "results.jsonl").read_text().splitlines() if line.strip()]
 
 
-def _curves(parametrization: str) -> dict[int, dict[float, list[float]]]:
-    """``{depth: {log2 lr: [final val loss per seed]}}`` of the fixed-horizon runs, pooled over the per-depth grids."""
-    out: dict[int, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+def _curves(parametrization: str) -> dict[int, dict[float, dict[int, float]]]:
+    """``{depth: {log2 lr: {seed: final val loss}}}`` of the fixed-horizon runs, pooled over the per-depth grids."""
+    out: dict[int, dict[float, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for r in _rows():
         if r["parametrization"] == parametrization and r["settings"]["train"]["steps"] == HORIZON:
             assert not r["diverged"], r["key"]
-            out[r["settings"]["model"]["layers"]][math.log2(r["lr"])].append(r["val_loss"])
+            out[r["settings"]["model"]["layers"]][math.log2(r["lr"])][r["seed"]] = r["val_loss"]
     return out
 
 
-def _mean(curve: dict[float, list[float]]) -> dict[float, float]:
-    return {lr: sum(losses) / len(losses) for lr, losses in curve.items()}
+def _mean(curve: dict[float, dict[int, float]]) -> dict[float, float]:
+    return {lr: sum(by_seed.values()) / len(by_seed) for lr, by_seed in curve.items()}
 
 
-def _best(curve: dict[float, list[float]]) -> float:
+def _best(curve: dict[float, dict[int, float]]) -> float:
     means = _mean(curve)
     return min(means, key=means.get)
 
@@ -76,23 +76,11 @@ def _fitted_optimum(curve: dict[float, float]) -> float:
     return float(-b / (2 * a))
 
 
-def _per_seed_best(seed_rows: dict[float, dict[int, float]]) -> float:
+def _per_seed_best(curve: dict[float, dict[int, float]]) -> float:
     """Mean over seeds of each seed's own best log2 lr."""
-    seeds = {s for per in seed_rows.values() for s in per}
-    bests = [min((lr for lr in seed_rows if s in seed_rows[lr]), key=lambda lr: seed_rows[lr][s]) for s in seeds]
+    seeds = {s for by_seed in curve.values() for s in by_seed}
+    bests = [min((lr for lr in curve if s in curve[lr]), key=lambda lr: curve[lr][s]) for s in seeds]
     return sum(bests) / len(bests)
-
-
-def _seed_table(parametrization: str, depth: int) -> dict[float, dict[int, float]]:
-    out: dict[float, dict[int, float]] = defaultdict(dict)
-    for r in _rows():
-        if (r["parametrization"], r["settings"]["model"]["layers"], r["settings"]["train"]["steps"]) == (
-            parametrization,
-            depth,
-            HORIZON,
-        ):
-            out[math.log2(r["lr"])][r["seed"]] = r["val_loss"]
-    return out
 
 
 def test_the_depth_2_to_32_drift_by_three_estimators():
@@ -108,7 +96,7 @@ def test_the_depth_2_to_32_drift_by_three_estimators():
         drifts[p] = (
             _best(curves[2]) - _best(curves[32]),
             _fitted_optimum(ends[0]) - _fitted_optimum(ends[1]),
-            _per_seed_best(_seed_table(p, 2)) - _per_seed_best(_seed_table(p, 32)),
+            _per_seed_best(curves[2]) - _per_seed_best(curves[32]),
         )
     assert all(d > 1.5 for d in drifts["mup"]) and all(abs(d) <= 1 for d in drifts["completep"]), drifts
     assert all(w > c + 1 for w, c in zip(drifts["mup"], drifts["completep"])), drifts
@@ -154,7 +142,7 @@ def _seed_mean_shift(parametrization: str) -> int:
     """Grid steps from depth 2's best lr down to depth 32's, on the seed means (the sweep's measure)."""
     curves = _curves(parametrization)
     for depth in (2, 32):
-        assert all(len(losses) >= 2 for losses in curves[depth].values()), f"depth {depth}: one seed only"
+        assert all(len(by_seed) >= 2 for by_seed in curves[depth].values()), f"depth {depth}: one seed only"
     return round(_best(curves[2]) - _best(curves[32]))
 
 
