@@ -76,6 +76,19 @@ def prepare(opt: BaseOptimizer, state_dict: Any) -> dict[str, Any]:
     return {**state_dict, "state": state, "param_groups": groups}
 
 
+def check_family(opt: BaseOptimizer, state_dict: Any) -> None:
+    """``ValueError`` unless every saved group is one ``opt``'s class can continue (its own or a foreign format it
+    reads): the check :func:`prepare` starts with, for a stand-in optimizer whose parameters are not the saved ones
+    (``hf-optim train --resume`` asks it before the model is built)."""
+    if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("param_groups"), (list, tuple)):
+        _structure(opt, state_dict)  # raises the structural message
+    live = opt.param_groups[0]
+    for index, saved in enumerate(state_dict["param_groups"]):
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"{type(opt).__name__}.load_state_dict: param_groups[{index}] must be a dict.")
+        _translate_group(opt, index, saved, live)
+
+
 def _structure(opt: BaseOptimizer, state_dict: Any) -> tuple[list[Mapping[str, Any]], Mapping[Any, Any]]:
     name = type(opt).__name__
     if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):

@@ -354,9 +354,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_only(parser: argparse.ArgumentParser, only: str | None) -> None:
+    for pattern in (only or "").split(","):
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            parser.error(f"--only: {pattern!r} is not a regular expression ({error})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    _check_only(parser, args.only)
     if args.list:
         for case in _selected(all_cases(), args.only):
             print(case.name)
@@ -371,6 +380,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "times and must be >= 1"
         )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        parser.error(f"--device {device!r} is not a device; use cpu, cuda or cuda:N")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {device!r}: torch sees no CUDA device here; use --device cpu")
     report = run(
         args.size,
         device,

@@ -44,12 +44,15 @@ def list_main(argv: Sequence[str] | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from ._cli_errors import USER_ERRORS, report, take_debug_flag
+
+    argv = take_debug_flag(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in {"-h", "--help"}:
         print("usage: hf-optim {" + ",".join(COMMANDS) + "} [args...]\n")
         for name, (_, help_text) in COMMANDS.items():
             print(f"  {name:12s} {help_text}")
-        print("\nRun 'hf-optim COMMAND --help' for the options of a command.")
+        print("\nRun 'hf-optim COMMAND --help' for the options of a command; --debug (anywhere) shows the traceback")
+        print("of an error instead of its one-line message.")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
@@ -60,12 +63,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if command == "list":
-        return list_main(rest)
-    module = importlib.import_module(COMMANDS[command][0])
-    if command == "train":  # a launched rank ends in train.main: see hf_optim.runner._shutdown
-        return int(module.main(rest, exit_process=True) or 0)
-    return int(module.main(rest) or 0)
+    try:
+        if command == "list":
+            return list_main(rest)
+        module = importlib.import_module(COMMANDS[command][0])
+        if command == "train":  # a launched rank ends in train.main: see hf_optim.runner._shutdown
+            return int(module.main(rest, exit_process=True) or 0)
+        return int(module.main(rest) or 0)
+    except USER_ERRORS as error:
+        return report(command, error)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ coordinate :math:`\frac{1}{N}\sum_i |h_i|` of each module's output (forward hook
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -213,9 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--width", type=int, default=64, help="hidden size of the depth check")
     args = parser.parse_args(argv)
+    _check_options(parser, args)
     if args.depths is not None:
         return _main_depth(parser, args)
     widths = _ints(parser, "--widths", args.widths)
+    if not widths or min(widths) < 1 or (args.base_width is not None and args.base_width < 1):
+        parser.error(f"--widths must be integers >= 1 (and --base-width >= 1), got --widths {args.widths!r}")
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     records = coord_check(widths, base_width=args.base_width, num_layers=args.layers, **_run_options(args))
     os.makedirs(args.out_dir, exist_ok=True)
@@ -230,6 +234,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {p:3s} {worst:8.2f}x   (logits {growth(records, p, 'logits', last):.2f}x)")
     print(f"wrote {csv_path} and {png_path}")
     return 0
+
+
+def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Everything checkable from the command line alone, before any model is built or file written."""
+    for flag in ("steps", "batch_size", "seq_len", "layers"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be an integer >= 1, got {getattr(args, flag)}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        parser.error(f"--out-dir {args.out_dir!r} exists and is not a directory")
 
 
 def _ints(parser: argparse.ArgumentParser, flag: str, text: str) -> list[int]:

@@ -389,7 +389,10 @@ def test_warmup_fraction_in_range_gives_that_share_of_the_steps():
 
 def test_yaml_is_loaded_safely(tmp_path):
     path = _write(tmp_path, "name: !!python/object/apply:os.system ['echo pwned > /dev/null']\nkind: demo\n")
-    with pytest.raises(yaml.YAMLError):
+    # yaml.safe_load refuses the tag (nothing runs); the refusal is one RecipeError naming the file and line
+    with pytest.raises(
+        schema.RecipeError, match=r"r\.yaml: YAML error at line 1, column 7: could not determine a constructor"
+    ):
         schema.load(path)
 
 

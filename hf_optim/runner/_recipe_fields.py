@@ -41,6 +41,7 @@ SCHEMA: dict[str, Any] = {
         "lr": float,
         "betas": list,
         "eps": float,
+        "eps_mode": ("torch", "tf"),
         "weight_decay": FLOAT_OR_LR_PEAK,
         "weight_decay_mode": ("l2", "coupled", "independent", "corrected"),
         "no_decay": list,

@@ -25,7 +25,7 @@ def config_errors(what: str) -> Iterator[None]:
         yield
     except schema.RecipeError:
         raise
-    except ValueError as error:
+    except (ValueError, TypeError) as error:
         raise schema.RecipeError(f"{what}: {error}") from error
 
 

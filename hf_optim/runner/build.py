@@ -150,25 +150,30 @@ def optimizer_cls_and_kwargs(
     spec = get_spec(opt["name"])
     lr = size_settings(recipe, size)["lr"]
     knobs: dict[str, Any] = dict(opt.get("args") or {})
+    takes = {"betas": spec.takes_betas, "eps": spec.takes_eps, "eps_mode": spec.takes_eps}
     not_stated = []
-    for key, value in (
-        ("betas", opt.get("betas")),
-        ("eps", opt.get("eps")),
-        ("weight_decay_mode", opt.get("weight_decay_mode")),
-    ):
+    for key in ("betas", "eps", "eps_mode", "weight_decay_mode"):
+        value = opt.get(key)
         if value is None:
             not_stated.append(key)
-        elif not {"betas": spec.takes_betas, "eps": spec.takes_eps}.get(key, True):
+            continue
+        if not takes.get(key, True):
             raise ValueError(
                 f"optimizer.{key}={value!r} is stated, but {opt['name']} has no {key} (its moments are "
                 f"knobs in optimizer.args; hf-optim list). Set optimizer.{key}=null."
             )
-        else:
-            knobs[key] = tuple(value) if key == "betas" else value
+        value = tuple(value) if key == "betas" else value
+        if key in knobs and _as_given(knobs[key]) != value:
+            # Two doors to one knob: neither may silently win.
+            raise ValueError(
+                f"optimizer.{key}={value!r} and optimizer.args.{key}={knobs[key]!r} disagree; state {key} once "
+                f"(optimizer.{key} is the recipe's field for it)."
+            )
+        knobs[key] = value
     wd = weight_decay(recipe, size)
     not_stated += [key for key, value in (("lr", lr), ("weight_decay", wd)) if value is None]
     # Only what the optimizer has: Adafactor / SGD state their moments in optimizer.args.
-    not_stated = [k for k in not_stated if {"betas": spec.takes_betas, "eps": spec.takes_eps}.get(k, True)]
+    not_stated = [k for k in not_stated if takes.get(k, True) and k != "eps_mode"]
     if not_stated:
         log.warning(
             "Recipe %s does not state %s: %s's defaults apply.", recipe.get("name"), ", ".join(not_stated), spec.target
@@ -181,11 +186,58 @@ def optimizer_cls_and_kwargs(
     )
 
 
+def _as_given(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
 def build_optimizer(recipe: Mapping[str, Any], model: nn.Module, *, size: str | None = None) -> torch.optim.Optimizer:
     """The optimizer as the Trainer builds it: a decay group and a no-decay group (weight_decay 0)."""
     cls, kwargs = optimizer_cls_and_kwargs(recipe, model, size=size)
     no_decay = (recipe.get("optimizer") or {}).get("no_decay")
     return cls(factory.param_groups(model, kwargs.get("weight_decay", 0.0), no_decay), **kwargs)
+
+
+def dry_build(recipe: Mapping[str, Any], *, size: str | None = None) -> torch.optim.Optimizer:
+    """The recipe's optimizer built on a stand-in parameter, so that every value passes the class's own checks
+    before any model or data exists (a ``ValueError``/``TypeError`` naming the value otherwise).
+
+    muP multipliers need the model and are applied when the real optimizer is built; everything else is the same.
+    """
+    cls, kwargs = optimizer_cls_and_kwargs(recipe, None, size=size)
+    kwargs = {k: v for k, v in kwargs.items() if k != "param_overrides"}
+    stand_in = nn.Parameter(torch.zeros(2, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # magnitude warnings come again, once, when the real optimizer is built
+        return cls([{"params": [stand_in], "weight_decay": kwargs.get("weight_decay", 0.0)}], **kwargs)
+
+
+def check_resume_family(recipe: Mapping[str, Any], checkpoint: str, *, size: str | None = None) -> None:
+    """``ValueError`` when the optimizer state in ``checkpoint`` belongs to another optimizer family than the
+    recipe's (e.g. Adafactor state resumed by an AdamW recipe), checked before the model is built.
+
+    Only the parameter groups' knobs are read; shapes are checked against the model when the Trainer loads it.
+    """
+    import os
+
+    path = os.path.join(checkpoint, "optimizer.pt")
+    if not os.path.isfile(path):  # a sharded (FSDP / DeepSpeed) checkpoint: checked when the Trainer loads it
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # any unreadable file is the user's to fix, named here
+        raise ValueError(
+            f"--resume {checkpoint}: optimizer.pt cannot be read ({type(error).__name__}: {error})."
+        ) from None
+    opt = dry_build(recipe, size=size)
+    if not hasattr(type(opt), "interop_formats"):
+        return
+    from hf_optim._state_loading import check_family
+
+    try:
+        check_family(opt, state)
+    except ValueError as error:
+        name = (recipe.get("optimizer") or {}).get("name")
+        raise ValueError(f"--resume {checkpoint} cannot continue with optimizer {name!r}: {error}") from None
 
 
 def unstated_schedule_fields(recipe: Mapping[str, Any], size: str | None = None) -> list[str]:

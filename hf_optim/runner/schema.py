@@ -339,11 +339,25 @@ def apply_overrides(recipe: Mapping[str, Any], overrides: list[str]) -> dict[str
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    with path.open(encoding="utf-8") as handle:
-        data = yaml.safe_load(handle)
+    try:
+        with path.open(encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: {yaml_error_text(error)}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RecipeError(f"{path}: cannot be read as a UTF-8 text file ({error}).") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}.")
     return data
+
+
+def yaml_error_text(error: yaml.YAMLError) -> str:
+    """A YAML error (syntax, or a tag safe_load refuses) in one line: where (line and column, 1-based) and what the parser expected."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    return f"YAML error at {where}: {problem}{' (' + context + ')' if context else ''}."
 
 
 def load(ref: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._cli_errors import report, take_debug_flag
 from . import _outputs, _process_group, _shutdown, _train_model, _trainer, build, horizon, schema
 from ._train_args import parse_args as _parse_args
 from ._trainer import config_errors as _config_errors
@@ -77,14 +78,13 @@ def main(argv: Sequence[str] | None = None, *, exit_process: bool = False) -> in
     :func:`hf_optim.runner._shutdown.end_launched_process`; in-process callers get the code back.
     """
     t_launch = time.time()
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parse_args(take_debug_flag(list(sys.argv[1:] if argv is None else argv)))
     try:
         code = _train(args, t_launch)
     except schema.RecipeError as error:
         # The message names the field, the value and what is allowed; a 40-line traceback would only bury it.
-        print(f"hf-optim train: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
         _process_group.destroy()  # the error may come after the Trainer joined a process group
-        code = 2
+        code = report("train", error)
     _shutdown.stop_progress_monitors()  # no daemon thread may meet the interpreter's finalization: see the module
     if exit_process:
         _shutdown.end_launched_process(code)
@@ -170,9 +170,17 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
             "matrices) or 'none'."
         )
     lr = build.size_settings(recipe, run["size"])["lr"]
+    with _config_errors("optimizer"):
+        build.dry_build(recipe, size=run["size"])
     out = Path(args.output_dir or run["output_dir"] or Path("runs") / recipe["name"])
     if args.resume is True:
         _check_has_checkpoint(out)
+    if args.resume:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        checkpoint = args.resume if isinstance(args.resume, str) else get_last_checkpoint(str(out))
+        with _config_errors("resume"):
+            build.check_resume_family(recipe, checkpoint, size=run["size"])
     return {
         "recipe": recipe,
         "model": model_cfg,
