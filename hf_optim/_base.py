@@ -37,6 +37,10 @@ def _as_group_list(params: Any) -> list[dict[str, Any]]:
     return [{"params": params}]
 
 
+#: The override of a parameter that the optimizer leaves out (a frozen parameter, :mod:`hf_optim.param_rules`).
+FROZEN = "frozen"
+
+
 def apply_param_overrides(
     params: Any, overrides: ParamOverrides | None, defaults: Mapping[str, Any], resolve: Resolver | None = None
 ) -> list[dict[str, Any]]:
@@ -63,6 +67,8 @@ def apply_param_overrides(
             override = by_id.get(id(p), {})
             if override:
                 seen.add(id(p))
+            if override.get(FROZEN):  # a frozen parameter has no place in the optimizer, hence no state
+                continue
             buckets.setdefault(tuple(sorted(override.items())), []).append(p)
         for key, bucket in buckets.items():
             new_group = {**group, "params": bucket}
@@ -70,13 +76,14 @@ def apply_param_overrides(
                 if name in MULTIPLIER_KEYS:
                     v.check_non_negative(f"param_overrides[...][{name!r}]", value)
                     target = MULTIPLIER_KEYS[name]
-                    base = group.get(target, defaults[target])
+                    # sorted keys: a replaced value ("weight_decay") is set before its multiplier scales it
+                    base = new_group.get(target, defaults[target])
                     if resolve is not None:
                         base = resolve(target, base, new_group, defaults)
                     new_group[target] = base * value
                 new_group[name] = value
             result.append(new_group)
-    missing = [p for p in overrides if id(p) not in seen and overrides[p]]
+    missing = [p for p in overrides if id(p) not in seen and overrides[p] and not overrides[p].get(FROZEN)]
     if missing:
         raise ValueError(
             f"param_overrides holds {len(missing)} tensor(s) that are in none of the parameter groups "
@@ -87,7 +94,7 @@ def apply_param_overrides(
 
 def _check_override_keys(overrides: Iterable[Mapping[str, Any]], defaults: Mapping[str, Any]) -> None:
     """A key that is neither a multiplier nor a knob would be stored in the group and never read (``lr_mul``)."""
-    valid = sorted({*MULTIPLIER_KEYS, *defaults, "lr_peak"})
+    valid = sorted({*MULTIPLIER_KEYS, *defaults, "lr_peak", FROZEN})
     for override in overrides:
         for key in override:
             if key not in valid:

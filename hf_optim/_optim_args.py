@@ -36,10 +36,10 @@ from typing import Any
 from ._validation import check_choice, closest
 
 #: Keys understood by the Trainer handler itself, with their defaults.
-HANDLER_KEYS: dict[str, Any] = {"mup": None, "mup_wd_rule": "independent"}
+HANDLER_KEYS: dict[str, Any] = {"mup": None, "mup_wd_rule": "independent", "groups": None, "layer_decay": None}
 MUP_WD_RULES: tuple[str, ...] = ("independent", "mup", "none")
 # Spelling rules for the handler keys: flags take true/false, the rule a name.
-HANDLER_DEFAULT_TYPES: dict[str, Any] = {"mup": False, "mup_wd_rule": ""}
+HANDLER_DEFAULT_TYPES: dict[str, Any] = {"mup": False, "mup_wd_rule": "", "groups": "", "layer_decay": 0.0}
 
 # Parameters of an optimizer's __init__ that are never knobs.
 _NOT_KNOBS = frozenset({"self", "params", "param_overrides"})
@@ -234,6 +234,10 @@ def parse_optim_args(
             raise ValueError(f"optim_args {key}={text!r}: {key} is too large for a float.") from None
         _check_kind(key, kwargs[key], text, knob_kinds(cls, key))
     check_choice("optim_args mup_wd_rule", options["mup_wd_rule"], MUP_WD_RULES)
+    from .param_rules import check_layer_decay, parse_rules
+
+    parse_rules(options["groups"], "optim_args groups")  # a missing or malformed rules file fails at parsing
+    check_layer_decay(options["layer_decay"])
     if options["mup"] is not None and not isinstance(options["mup"], bool):
         raise ValueError(f"optim_args mup={options['mup']!r}: write mup=true or mup=false.")
     return kwargs, options

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import param_rules
 from ._optim_args import HANDLER_KEYS, MUP_WD_RULES, parse_optim_args, split_optim_args
 from ._validation import check_choice, closest
 from .registry import OptimizerSpec, get_spec
@@ -147,6 +148,8 @@ def resolve_optimizer(
     fallback_knobs: Mapping[str, Any] | None = None,
     mup: bool | None = None,
     mup_wd_rule: str | None = None,
+    groups: Any = None,
+    layer_decay: float | None = None,
     where: str | None = None,
 ) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
     """``(OptimizerClass, kwargs)``: everything of :func:`create_optimizer` except the parameter groups.
@@ -179,6 +182,16 @@ def resolve_optimizer(
     wd_rule = _option("mup_wd_rule", mup_wd_rule, optim_args, options)
     check_choice("mup_wd_rule", wd_rule, MUP_WD_RULES)
     overrides = _mup_overrides(spec, cls, model, kwargs, set(user), use_mup, wd_rule, where)
+    rules = param_rules.parse_rules(_option("groups", groups, optim_args, options))
+    decay = param_rules.check_layer_decay(_option("layer_decay", layer_decay, optim_args, options))
+    if rules or decay is not None:
+        if model is None:
+            raise ValueError(
+                "groups / layer_decay select parameters by name, so they need a model (nn.Module), not bare "
+                "parameters; pass the model."
+            )
+        # muP first, the user's rules on top (param_rules: lr multipliers multiply, other values replace)
+        overrides = param_rules.merge(overrides, param_rules.rule_overrides(model, rules, decay))
     if overrides is not None:
         kwargs["param_overrides"] = overrides
     return cls, kwargs
@@ -221,6 +234,8 @@ def create_optimizer(
     mup: bool | None = None,
     mup_wd_rule: str | None = None,
     no_decay: NoDecay = None,
+    groups: Any = None,
+    layer_decay: float | None = None,
     **knobs: Any,
 ) -> torch.optim.Optimizer:
     """Build the registered optimizer ``name`` for a model (or parameters), as every hf-optim entry point does.
@@ -235,6 +250,9 @@ def create_optimizer(
         mup: ``None`` applies the model's muP plan if it has one; ``True`` requires one; ``False`` ignores it.
         mup_wd_rule: ``"independent"`` (default: per-step decay λ·η_t at every width), ``"mup"`` (mup 1.0.0's
             λ·width_mult with lr-coupled decay) or ``"none"``.
+        groups: parameter-group rules (:mod:`hf_optim.param_rules`): a list of ``{match: REGEX, lr_mult, weight_decay,
+            weight_decay_mode, freeze}`` or the path of a YAML file of them; the first matching rule wins.
+        layer_decay: lr x ``layer_decay^(L - layer id)`` for numbered blocks (:mod:`hf_optim.param_rules`).
         no_decay: ``None`` (the Trainer's split: biases and norms), categories from :data:`NO_DECAY_PATTERNS`, or a
             predicate ``(name, param) -> bool`` that is true for parameters without decay.
         **knobs: any knob of the class (``betas=(0.9, 0.95)``, ``preset="palm"``, ``weight_decay_mode=...``).
@@ -253,5 +271,7 @@ def create_optimizer(
         knobs=knobs,
         mup=mup,
         mup_wd_rule=mup_wd_rule,
+        groups=groups,
+        layer_decay=layer_decay,
     )
     return cls(param_groups(model_or_params, weight_decay, no_decay), **kwargs)

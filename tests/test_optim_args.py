@@ -48,7 +48,7 @@ def test_optim_args_are_typed_against_the_class():
         "weight_decay_mode": "independent",
     }
     assert isinstance(kwargs["eps"], float) and all(isinstance(b, float) for b in kwargs["betas"])
-    assert options == {"mup": None, "mup_wd_rule": "independent"}
+    assert options == {"mup": None, "mup_wd_rule": "independent", "groups": None, "layer_decay": None}
 
 
 def test_adafactor_knobs_come_from_presets():

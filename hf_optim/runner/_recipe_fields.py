@@ -45,6 +45,8 @@ SCHEMA: dict[str, Any] = {
         "weight_decay": FLOAT_OR_LR_PEAK,
         "weight_decay_mode": ("l2", "coupled", "independent", "corrected"),
         "no_decay": list,
+        "groups": list,
+        "layer_decay": float,
         "args": "any",
     },
     "schedule": {

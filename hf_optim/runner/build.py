@@ -182,7 +182,14 @@ def optimizer_cls_and_kwargs(
         raise ValueError(f"recipe {recipe.get('name')!r} states no lr: set optimizer.lr.")
     wd_rule = ((recipe.get("model") or {}).get("mup") or {}).get("wd_rule")
     return factory.resolve_optimizer(
-        opt["name"], model, lr=lr, weight_decay=wd if wd is not None else 0.0, knobs=knobs, mup_wd_rule=wd_rule
+        opt["name"],
+        model,
+        lr=lr,
+        weight_decay=wd if wd is not None else 0.0,
+        knobs=knobs,
+        mup_wd_rule=wd_rule,
+        groups=opt.get("groups"),
+        layer_decay=opt.get("layer_decay"),
     )
 
 
@@ -203,6 +210,12 @@ def dry_build(recipe: Mapping[str, Any], *, size: str | None = None) -> torch.op
 
     muP multipliers need the model and are applied when the real optimizer is built; everything else is the same.
     """
+    from hf_optim.param_rules import check_layer_decay, parse_rules
+
+    opt = recipe.get("optimizer") or {}
+    parse_rules(opt.get("groups"), "optimizer.groups")  # their names are matched once the model exists
+    check_layer_decay(opt.get("layer_decay"))
+    recipe = {**recipe, "optimizer": {k: v for k, v in opt.items() if k not in ("groups", "layer_decay")}}
     cls, kwargs = optimizer_cls_and_kwargs(recipe, None, size=size)
     kwargs = {k: v for k, v in kwargs.items() if k != "param_overrides"}
     stand_in = nn.Parameter(torch.zeros(2, 2))
