@@ -15,6 +15,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("hf_optim.runner.sweep", "width x learning-rate x weight-decay sweeps (muP / decay-mode experiments)"),
     "coord-check": ("mup_integration.coord_check", "muP coordinate check: activation size per width, SP vs muP"),
     "export": ("mup_integration.export", "write a muP checkpoint as a stock Granite/LLaMA model (same logits)"),
+    "groups": (
+        "hf_optim.runner.groups",
+        "the parameter groups of a recipe or model config: pattern -> lr, decay, count",
+    ),
     "list": ("hf_optim.cli", "list the registered optimizers (--recipes: the bundled recipes and sweeps)"),
 }
 

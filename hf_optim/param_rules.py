@@ -104,24 +104,28 @@ def _rule(index: int, raw: Any, origin: str) -> Rule:
     return Rule(index=index, match=match, freeze=freeze, **values)
 
 
+def read_rules_file(value: str | Path, origin: str = "groups") -> Any:
+    """The rules held by a YAML file: a list of rules, or a mapping with that list under ``groups:``."""
+    import yaml
+
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{origin}={str(value)!r}: no such file (a YAML list of rules, see hf_optim.param_rules).")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{origin}={str(value)!r}: not a readable YAML file ({' '.join(str(error).split())})."
+        ) from None
+    return data.get("groups") if isinstance(data, Mapping) else data
+
+
 def parse_rules(value: Any, origin: str = "groups") -> tuple[Rule, ...]:
     """Checked rules from a list of mappings, or from the path of a YAML file holding that list (or ``groups:``)."""
     if value is None:
         return ()
     if isinstance(value, (str, Path)):
-        import yaml
-
-        path = Path(value).expanduser()
-        if not path.is_file():
-            raise ValueError(f"{origin}={str(value)!r}: no such file (a YAML list of rules, see hf_optim.param_rules).")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as error:
-            raise ValueError(
-                f"{origin}={str(value)!r}: not a readable YAML file ({' '.join(str(error).split())})."
-            ) from None
-        value = data.get("groups") if isinstance(data, Mapping) else data
-        origin = str(path)
+        value, origin = read_rules_file(value, origin), str(Path(value).expanduser())
     if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
         raise TypeError(f"{origin} must be a list of rules ({{match: REGEX, lr_mult: ...}}), got {value!r}.")
     return tuple(_rule(i, raw, origin) for i, raw in enumerate(value))

@@ -71,6 +71,12 @@ CASES: list[tuple[str, str]] = [
     ("bench --only [ --json OUT", "--only: '[' is not a regular expression"),
     ("bench --device bogus --json OUT", "--device 'bogus' is not a device"),
     ("bench --size huge --json OUT", "argument --size: invalid choice: 'huge'"),
+    # groups
+    ("groups demo --lr 3", "--lr apply to a model config"),
+    ("groups missing.json", "model config 'missing.json' does not exist"),
+    ("groups demo --groups rules.yaml", "groups rule 0 (match 'no_such_layer') matches no parameter"),
+    ("groups demo --groups missing.yaml", "--groups='missing.yaml': no such file"),
+    ("groups demo --layer-decay 1.5", "layer_decay must be a number in (0, 1]"),
     # the command itself
     ("nosuchcommand", "unknown command 'nosuchcommand'"),
 ]
@@ -80,6 +86,7 @@ def _write_inputs(folder: Path) -> None:
     (folder / "bad.yaml").write_text(BAD_YAML)
     (folder / "sweep.yaml").write_text(BAD_SWEEP)
     (folder / "plain.txt").write_text("just text\n")
+    (folder / "rules.yaml").write_text("- {match: no_such_layer, lr_mult: 2}\n")
     # The optimizer state of an AdamW run (what llm/llama2 saves), for a recipe of another family to resume.
     checkpoint = folder / "ckpt" / "checkpoint-30"
     checkpoint.mkdir(parents=True)

@@ -1,4 +1,5 @@
-"""A plain Hugging Face training script: HfArgumentParser + Trainer, nothing else.
+"""A plain Hugging Face training script: HfArgumentParser + Trainer, nothing else (but the ending of a launched
+rank, :func:`end_launched_rank`).
 
 It never imports hf_optim: ``--optim adafactor_v2`` works only through the package's import hook (.pth). The tests
 run it in fresh interpreters, alone and under ``accelerate launch``. The model is a tiny LLaMA built from a config and
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +40,26 @@ class RuleDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
+
+
+def end_launched_rank() -> None:
+    """Under a launcher (``WORLD_SIZE`` > 1): wait for every rank, flush, and leave with ``os._exit(0)``.
+
+    Why not a plain return: torch's teardown of a gloo process group that the Trainer leaves alive can abort or hang
+    a rank whose run has already succeeded (torch 2.13 CPU, measured). gloo's worker threads free each finished
+    collective's work object, and with it the Python references of its tensors, which takes the GIL. At
+    interpreter finalization that GIL request ends the thread inside a destructor: "terminate called without an
+    active exception", SIGABRT (pytorch/pytorch#179291). ``destroy_process_group()`` first is no cure: the DDP
+    reducer then holds the group's last reference, and freeing it joins those threads while holding the GIL, a
+    deadlock (gdb: ``~Reducer`` -> ``~ProcessGroupGloo`` -> ``thread::join`` on the main thread,
+    ``~AsyncAllgatherWork`` -> ``take_gil`` on a ``pt_gloo_runloop`` thread). Every output is written and closed before this is called, so skipping the teardown loses nothing.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    torch.distributed.barrier()  # no rank leaves while another still exchanges data with it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main() -> None:
@@ -75,6 +97,7 @@ def main() -> None:
                 },
                 f,
             )
+    end_launched_rank()
 
 
 if __name__ == "__main__":
