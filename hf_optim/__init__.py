@@ -23,6 +23,7 @@ _LAZY = {
     "SGDW": "hf_optim.sgd",
     "AdaGrad": "hf_optim.adagrad",
     "RMSProp": "hf_optim.rmsprop",
+    "Muon": "hf_optim.muon",
     "create_optimizer": "hf_optim.factory",
     "resolve_optimizer": "hf_optim.factory",
 }
@@ -34,6 +35,7 @@ __all__ = [
     "Adam",
     "AdamAtan2",
     "AdamW",
+    "Muon",
     "OptimizerSpec",
     "RAdam",
     "RMSProp",

@@ -205,6 +205,11 @@ class BaseOptimizer(torch.optim.Optimizer):
         """The knobs a group of this class holds (the named constructor arguments)."""
         return constructor_knobs(cls.__init__)
 
+    def _group_template(self, saved: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The live group whose knobs a saved group is checked against when its parameters are unknown (``hf-optim
+        train --resume`` checks the optimizer family before the model exists); one rule per class: the first group."""
+        return self.param_groups[0]
+
     def _state_specs(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, _state_loading.StateSpec]:
         """The state entries this class keeps for ``p`` in ``group`` (keys, shapes): what loading accepts."""
         raise NotImplementedError

@@ -82,11 +82,10 @@ def check_family(opt: BaseOptimizer, state_dict: Any) -> None:
     (``hf-optim train --resume`` asks it before the model is built)."""
     if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("param_groups"), (list, tuple)):
         _structure(opt, state_dict)  # raises the structural message
-    live = opt.param_groups[0]
     for index, saved in enumerate(state_dict["param_groups"]):
         if not isinstance(saved, Mapping):
             raise ValueError(f"{type(opt).__name__}.load_state_dict: param_groups[{index}] must be a dict.")
-        _translate_group(opt, index, saved, live)
+        _translate_group(opt, index, saved, opt._group_template(saved))
 
 
 def _structure(opt: BaseOptimizer, state_dict: Any) -> tuple[list[Mapping[str, Any]], Mapping[Any, Any]]:
@@ -157,7 +156,7 @@ def _known_knobs() -> set[str]:
     import hf_optim
 
     names = {"betas", "eps", "amsgrad", "momentum_decay", "beta2_decay", "d", "decay_rate", "clip_threshold"}
-    for cls_name in ("Adam", "AdamAtan2", "RAdam", "SGDW", "AdaGrad", "RMSProp", "Adafactor"):
+    for cls_name in ("Adam", "AdamAtan2", "RAdam", "SGDW", "AdaGrad", "RMSProp", "Adafactor", "Muon"):
         names |= set(getattr(hf_optim, cls_name).knob_names())
     for fmt in FORMATS.values():
         names |= fmt.required

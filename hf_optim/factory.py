@@ -182,6 +182,9 @@ def resolve_optimizer(
     wd_rule = _option("mup_wd_rule", mup_wd_rule, optim_args, options)
     check_choice("mup_wd_rule", wd_rule, MUP_WD_RULES)
     overrides = _mup_overrides(spec, cls, model, kwargs, set(user), use_mup, wd_rule, where)
+    routes = spec.routes(model) if model is not None else {}
+    if routes:  # which update rule steps each parameter (Muon / fallback); muP's multipliers apply on top
+        overrides = param_rules.merge(routes, overrides or {})
     rules = param_rules.parse_rules(_option("groups", groups, optim_args, options))
     decay = param_rules.check_layer_decay(_option("layer_decay", layer_decay, optim_args, options))
     if rules or decay is not None:

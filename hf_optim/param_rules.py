@@ -43,7 +43,11 @@ from torch import nn
 from ._validation import check_choice, closest
 from .decay import WEIGHT_DECAY_MODES
 
-RULE_KEYS = ("match", "lr_mult", "weight_decay", "weight_decay_mode", "freeze")
+#: What a rule may set besides ``match`` / ``freeze``; ``optimizer`` picks the update rule of a multi-rule optimizer.
+VALUE_KEYS = ("lr_mult", "weight_decay", "weight_decay_mode", "optimizer")
+RULE_KEYS = ("match", *VALUE_KEYS, "freeze")
+#: Values of a rule's ``optimizer``: Muon's hidden-matrix rule or its fallback (hf_optim.muon).
+UPDATE_RULES = ("muon", "fallback")
 BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
 EMBEDDING = re.compile(r"embed|(?:^|\.)wte\.|(?:^|\.)wpe\.|cls_token|pos_embed|patch_embed")
 
@@ -57,6 +61,7 @@ class Rule:
     lr_mult: float | None = None
     weight_decay: float | None = None
     weight_decay_mode: str | None = None
+    optimizer: str | None = None
     freeze: bool = False
 
     @property
@@ -89,15 +94,15 @@ def _rule(index: int, raw: Any, origin: str) -> Rule:
     freeze = raw.get("freeze", False)
     if not isinstance(freeze, bool):
         raise TypeError(f"{where}: freeze must be true or false, got {freeze!r}.")
-    values = {k: raw[k] for k in ("lr_mult", "weight_decay", "weight_decay_mode") if raw.get(k) is not None}
+    values = {k: raw[k] for k in VALUE_KEYS if raw.get(k) is not None}
     if freeze and values:
         raise ValueError(f"{where}: a frozen rule takes no other value (got {sorted(values)}); drop them or freeze.")
     if not freeze and not values:
-        raise ValueError(
-            f"{where}: match {match!r} sets nothing; give lr_mult, weight_decay, weight_decay_mode or freeze."
-        )
+        raise ValueError(f"{where}: match {match!r} sets nothing; give {', '.join(VALUE_KEYS)} or freeze.")
     if "weight_decay_mode" in values:
         check_choice(f"{where}: weight_decay_mode", values["weight_decay_mode"], WEIGHT_DECAY_MODES)
+    if "optimizer" in values:
+        check_choice(f"{where}: optimizer", values["optimizer"], UPDATE_RULES)
     for key in ("lr_mult", "weight_decay"):
         if key in values:
             values[key] = _number(where, key, values[key])
@@ -201,6 +206,8 @@ def rule_overrides(
             override.update(
                 {k: getattr(rule, k) for k in ("weight_decay", "weight_decay_mode") if getattr(rule, k) is not None}
             )
+            if rule.optimizer is not None:  # which update rule of a multi-rule optimizer (Muon) steps it
+                override["rule"] = rule.optimizer
         if override:
             out[param] = override
     return out

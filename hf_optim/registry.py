@@ -18,14 +18,21 @@ from typing import Any, Literal
 
 from ._validation import check_choice, closest
 
-MuPFamily = Literal["adam", "adam_param_scale", "sgd"]
-MUP_FAMILIES: tuple[str, ...] = ("adam", "adam_param_scale", "sgd")
+MuPFamily = Literal["adam", "adam_param_scale", "sgd", "muon"]
+MUP_FAMILIES: tuple[str, ...] = ("adam", "adam_param_scale", "sgd", "muon")
 
 
 def adafactor_mup_family(knobs: Mapping[str, Any]) -> str:
     """Adafactor's muP rule: with parameter scaling each step already scales with RMS(W) ∝ 1/sqrt(width_mult), so
     the hidden lr is divided by sqrt(width_mult) only (see :mod:`mup_integration.groups`)."""
     return "adam_param_scale" if knobs.get("scale_parameter") else "adam"
+
+
+def muon_mup_family(knobs: Mapping[str, Any]) -> str:
+    """Muon's muP rule (docs/mup.md): an orthogonalised update of a hidden matrix has spectral norm ``s(A, B)·lr``;
+    ``original`` / ``spectral`` scales do not grow with width (hidden lr unchanged, family ``"muon"``), ``rms``'s
+    0.2·sqrt(max(A, B)) grows as sqrt(width), so its hidden lr is divided by sqrt(width_mult), Adafactor's rule."""
+    return "adam_param_scale" if knobs.get("adjust") == "rms" else "muon"
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,9 @@ class OptimizerSpec:
         takes_betas / takes_eps: the class has Adam's ``betas`` / ``eps`` arguments, so ``--adam_beta1/2`` and
             ``--adam_epsilon`` (and a recipe's ``betas`` / ``eps``) map onto them.
         adam_args: shorthand for ``takes_betas=takes_eps=adam_args`` (kept for specs written before the two flags).
+        router: ``"module:function"`` giving, for a model, each parameter's ``rule`` override (which update rule of
+            the optimizer steps it: Muon's ``muon`` / ``fallback``); applied by the factory before muP and the user's
+            rules. None: one rule for every parameter.
     """
 
     name: str
@@ -53,6 +63,7 @@ class OptimizerSpec:
     adam_args: bool = True
     takes_betas: bool | None = None
     takes_eps: bool | None = None
+    router: str | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
@@ -70,6 +81,13 @@ class OptimizerSpec:
         """Import and return the optimizer class."""
         module_name, _, attr = self.target.partition(":")
         return getattr(importlib.import_module(module_name), attr)
+
+    def routes(self, model: Any) -> dict[Any, dict[str, Any]]:
+        """``{param: {"rule": ...}}`` from :attr:`router` (empty without one)."""
+        if self.router is None:
+            return {}
+        module_name, _, attr = self.router.partition(":")
+        return getattr(importlib.import_module(module_name), attr)(model)
 
     def knobs(self, preset: str | None = None) -> dict[str, Any]:
         """Knob names → defaults (``inspect.Parameter.empty`` where none) of the class, for ``preset`` if it has
@@ -173,6 +191,14 @@ for _spec in (
         "hf_optim.rmsprop:RMSProp",
         "RMSProp (centered, momentum) with explicit weight_decay_mode (default 'l2' = torch.optim.RMSprop).",
         adam_args=False,
+    ),
+    OptimizerSpec(
+        "muon_v2",
+        "hf_optim.muon:Muon",
+        "Muon (Newton-Schulz orthogonalised momentum) on hidden matrices + a fallback (AdamW) for the rest, one object.",
+        mup_family=muon_mup_family,
+        adam_args=False,
+        router="hf_optim.muon:route",
     ),
 ):
     register_optimizer(_spec)

@@ -11,6 +11,8 @@ rule                parameter kind               override
                     embedding, readout, vector   none                           RMSProp: entry-wise normalised)
 ``"adam_param_scale"`` hidden                    ``lr_mult`` :math:`= 1/\sqrt m` (Adafactor with
                     embedding, readout, vector   none                           ``scale_parameter=True``)
+``family="muon"``   hidden                       none (Muon with ``adjust`` original / spectral; ``rms``
+                    embedding, readout, vector   none                           uses ``adam_param_scale``)
 ``family="sgd"``    hidden                       ``lr_mult`` :math:`= 1/r`      (= ``mup.MuSGD``)
                     embedding, readout, vector   ``lr_mult`` :math:`= m`
 ``wd="independent"`` decayed                     ``weight_decay_mode="independent"``: per-step decay
@@ -50,7 +52,7 @@ from hf_optim.decay import coupled_equivalent
 from .depth import DepthRule, rule_for
 from .plan import MuPPlan, ParamInfo, get_plan, unwrap
 
-FAMILIES = ("adam", "adam_param_scale", "sgd")
+FAMILIES = ("adam", "adam_param_scale", "sgd", "muon")
 WD_RULES = ("independent", "mup", "none")
 
 
@@ -75,6 +77,13 @@ def override_for(
         width_lr = 1.0 / info.width_mult if hidden else 1.0
     elif family == "adam_param_scale":
         width_lr = 1.0 / math.sqrt(info.width_mult) if hidden else 1.0
+    elif family == "muon":  # spectral norm of an orthogonalised update: width-independent (docs/mup.md)
+        if depth is not None:
+            raise ValueError(
+                "CompleteP / depth-muP defines no depth rule for Muon's orthogonalised updates; train muon_v2 "
+                "with width-only muP (no model.mup.depth_alpha / base_depth)."
+            )
+        width_lr = 1.0
     else:
         width_lr = 1.0 / info.fan_ratio if hidden else info.width_mult
     depth_lr = depth.lr_factor(family) if depth is not None else 1.0

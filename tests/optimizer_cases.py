@@ -120,6 +120,27 @@ def _adafactor() -> list[Case]:
     return rows
 
 
-CASES: list[Case] = [*_adam_family(), *_elementwise(), *_adafactor()]
+# Muon: each mode with another adjust / momentum variant; the test tensors' matrices go to Muon, vectors to the
+# fallback (rule="auto"), so both rules of the one object run through every invariant.
+_MUON_VARIANTS: dict[str, dict[str, Any]] = {
+    "l2": dict(adjust="original"),
+    "coupled": dict(adjust="rms", nesterov=False),
+    "independent": dict(adjust="spectral", ns_dtype="float32"),
+    "corrected": dict(adjust="original", fallback="adafactor_v2", orthogonalize="svd"),
+}
+
+
+def _muon() -> list[Case]:
+    return [
+        Case(
+            f"muon-{mode}",
+            "Muon",
+            dict(lr=1e-2, weight_decay=DECAY[mode], weight_decay_mode=mode, **_MUON_VARIANTS[mode]),
+        )
+        for mode in MODES
+    ]
+
+
+CASES: list[Case] = [*_adam_family(), *_elementwise(), *_adafactor(), *_muon()]
 
 CASE_IDS = [case.id for case in CASES]

@@ -94,6 +94,22 @@ DOMAINS: dict[str, Callable[[], dict[str, Domain]]] = {
         "centered": (st.booleans(), None),
     },
     "Adafactor": lambda: adafactor_domains(),
+    "Muon": lambda: {
+        **{k: v for k, v in common(hf_optim.Muon).items() if k != "maximize"},  # Muon has no maximize
+        "momentum": (UNIT, OUTSIDE_UNIT),
+        "nesterov": (st.booleans(), None),
+        "ns_steps": (st.integers(1, 8), st.integers(-3, 0)),
+        "ns_coefficients": (st.tuples(floats(-5.0, 5.0), floats(-5.0, 5.0), floats(-5.0, 5.0)), st.just((1.0, 2.0))),
+        "ns_dtype": choice(["bfloat16", "float32", "float64"]),
+        "orthogonalize": choice(["newton_schulz", "svd"]),
+        "eps": (floats(1e-9, 1e-3), st.one_of(NEGATIVE, st.just(0.0))),
+        "adjust": choice(["original", "rms", "spectral"]),
+        "fallback": choice(["adamw_v2", "adafactor_v2", "sgdw_v2"]),
+        "fallback_lr": (st.one_of(st.none(), floats(1e-6, 1.0)), NEGATIVE),
+        "fallback_betas": BETAS,
+        "fallback_eps": EPS,
+        "rule": choice(["auto", "fallback", "muon"]),
+    },
 }
 
 #: Numeric Adafactor knobs: (valid, invalid). ``None`` is a valid value where the knob documents it.
@@ -131,7 +147,12 @@ def adafactor_domains() -> dict[str, Domain]:
 
 
 #: Knobs that state a rule about a combination: their error may fire even when every single value is valid.
-COMBINATION_RULES = {"SGDW": {"nesterov"}, "Adafactor": {"warmup_init", "eps1_mode"}, "RMSProp": {"centered"}}
+COMBINATION_RULES = {
+    "SGDW": {"nesterov"},
+    "Adafactor": {"warmup_init", "eps1_mode"},
+    "RMSProp": {"centered"},
+    "Muon": {"rule"},  # rule="muon" on a 0-/1-D tensor is refused
+}
 # (eps1_mode="clamp" refuses an eps1 whose square underflows in float32, e.g. the adafactor_v2 preset's 1e-30.)
 
 

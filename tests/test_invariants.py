@@ -82,7 +82,8 @@ def test_state_dict_round_trip_continues_bitwise(case: Case, dtype: torch.dtype)
     opt = case.build(fresh)
     opt.load_state_dict(checkpoint["optimizer"])
     saved_state = checkpoint["optimizer"]["state"]
-    for index, p in enumerate(fresh):
+    # state-dict ids follow the groups' order (an optimizer that splits groups, Muon, reorders the parameters)
+    for index, p in enumerate(p for group in opt.param_groups for p in group["params"]):
         for key, value in saved_state.get(index, {}).items():
             if torch.is_tensor(value) and key != "step":
                 assert opt.state[p][key].dtype == value.dtype, (key, opt.state[p][key].dtype, value.dtype)
@@ -91,10 +92,11 @@ def test_state_dict_round_trip_continues_bitwise(case: Case, dtype: torch.dtype)
         assert torch.equal(a.detach(), b.detach())
 
 
-def expected_state_dtype(opt, key: str) -> torch.dtype:
+def expected_state_dtype(opt, p: torch.Tensor, key: str) -> torch.dtype:
     """fp32 for every state tensor of a bf16 parameter, except a momentum the user asked to keep in bf16
     (Adafactor ``momentum_dtype="bfloat16"``, the adafactor_v2 default), which is bf16 whatever the parameter."""
-    if key == "exp_avg" and opt.param_groups[0].get("momentum_dtype") == "bfloat16":
+    group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+    if key == "exp_avg" and group.get("momentum_dtype") == "bfloat16":
         return torch.bfloat16
     return torch.float32
 
@@ -140,7 +142,7 @@ def test_bf16_params_use_fp32_maths_and_state_and_round_to_nearest(case: Case, i
         assert p.dtype == torch.bfloat16
         for key, value in opt.state[p].items():
             if torch.is_tensor(value) and value.is_floating_point():
-                assert value.dtype == expected_state_dtype(opt, key), (key, value.dtype)
+                assert value.dtype == expected_state_dtype(opt, p, key), (key, value.dtype)
 
     # Adafactor's auto sends bf16 tensors to the eager for-loop (its C kernel is fp32-only): compare like with like.
     ref_impl = "for-loop" if case.cls_name == "Adafactor" else impl
@@ -203,6 +205,17 @@ BAD_VALUES: dict[str, list[object]] = {
     "eps1_mode": ["no-such-mode"],
     "relative_step_lr": ["no-such-mode"],
     "weight_decay_lr": ["no-such-mode"],
+    # Muon knobs
+    "adjust": ["no-such-mode"],
+    "orthogonalize": ["no-such-mode"],
+    "ns_dtype": ["float16"],
+    "ns_steps": [0, 100, 2.5],
+    "ns_coefficients": [(1.0, 2.0)],
+    "fallback": ["no-such-optimizer", "muon_v2"],
+    "fallback_lr": [0.0, -1.0],
+    "fallback_betas": [(1.0, 0.9)],
+    "fallback_eps": [-1.0],
+    "rule": ["no-such-rule"],
 }
 #: Names with no invalid value of the right type: the parameters themselves, and booleans (a non-bool is a
 #: TypeError, test_non_bool_flag_is_a_type_error).
@@ -265,10 +278,11 @@ def test_rejected_param_group_is_not_kept(case: Case):
     and its parameter can be added again with good values."""
     params = make_params()
     opt = case.build(params[:2])
+    groups = len(opt.param_groups)  # 1, or 2 where the class splits matrices from vectors (Muon)
     extra = params[2]
     with pytest.raises(ValueError, match="lr"):
         opt.add_param_group({"params": [extra], "lr": -1.0})
-    assert len(opt.param_groups) == 1 and all(p is not extra for p in opt.param_groups[0]["params"])
+    assert len(opt.param_groups) == groups and all(p is not extra for g in opt.param_groups for p in g["params"])
     before = extra.detach().clone()
     for p, g in zip(params, grads_for(params, 0)):
         p.grad = g

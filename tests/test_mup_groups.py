@@ -213,6 +213,8 @@ def test_every_registered_optimizer_takes_the_plan(spec):
     q, norm = "model.layers.0.self_attn.q_proj.weight", "model.norm.weight"
     if family == "adam":  # hidden lr / m, everything else unchanged
         assert groups[q][0] == pytest.approx(1e-2 / 4) and groups[norm][0] == pytest.approx(1e-2)
+    elif family == "muon":  # an orthogonalised update's spectral norm does not grow with width: nothing changes
+        assert groups[q][0] == pytest.approx(1e-2) and groups[norm][0] == pytest.approx(1e-2)
     else:  # mup.MuSGD: hidden lr / (fan_in_mult / fan_out_mult) = lr, vectors and embeddings lr * m
         assert groups[q][0] == pytest.approx(1e-2) and groups[norm][0] == pytest.approx(4e-2)
     assert groups[norm][1] == 0.0

@@ -136,11 +136,15 @@ def test_every_entry_point_builds_the_same_optimizer(name, preset, mup, tmp_path
             assert got[param] == settings, f"{entry} differs from create_optimizer for {param}"
     hidden = reference["model.layers.0.mlp.up_proj.weight"]
     vector = reference["model.norm.weight"]
+    if hf_optim.get_spec(name).router is not None:  # Muon: hidden matrices Muon, embeddings / head / vectors not
+        assert hidden["rule"] == "muon" and vector["rule"] == "fallback"
+        assert reference["model.embed_tokens.weight"]["rule"] == reference["lm_head.weight"]["rule"] == "fallback"
     assert hidden["weight_decay_mode"] == "independent" and vector["weight_decay"] == 0.0
     if mup:
         family = hf_optim.get_spec(name).mup_rule({**hf_optim.get_spec(name).knobs(preset), "preset": preset})
         m = WIDTH / BASE_WIDTH
-        expected = {"adam": LR / m, "adam_param_scale": LR / math.sqrt(m), "sgd": LR}[family]
+        # muon: an orthogonalised update's spectral norm does not grow with width (docs/mup.md), so no multiplier
+        expected = {"adam": LR / m, "adam_param_scale": LR / math.sqrt(m), "sgd": LR, "muon": LR}[family]
         assert hidden["lr"] == pytest.approx(expected, rel=1e-12)
         if preset in ("palm", "t5"):  # parameter scaling: each step already scales with RMS(W) ∝ 1/sqrt(m)
             assert hidden["lr"] == pytest.approx(LR / math.sqrt(m), rel=1e-12)

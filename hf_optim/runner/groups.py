@@ -148,19 +148,24 @@ def _fold(names: list[str]) -> str:
 
 
 def group_table(model: nn.Module, optimizer: torch.optim.Optimizer, *, fold: bool = True) -> list[dict[str, Any]]:
-    """Rows ``{pattern, lr, weight_decay, mode, tensors, elements}`` in the model's parameter order.
+    """Rows ``{pattern, lr, weight_decay, mode, rule, tensors, elements}`` in the model's parameter order.
 
     A parameter the optimizer does not hold (frozen by a rule, or ``requires_grad=False``) has ``lr=None``.
     """
     settings: dict[int, tuple[Any, ...]] = {}
     default_mode = optimizer.defaults.get("weight_decay_mode")
     for group in optimizer.param_groups:
-        values = (group["lr"], group.get("weight_decay", 0.0), group.get("weight_decay_mode", default_mode))
+        values = (
+            group["lr"],
+            group.get("weight_decay", 0.0),
+            group.get("weight_decay_mode", default_mode),
+            group.get("rule"),  # the update rule of a multi-rule optimizer (Muon: muon / fallback)
+        )
         for p in group["params"]:
             settings[id(p)] = values
     rows: dict[tuple[Any, ...], dict[str, Any]] = {}
     for name, p in model.named_parameters():
-        values = settings.get(id(p), (None, None, None))
+        values = settings.get(id(p), (None, None, None, None))
         key = (_NUMBER.sub("{}", name) if fold else name, *values)
         row = rows.setdefault(key, {"names": [], "elements": 0, "values": values})
         row["names"].append(name)
@@ -171,6 +176,7 @@ def group_table(model: nn.Module, optimizer: torch.optim.Optimizer, *, fold: boo
             "lr": row["values"][0],
             "weight_decay": row["values"][1],
             "mode": row["values"][2],
+            "rule": row["values"][3],
             "tensors": len(row["names"]),
             "elements": row["elements"],
         }
@@ -184,9 +190,12 @@ def render(rows: list[dict[str, Any]], base_lr: float) -> str:
             return "frozen"
         return f"{lr:.3g} (x{lr / base_lr:.4g})" if base_lr else f"{lr:.3g}"
 
+    with_rule = any(r["rule"] for r in rows)
+    header = ("parameters", *(("update",) if with_rule else ()), "lr (x base)", "weight_decay", "mode")
     table = [
         (
             r["pattern"],
+            *((r["rule"] or "-",) if with_rule else ()),
             lr_text(r["lr"]),
             "-" if r["weight_decay"] is None else f"{r['weight_decay']:.3g}",
             r["mode"] or "-",
@@ -195,10 +204,11 @@ def render(rows: list[dict[str, Any]], base_lr: float) -> str:
         )
         for r in rows
     ]
-    header = ("parameters", "lr (x base)", "weight_decay", "mode", "tensors", "elements")
+    header = (*header, "tensors", "elements")
     widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
+    numeric = len(header) - 2  # the two count columns are right-aligned
     lines = [
-        "  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
+        "  ".join(c.ljust(w) if i < numeric else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
         for line in [header, *table]
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))

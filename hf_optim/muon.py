@@ -1,0 +1,300 @@
+r"""Muon for the hidden matrices and a fallback optimizer (AdamW by default) for everything else, in one object."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from . import _orthogonalize as ortho
+from . import _validation as v
+from ._base import BaseOptimizer, ParamOverrides, group_defaults
+from ._state_loading import StateSpec, like
+from .decay import decay_rate, l2_coefficient
+
+#: Values of a group's ``rule``: ``auto`` sends tensors with >= 2 dimensions to Muon and the rest to the fallback.
+RULES = ("auto", "muon", "fallback")
+MUON, FALLBACK = "muon", "fallback"
+
+
+class Muon(BaseOptimizer):
+    r"""Muon (Jordan et al. 2024) on matrices, with a fallback optimizer for the other parameters.
+
+    For a parameter routed to Muon (group ``rule="muon"``), with lr :math:`\alpha_t`, momentum :math:`\mu`:
+
+    .. math::
+       \begin{aligned}
+       &g_t \leftarrow \nabla f_t(x_{t-1}) \; (+\lambda x_{t-1} \text{ if mode} = \texttt{l2}) \\
+       &B_t \leftarrow \mu B_{t-1} + (1-\mu) g_t \qquad (B_0 = 0) \\
+       &D_t \leftarrow \mu B_t + (1-\mu) g_t \text{ if nesterov else } B_t \\
+       &O_t \leftarrow \mathrm{orth}(D_t) \approx U V^\top \text{ per matrix (Newton-Schulz, or exact SVD)} \\
+       &x_t \leftarrow x_{t-1}(1 - r_t) - \alpha_t \, s(A, B) \, O_t
+       \end{aligned}
+
+    with :math:`r_t` the decay of ``weight_decay_mode`` at the *unscaled* lr (``coupled``: :math:`\alpha_t\lambda`,
+    torch.optim.Muon's decay) and :math:`s(A, B)` the ``adjust`` factor of an :math:`A\times B` matrix
+    (:func:`hf_optim._orthogonalize.lr_scale`: ``original``, ``rms`` = Moonlight's 0.2·sqrt(max(A, B)), ``spectral``
+    = sqrt(fan_out/fan_in)). The momentum is the exponential average torch.optim.Muon keeps (``lerp``), so with
+    ``adjust="original"`` / ``"rms"`` this is torch's ``Muon`` with ``adjust_lr_fn=None`` / ``"match_rms_adamw"``.
+    3-D parameters (stacked experts) are orthogonalised per matrix along dim 0; 4-D and up as ``(out, in·kernel)``.
+
+    Parameters of groups with ``rule="fallback"`` (and 0-/1-D ones under ``rule="auto"``) are stepped by the
+    registered optimizer ``fallback`` (``adamw_v2`` by default, ``adafactor_v2`` or any other), built inside this
+    object: its groups are groups of this optimizer, its state lives in this optimizer's ``state``, so
+    ``state_dict()`` holds both and the Trainer checkpoints and resumes them as one. The fallback's lr is
+    ``fallback_lr`` (default: ``lr``; with ``adjust="rms"`` one lr fits both) times the group's multipliers, and it
+    follows the scheduler with every other group. :func:`hf_optim.create_optimizer` routes a model's parameters:
+    embeddings, the output layer and vectors to the fallback, hidden matrices to Muon (:func:`route`).
+
+    Args:
+        params: parameters or parameter groups (a group may set ``rule``).
+        lr: learning rate (peak; a scheduler scales it).
+        momentum: μ in [0, 1).
+        nesterov: Nesterov momentum (torch.optim.Muon's default, True).
+        ns_steps: Newton-Schulz iterations (>= 1, < 100).
+        ns_coefficients: the quintic's (a, b, c).
+        ns_dtype: ``"bfloat16"`` (default, as torch), ``"float32"`` or ``"float64"``: the iteration's dtype.
+        orthogonalize: ``"newton_schulz"`` or ``"svd"`` (the exact :math:`UV^\top`, a reference for tests).
+        eps: the floor of the Frobenius norm the update is divided by before the iteration.
+        adjust: ``"original"`` (default), ``"rms"`` or ``"spectral"``.
+        weight_decay: λ >= 0 (torch.optim.Muon's default 0.1); ``weight_decay_mode``: see :mod:`hf_optim.decay`.
+        fallback: registered name of the optimizer of the fallback groups; ``fallback_lr``, ``fallback_betas``,
+            ``fallback_eps``: its lr and, where it takes them, its betas and epsilon.
+        rule: the default ``rule`` of groups that set none.
+        param_overrides: per-parameter ``lr_mult`` / ``weight_decay_mult`` / replacements, ``rule`` included.
+
+    References:
+        Jordan et al. (2024), *Muon: An optimizer for hidden layers in neural networks*.
+        Liu et al. (2025), *Muon is Scalable for LLM Training*, arXiv 2502.16982.
+    """
+
+    supports_complex: ClassVar[bool] = False
+    implementations: ClassVar[tuple[str, ...]] = ("for-loop",)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        *,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        ns_coefficients: tuple[float, float, float] = ortho.NS_COEFFICIENTS,
+        ns_dtype: str = "bfloat16",
+        orthogonalize: str = "newton_schulz",
+        eps: float = 1e-7,
+        adjust: str = "original",
+        weight_decay: float = 0.1,
+        weight_decay_mode: str = "coupled",
+        fallback: str = "adamw_v2",
+        fallback_lr: float | None = None,
+        fallback_betas: tuple[float, float] = (0.9, 0.95),
+        fallback_eps: float = 1e-8,
+        rule: str = "auto",
+        implementation: str = "auto",
+        param_overrides: ParamOverrides | None = None,
+    ) -> None:
+        knobs = group_defaults(Muon.__init__, locals())
+        knobs["ns_coefficients"] = tuple(knobs["ns_coefficients"])
+        knobs["fallback_betas"] = tuple(knobs["fallback_betas"])
+        self._fallback: torch.optim.Optimizer | None = None
+        super().__init__(params, knobs, param_overrides=param_overrides)
+        self._build_fallback()
+
+    # --- groups ----------------------------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """A group with ``rule="auto"`` becomes up to two groups: its matrices (Muon) and the rest (fallback)."""
+        rule = param_group.get("rule", self.defaults["rule"])
+        v.check_choice("rule", rule, RULES)
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if rule != "auto":
+            parts = [(rule, params)]
+        else:
+            parts = [(MUON, [p for p in params if p.dim() >= 2]), (FALLBACK, [p for p in params if p.dim() < 2])]
+            parts = [(r, ps) for r, ps in parts if ps] or [(MUON, params)]
+        for part_rule, part in parts:
+            super().add_param_group({**param_group, "params": part, "rule": part_rule})
+            if part_rule == FALLBACK and self._fallback is not None:
+                self._adopt(len(self.param_groups) - 1)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        if group.get("rule") == FALLBACK and "ns_steps" not in group and self._fallback is not None:
+            self._fallback._check_group(group)  # a group the fallback adopted (e.g. of a loaded state dict)
+            return
+        v.check_choice("rule", group["rule"], RULES)
+        v.check_number("momentum", group["momentum"])
+        if not 0.0 <= group["momentum"] < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {group['momentum']!r}.")
+        v.check_bool("nesterov", group["nesterov"])
+        steps = group["ns_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < 100:
+            raise ValueError(f"ns_steps must be an integer in [1, 100), got {steps!r}.")
+        coefficients = group["ns_coefficients"]
+        if not (isinstance(coefficients, (tuple, list)) and len(coefficients) == 3):
+            raise ValueError(f"ns_coefficients must be three numbers (a, b, c), got {coefficients!r}.")
+        for value in coefficients:
+            v.check_number("ns_coefficients", value)
+        v.check_choice("ns_dtype", group["ns_dtype"], tuple(ortho.NS_DTYPES))
+        v.check_choice("orthogonalize", group["orthogonalize"], ortho.METHODS)
+        v.check_positive("eps", group["eps"])
+        v.check_choice("adjust", group["adjust"], ortho.ADJUSTMENTS)
+        v.check_positive("fallback_lr", group["fallback_lr"], allow_none=True)
+        v.check_betas("fallback_betas", group["fallback_betas"])
+        v.check_non_negative("fallback_eps", group["fallback_eps"])
+        from .registry import get_spec
+
+        try:
+            spec = get_spec(group["fallback"])
+        except ValueError as error:
+            raise ValueError(f"fallback={group['fallback']!r}: {error}") from None
+        if spec.resolve() is Muon:
+            raise ValueError(f"fallback={group['fallback']!r} is Muon itself; choose an element-wise optimizer.")
+
+    def _check_group_params(self, group: dict[str, Any], params: Iterable[torch.Tensor]) -> None:
+        super()._check_group_params(group, params)
+        if group.get("rule") != MUON:
+            return
+        for p in params:
+            if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
+                raise ValueError(
+                    "Muon got a sharded (FSDP2 / DTensor) matrix; orthogonalising each shard is not orthogonalising "
+                    "the matrix, and whole-matrix gathering is not implemented yet. Train Muon with DDP, or route "
+                    "these parameters to the fallback (rule='fallback')."
+                )
+            if p.dim() < 2:
+                raise ValueError(
+                    f"A parameter of shape {tuple(p.shape)} is routed to Muon (rule='muon'), but Muon orthogonalises "
+                    "matrices (2-D, or 3-D stacks of them). Route it to the fallback (rule='fallback', or "
+                    "rule='auto', which does so for every tensor with fewer than 2 dimensions)."
+                )
+
+    def _fallback_group(self, group: dict[str, Any]) -> dict[str, Any]:
+        """A fallback group's settings: this group's lr (times fallback_lr / lr), decay and multipliers, plus the
+        knobs the fallback class takes."""
+        from .registry import get_spec
+
+        spec = get_spec(group["fallback"])
+        ratio = self._fallback_ratio()
+        own = set(spec.knobs())
+        settings: dict[str, Any] = {
+            k: value for k, value in group.items() if k in own or k in ("params", "lr_mult", "weight_decay_mult")
+        }
+        settings.update(lr=group["lr"] * ratio, rule=FALLBACK)
+        settings.pop("lr_peak", None)
+        if spec.takes_betas:
+            settings["betas"] = group["fallback_betas"]
+        if spec.takes_eps:
+            settings["eps"] = group["fallback_eps"]
+        return settings
+
+    def _fallback_ratio(self) -> float:
+        """fallback_lr / lr: the fallback groups' lr relative to the Muon groups' (1 without fallback_lr)."""
+        fallback_lr, lr = self.defaults["fallback_lr"], self.defaults["lr"]
+        return 1.0 if fallback_lr is None or not lr else fallback_lr / lr
+
+    def _build_fallback(self) -> None:
+        """Build the fallback optimizer on the fallback groups, then make its group dicts *be* this optimizer's."""
+        from .registry import get_spec
+
+        indices = [i for i, g in enumerate(self.param_groups) if g["rule"] == FALLBACK]
+        cls = get_spec(self.defaults["fallback"]).resolve()
+        ratio = self._fallback_ratio()
+        stand_in = torch.nn.Parameter(torch.zeros(1))
+        groups = [self._fallback_group(self.param_groups[i]) for i in indices] or [{"params": [stand_in]}]
+        self._fallback = cls(groups, lr=self.defaults["lr"] * ratio)
+        if not indices:
+            self._fallback.param_groups.clear()
+        for i, adopted in zip(indices, self._fallback.param_groups):
+            self.param_groups[i] = adopted
+        self._fallback.state = self.state
+
+    def _adopt(self, index: int) -> None:
+        """A fallback group added after construction: the fallback validates and keeps it."""
+        self._fallback.add_param_group(self._fallback_group(self.param_groups[index]))
+        self.param_groups[index] = self._fallback.param_groups[-1]
+
+    def _relink(self) -> None:
+        """After ``load_state_dict`` replaced the group dicts and the state: the fallback sees them again."""
+        self._fallback.param_groups = [g for g in self.param_groups if g["rule"] == FALLBACK]
+        self._fallback.state = self.state
+
+    # --- state ------------------------------------------------------------------------------------------------------
+    def _state_specs(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
+        if group.get("rule") == FALLBACK:
+            return self._fallback._state_specs(p, group)
+        return {"momentum_buffer": like(p, required=True)}
+
+    def _group_template(self, saved: Mapping[str, Any]) -> Mapping[str, Any]:
+        """A saved fallback group is checked against the fallback's knobs, a Muon group against Muon's."""
+        if saved.get("rule") == FALLBACK:
+            return {**self._fallback.defaults, "rule": FALLBACK}
+        return {**self.defaults, "rule": MUON}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._relink()
+
+    def _normalize_state_dtypes(self) -> None:
+        self._relink()
+        normalize = getattr(self._fallback, "_normalize_state_dtypes", None)
+        if normalize is not None:
+            normalize()
+
+    # --- step -------------------------------------------------------------------------------------------------------
+    def _step_group(self, index: int, group: dict[str, Any]) -> None:
+        if group["rule"] == FALLBACK:
+            position = next(i for i, g in enumerate(self._fallback.param_groups) if g is group)
+            self._fallback._step_group(position, group)
+            return
+        lr, mode, wd = group["lr"], group["weight_decay_mode"], group["weight_decay"]
+        rate = decay_rate(mode, wd, lr, group["lr_peak"])
+        l2 = l2_coefficient(mode, wd)
+        dtype = ortho.NS_DTYPES[group["ns_dtype"]]
+        momentum = group["momentum"]
+        for p in self._params_with_grad(group):
+            work = p.float() if p.dtype in (torch.bfloat16, torch.float16) else p
+            grad = p.grad.to(work.dtype)
+            if l2:
+                grad = grad + l2 * work
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(work, memory_format=torch.preserve_format)
+            buf = state["momentum_buffer"]
+            buf.lerp_(grad, 1.0 - momentum)
+            update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+            update = ortho.orthogonalize(
+                update,
+                method=group["orthogonalize"],
+                steps=group["ns_steps"],
+                coefficients=tuple(group["ns_coefficients"]),
+                eps=group["eps"],
+                dtype=dtype,
+            )
+            if rate:
+                work.mul_(1.0 - rate)
+            work.add_(update, alpha=-lr * ortho.lr_scale(group["adjust"], p.shape))
+            if work is not p:
+                p.copy_(work)
+
+
+def route(model: torch.nn.Module) -> dict[torch.Tensor, dict[str, Any]]:
+    """``{param: {"rule": "muon" | "fallback"}}`` for a model: Muon for the hidden matrices, the fallback for the
+    input embeddings (every ``nn.Embedding``), the output layer (``get_output_embeddings()``, tied or not) and every
+    tensor with fewer than 2 dimensions. For a muP model these are exactly the plan's ``hidden`` kind and the rest.
+
+    HF's GPT-2 ``Conv1D`` stores its weight as (in, out), the transpose of ``nn.Linear``: Muon's direction is the same
+    either way, but ``adjust="original"``/``"spectral"`` read (rows, columns) as (fan_out, fan_in).
+    """
+    outside = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        outside.add(id(head.weight))
+    return {
+        p: {"rule": FALLBACK if p.dim() < 2 or id(p) in outside else MUON}
+        for p in model.parameters()
+        if p.requires_grad
+    }
