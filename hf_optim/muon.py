@@ -158,12 +158,6 @@ class Muon(BaseOptimizer):
         if group.get("rule") != MUON:
             return
         for p in params:
-            if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
-                raise ValueError(
-                    "Muon got a sharded (FSDP2 / DTensor) matrix; orthogonalising each shard is not orthogonalising "
-                    "the matrix, and whole-matrix gathering is not implemented yet. Train Muon with DDP, or route "
-                    "these parameters to the fallback (rule='fallback')."
-                )
             if p.dim() < 2:
                 raise ValueError(
                     f"A parameter of shape {tuple(p.shape)} is routed to Muon (rule='muon'), but Muon orthogonalises "
@@ -265,7 +259,7 @@ class Muon(BaseOptimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(grad, 1.0 - momentum)
             update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-            update = ortho.orthogonalize(
+            update = _orthogonalize_whole(
                 update,
                 method=group["orthogonalize"],
                 steps=group["ns_steps"],
@@ -278,6 +272,24 @@ class Muon(BaseOptimizer):
             work.add_(update, alpha=-lr * ortho.lr_scale(group["adjust"], p.shape))
             if work is not p:
                 p.copy_(work)
+
+
+def _orthogonalize_whole(update: torch.Tensor, **options: Any) -> torch.Tensor:
+    """:func:`hf_optim._orthogonalize.orthogonalize` of the whole matrix, also when ``update`` is an FSDP2 shard.
+
+    A DTensor (FSDP2's sharded parameter) is all-gathered (``full_tensor``), every rank orthogonalises the whole
+    matrix (the same numbers everywhere, since the gathered input is the same), and each keeps its own shard
+    (``distribute_tensor(..., src_data_rank=None)``: a local slice, no second communication). Cost per step: one
+    all-gather of each Muon matrix's update (the parameter's size, like FSDP2's forward gather) and the full
+    Newton-Schulz FLOPs on every rank; an all-to-all giving each rank whole matrices (Dion, torchtitan) would split
+    that compute but is not done here.
+    """
+    if type(update).__name__ != "DTensor":
+        return ortho.orthogonalize(update, **options)
+    from torch.distributed.tensor import distribute_tensor
+
+    whole = ortho.orthogonalize(update.full_tensor(), **options)
+    return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
 
 
 def route(model: torch.nn.Module) -> dict[torch.Tensor, dict[str, Any]]:

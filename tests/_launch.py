@@ -26,6 +26,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -235,3 +236,12 @@ def run(
     if check and result.returncode != 0:
         pytest.fail(f"exit code {result.returncode} after {seconds:.0f} s: {command}\n{result.tail()}", pytrace=False)
     return result
+
+
+def torchrun_two_ranks(script: str | Path, *, timeout: float = 300) -> Launch:
+    """``script`` on two CPU ranks under ``torch.distributed.run --standalone`` (its rendezvous binds a free port
+    itself, localhost:0, so parallel launches cannot collide), one thread each, offline, from the repository root;
+    the harness kills every rank on timeout and fails on a rank left behind."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    return run(cmd, env=env, timeout=timeout, cwd=Path(__file__).parent.parent)

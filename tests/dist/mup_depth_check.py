@@ -21,7 +21,7 @@ from conftest import tiny_llama_config
 import hf_optim
 import mup_integration as mi
 from mup_integration.depth import BranchMultiplier
-from _rank_exit import finish
+from _rank_exit import all_ok, finish
 
 EPS = 1e-6
 
@@ -86,9 +86,7 @@ def main() -> None:
     for alpha in (0.5, 1.0):
         check(alpha, ids)
         print(f"rank {dist.get_rank()}: alpha={alpha} ok", flush=True)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        print("MUP_DEPTH_DIST_OK", flush=True)
+    all_ok("MUP_DEPTH_DIST_OK")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from conftest import tiny_llama_config  # noqa: E402
 
 import hf_optim  # noqa: E402
 import mup_integration as mi  # noqa: E402
-from _rank_exit import finish  # noqa: E402
+from _rank_exit import all_ok, finish  # noqa: E402
 
 
 def step(model: torch.nn.Module, ids: torch.Tensor) -> torch.optim.Optimizer:
@@ -78,9 +78,7 @@ def main() -> None:
     for (n, a), (_, b) in zip(sharded.named_parameters(), reference.named_parameters()):
         torch.testing.assert_close(full(a.detach()), b.detach(), rtol=1e-5, atol=1e-7, msg=f"FSDP2 {n}")
 
-    dist.barrier()
-    if rank == 0:
-        print("MUP_DIST_OK", flush=True)
+    all_ok("MUP_DIST_OK")
 
 
 if __name__ == "__main__":
