@@ -175,6 +175,33 @@ def _transformers_adafactor_group(saved: Mapping[str, Any], live: Mapping[str, A
     }
 
 
+#: torch.optim.Muon's ``adjust_lr_fn`` -> hf-optim's ``adjust``.
+_TORCH_MUON_ADJUST = {None: "original", "original": "original", "match_rms_adamw": "rms"}
+
+
+def _torch_muon_group(saved: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
+    adjust = saved["adjust_lr_fn"]
+    if adjust not in _TORCH_MUON_ADJUST:
+        raise ValueError(
+            f"the saved torch.optim.Muon group has adjust_lr_fn={adjust!r}; hf_optim.Muon maps "
+            f"{sorted(map(str, _TORCH_MUON_ADJUST))} onto its adjust."
+        )
+    return {
+        "lr": _float(saved["lr"]),
+        "weight_decay": saved["weight_decay"],
+        "weight_decay_mode": "coupled",  # torch.optim.Muon: p *= 1 - lr * weight_decay
+        "momentum": saved["momentum"],
+        "nesterov": saved["nesterov"],
+        "ns_coefficients": tuple(saved["ns_coefficients"]),
+        "ns_steps": saved["ns_steps"],
+        "ns_dtype": "bfloat16",
+        "orthogonalize": "newton_schulz",
+        "eps": saved["eps"],
+        "adjust": _TORCH_MUON_ADJUST[adjust],
+        "rule": "muon",
+    }
+
+
 def _squeezed(t: Any, dim: int) -> Any:
     return t.squeeze(dim) if torch.is_tensor(t) and t.dim() >= 2 and t.shape[dim] == 1 else t
 
@@ -227,6 +254,13 @@ FORMATS: dict[str, Format] = {
     ),
     "torch.optim.RMSprop": Format(
         "torch.optim.RMSprop", _keys("alpha", "centered", "momentum", "eps"), NATIVE_MARKERS, _rmsprop_group, _host_step
+    ),
+    "torch.optim.Muon": Format(
+        "torch.optim.Muon",
+        _keys("ns_coefficients", "ns_steps", "adjust_lr_fn"),
+        NATIVE_MARKERS,
+        _torch_muon_group,
+        _host_step,
     ),
     "torch.optim.Adafactor": Format(
         "torch.optim.Adafactor",

@@ -70,6 +70,8 @@ class Muon(BaseOptimizer):
     """
 
     supports_complex: ClassVar[bool] = False
+    #: torch.optim.Muon groups, and torch.optim.AdamW groups for the fallback (see :func:`from_torch_state_dicts`).
+    interop_formats: ClassVar[tuple[str, ...]] = ("torch.optim.Muon", "torch.optim.Adam/AdamW")
     implementations: ClassVar[tuple[str, ...]] = ("for-loop",)
 
     def __init__(
@@ -290,6 +292,20 @@ def _orthogonalize_whole(update: torch.Tensor, **options: Any) -> torch.Tensor:
 
     whole = ortho.orthogonalize(update.full_tensor(), **options)
     return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
+
+
+def from_torch_state_dicts(muon: Mapping[str, Any], adamw: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One state dict for :class:`Muon` from the usual torch pair: ``torch.optim.Muon`` on the hidden matrices and
+    ``torch.optim.AdamW`` on the rest. Load it into a Muon built with the same parameters in the same order, Muon
+    groups first (``Muon([{"params": matrices, "rule": "muon"}, {"params": rest, "rule": "fallback"}], ...)``);
+    momentum buffers and Adam moments continue as they were, and each group keeps its saved lr and decay."""
+    groups = [dict(g) for g in muon["param_groups"]]
+    state = dict(muon["state"])
+    if adamw is not None:
+        offset = sum(len(g["params"]) for g in groups)
+        groups += [{**g, "params": [i + offset for i in g["params"]]} for g in adamw["param_groups"]]
+        state.update({i + offset: entry for i, entry in adamw["state"].items()})
+    return {"state": state, "param_groups": groups}
 
 
 def route(model: torch.nn.Module) -> dict[torch.Tensor, dict[str, Any]]:

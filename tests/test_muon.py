@@ -4,6 +4,8 @@ rules (round trip, continue == uninterrupted, Trainer), muP's rule and the error
 
 from __future__ import annotations
 
+import copy
+import io
 import math
 import sys
 from pathlib import Path
@@ -307,3 +309,50 @@ def test_bad_routing_rules(rule, message):
     model = LlamaForCausalLM(tiny_llama_config())
     with pytest.raises(ValueError, match=message):
         hf_optim.create_optimizer("muon_v2", model, lr=0.02, groups=[rule])
+
+
+@pytest.mark.parametrize("adjust", [None, "match_rms_adamw"])
+def test_torch_muon_and_adamw_state_dicts_continue_here(adjust):
+    """A run with torch.optim.Muon (hidden matrices) + torch.optim.AdamW (the rest) continues in one hf_optim.Muon."""
+    from hf_optim.muon import from_torch_state_dicts
+
+    def split(model):
+        hidden = [p for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n and "lm_head" not in n]
+        rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
+        return hidden, rest
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    hidden, rest = split(model)
+    torch_muon = torch.optim.Muon(hidden, lr=0.02, adjust_lr_fn=adjust)
+    torch_adamw = torch.optim.AdamW(rest, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+
+    class Both:
+        def step(self):
+            torch_muon.step()
+            torch_adamw.step()
+
+        def zero_grad(self):
+            torch_muon.zero_grad()
+            torch_adamw.zero_grad()
+
+    _train(model, Both(), 3)
+    buffer = io.BytesIO()  # through a checkpoint file, as a real switch would (state_dict() aliases live tensors)
+    torch.save({"muon": torch_muon.state_dict(), "adamw": torch_adamw.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    saved = from_torch_state_dicts(checkpoint["muon"], checkpoint["adamw"])
+
+    clone = copy.deepcopy(model)
+    hidden2, rest2 = split(clone)
+    ours = Muon([{"params": hidden2, "rule": "muon"}, {"params": rest2, "rule": "fallback"}], lr=0.02)
+    ours.load_state_dict(saved)
+    assert ours.param_groups[1]["lr"] == 3e-3 and ours.param_groups[0]["adjust"] == ("rms" if adjust else "original")
+    _train(model, Both(), 3, seed=5)
+    _train(clone, ours, 3, seed=5)
+    muon_ids = {id(p) for p in hidden}
+    for (name, a), b in zip(model.named_parameters(), clone.parameters()):
+        # AdamW: fp32 rounding; Muon: the fallback's last-bit differences flip bf16 roundings inside Newton-Schulz,
+        # at most 2^-8 of each step's scaled update (3 steps, lr 0.02, scale <= 2)
+        atol = 3 * 0.02 * 2 * 2**-8 if id(a) in muon_ids else 1e-7
+        torch.testing.assert_close(b, a, rtol=0, atol=atol, msg=lambda m, name=name: f"{name}: {m}")

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Muon vs AdamW at equal steps on the demo model: 2 optimizers x 3 peak lrs x 2 seeds, 300 steps each, 2 runs at a
+# Muon vs AdamW at equal steps on the demo model: 2 optimizers x 4 peak lrs x 2 seeds, 300 steps each, 2 runs at a
 # time (one thread each). Writes runs under $OUT (default /tmp/muon_vs_adamw) and results.json next to this script.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${OUT:-/tmp/muon_vs_adamw}"
 jobs=()
-for lr in 1e-3 3e-3 1e-2; do
+for lr in 1e-3 3e-3 1e-2 3e-2; do
   for seed in 0 1; do
     for recipe in shakespeare_muon_llama shakespeare_adamw_llama; do
       jobs+=("$recipe $lr $seed")
