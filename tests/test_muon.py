@@ -356,3 +356,25 @@ def test_torch_muon_and_adamw_state_dicts_continue_here(adjust):
         # at most 2^-8 of each step's scaled update (3 steps, lr 0.02, scale <= 2)
         atol = 3 * 0.02 * 2 * 2**-8 if id(a) in muon_ids else 1e-7
         torch.testing.assert_close(b, a, rtol=0, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_committed_muon_vs_adamw_summary():
+    """docs/experiments/muon_vs_adamw: the README's claims recomputed from the committed results."""
+    import json
+    import statistics
+
+    path = Path(__file__).parents[1] / "docs" / "experiments" / "muon_vs_adamw" / "results.json"
+    rows = json.loads(path.read_text())
+    assert len(rows) == 16 and {r["steps"] for r in rows} == {300}
+    mean: dict[tuple[str, float], float] = {}
+    for key in {(r["recipe"], r["lr"]) for r in rows}:
+        mean[key] = statistics.mean(r["final_eval_loss"] for r in rows if (r["recipe"], r["lr"]) == key)
+    best = {
+        name: min((loss, lr) for (recipe, lr), loss in mean.items() if recipe == f"shakespeare_{name}_llama")
+        for name in ("adamw", "muon")
+    }
+    assert best["adamw"][1] == 3e-3 and best["muon"][1] == 1e-2
+    assert best["adamw"][0] - best["muon"][0] == pytest.approx(0.255, abs=0.0005)
+    assert mean[("shakespeare_adamw_llama", 3e-3)] - mean[("shakespeare_muon_llama", 3e-3)] == pytest.approx(
+        0.07, abs=0.005
+    )
