@@ -153,11 +153,12 @@ def _translate_group(
 def _known_knobs() -> set[str]:
     """Knob names of every hf-optim class and every foreign format: a saved group holding one that the loading
     class lacks was written by another optimizer family."""
-    import hf_optim
+    from .registry import list_optimizers
 
     names = {"betas", "eps", "amsgrad", "momentum_decay", "beta2_decay", "d", "decay_rate", "clip_threshold"}
-    for cls_name in ("Adam", "AdamAtan2", "RAdam", "SGDW", "AdaGrad", "RMSProp", "Adafactor", "Muon"):
-        names |= set(getattr(hf_optim, cls_name).knob_names())
+    for spec in list_optimizers():  # the registry's own classes (third-party specs may not import here)
+        if spec.target.startswith("hf_optim."):
+            names |= set(spec.resolve().knob_names())
     for fmt in FORMATS.values():
         names |= fmt.required
     return names

@@ -254,7 +254,7 @@ def create_optimizer(
         mup_wd_rule: ``"independent"`` (default: per-step decay λ·η_t at every width), ``"mup"`` (mup 1.0.0's
             λ·width_mult with lr-coupled decay) or ``"none"``.
         groups: parameter-group rules (:mod:`hf_optim.param_rules`): a list of ``{match: REGEX, lr_mult, weight_decay,
-            weight_decay_mode, freeze}`` or the path of a YAML file of them; the first matching rule wins.
+            weight_decay_mode, optimizer, freeze}`` or the path of a YAML file of them; the first matching rule wins.
         layer_decay: lr x ``layer_decay^(L - layer id)`` for numbered blocks (:mod:`hf_optim.param_rules`).
         no_decay: ``None`` (the Trainer's split: biases and norms), categories from :data:`NO_DECAY_PATTERNS`, or a
             predicate ``(name, param) -> bool`` that is true for parameters without decay.

@@ -172,7 +172,7 @@ class Muon(BaseOptimizer):
         knobs the fallback class takes."""
         from .registry import get_spec
 
-        spec = get_spec(group["fallback"])
+        spec = get_spec(self.defaults["fallback"])  # one fallback class per Muon object (the one _build_fallback made)
         ratio = self._fallback_ratio()
         own = set(spec.knobs())
         settings: dict[str, Any] = {
