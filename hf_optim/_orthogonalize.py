@@ -73,11 +73,14 @@ def newton_schulz(
 
 
 def svd_orthogonalize(g: torch.Tensor) -> torch.Tensor:
-    """Exact :math:`U V^\\top` in float64 (singular values below the float64 rank tolerance count as 0, so a zero or
-    rank-deficient matrix is not given directions it does not have)."""
+    """Exact :math:`U V^\\top` in float64. Singular values below the rank tolerance of the *input's* precision
+    (``max(A, B) * eps(g.dtype) * s_max``, as ``numpy.linalg.matrix_rank``) count as 0: a zero or rank-deficient
+    matrix is not given directions it does not have, and the directions of singular values that are rounding noise
+    (arbitrary, so two LAPACK calls on equal inputs may disagree on them) are left out."""
     u, s, vh = torch.linalg.svd(g.to(torch.float64), full_matrices=False)
     if s.numel():
-        tol = s.amax(dim=-1, keepdim=True) * max(g.shape[-2:]) * torch.finfo(torch.float64).eps
+        eps = torch.finfo(g.dtype if g.dtype.is_floating_point else torch.float64).eps
+        tol = s.amax(dim=-1, keepdim=True) * max(g.shape[-2:]) * eps
         u = u * (s > tol).to(u.dtype).unsqueeze(-2)
     return u @ vh
 

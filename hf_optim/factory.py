@@ -197,6 +197,7 @@ def resolve_optimizer(
         overrides = param_rules.merge(overrides, param_rules.rule_overrides(model, rules, decay))
     if overrides is not None:
         kwargs["param_overrides"] = overrides
+    spec.prepare_model(model, kwargs)
     return cls, kwargs
 
 

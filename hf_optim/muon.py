@@ -9,6 +9,7 @@ import torch
 
 from . import _orthogonalize as ortho
 from . import _validation as v
+from . import qk_clip
 from ._base import BaseOptimizer, ParamOverrides, group_defaults
 from ._state_loading import StateSpec, like
 from .decay import decay_rate, l2_coefficient
@@ -62,6 +63,9 @@ class Muon(BaseOptimizer):
         fallback: registered name of the optimizer of the fallback groups; ``fallback_lr``, ``fallback_betas``,
             ``fallback_eps``: its lr and, where it takes them, its betas and epsilon.
         rule: the default ``rule`` of groups that set none.
+        qk_clip: τ > 0 of MuonClip (:mod:`hf_optim.qk_clip`): after each step, the query/key weights of every
+            attention head whose logit exceeded τ are scaled back to τ. Needs the model's recorder
+            (``hf_optim.qk_clip.attach(model)`` before construction; the factory does it). None: off.
         param_overrides: per-parameter ``lr_mult`` / ``weight_decay_mult`` / replacements, ``rule`` included.
 
     References:
@@ -94,6 +98,7 @@ class Muon(BaseOptimizer):
         fallback_betas: tuple[float, float] = (0.9, 0.95),
         fallback_eps: float = 1e-8,
         rule: str = "auto",
+        qk_clip: float | None = None,
         implementation: str = "auto",
         param_overrides: ParamOverrides | None = None,
     ) -> None:
@@ -103,6 +108,7 @@ class Muon(BaseOptimizer):
         self._fallback: torch.optim.Optimizer | None = None
         super().__init__(params, knobs, param_overrides=param_overrides)
         self._build_fallback()
+        self._qk_clip = self._find_qk_clip(qk_clip)
 
     # --- groups ----------------------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -127,6 +133,7 @@ class Muon(BaseOptimizer):
             self._fallback._check_group(group)  # a group the fallback adopted (e.g. of a loaded state dict)
             return
         v.check_choice("rule", group["rule"], RULES)
+        v.check_positive("qk_clip", group["qk_clip"], allow_none=True)
         v.check_number("momentum", group["momentum"])
         if not 0.0 <= group["momentum"] < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {group['momentum']!r}.")
@@ -239,7 +246,35 @@ class Muon(BaseOptimizer):
         if normalize is not None:
             normalize()
 
+    def _find_qk_clip(self, tau: float | None) -> qk_clip.QKClip | None:
+        """The recorder of the model these parameters belong to (None if off, or not attached: the first step says so;
+        stand-in constructions that only check the knobs have no model)."""
+        if tau is None:
+            return None
+        return qk_clip.find(p for group in self.param_groups for p in group["params"])
+
+    def _require_qk_clip(self) -> qk_clip.QKClip:
+        if self._qk_clip is None:
+            self._qk_clip = self._find_qk_clip(self.defaults["qk_clip"])
+        if self._qk_clip is None:
+            raise ValueError(
+                f"qk_clip={self.defaults['qk_clip']!r} needs the attention of the model these parameters belong to: "
+                "build the optimizer with hf_optim.create_optimizer(name, model, ...) (or the Trainer / hf-optim "
+                "train), or call hf_optim.qk_clip.attach(model) first, with every q_proj / k_proj weight among the "
+                "parameters."
+            )
+        return self._qk_clip
+
     # --- step -------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One step of every group, then MuonClip's rescaling of the heads whose logits exceeded ``qk_clip``."""
+        recorder = self._require_qk_clip() if self.defaults["qk_clip"] is not None else None  # before any update
+        loss = super().step(closure)
+        if recorder is not None:
+            recorder.clip(self.defaults["qk_clip"])
+        return loss
+
     def _step_group(self, index: int, group: dict[str, Any]) -> None:
         if group["rule"] == FALLBACK:
             position = next(i for i, g in enumerate(self._fallback.param_groups) if g is group)

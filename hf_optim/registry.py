@@ -53,6 +53,8 @@ class OptimizerSpec:
         router: ``"module:function"`` giving, for a model, each parameter's ``rule`` override (which update rule of
             the optimizer steps it: Muon's ``muon`` / ``fallback``); applied by the factory before muP and the user's
             rules. None: one rule for every parameter.
+        prepare: ``"module:function"`` called by the factory with ``(model, knobs)`` before the class is built, to
+            connect what the optimizer needs from the model (Muon's ``qk_clip`` attention recorder). None: nothing.
     """
 
     name: str
@@ -64,6 +66,7 @@ class OptimizerSpec:
     takes_betas: bool | None = None
     takes_eps: bool | None = None
     router: str | None = None
+    prepare: str | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
@@ -88,6 +91,12 @@ class OptimizerSpec:
             return {}
         module_name, _, attr = self.router.partition(":")
         return getattr(importlib.import_module(module_name), attr)(model)
+
+    def prepare_model(self, model: Any, knobs: Mapping[str, Any]) -> None:
+        """Run :attr:`prepare` (nothing without one)."""
+        if self.prepare is not None:
+            module_name, _, attr = self.prepare.partition(":")
+            getattr(importlib.import_module(module_name), attr)(model, dict(knobs))
 
     def knobs(self, preset: str | None = None) -> dict[str, Any]:
         """Knob names → defaults (``inspect.Parameter.empty`` where none) of the class, for ``preset`` if it has
@@ -199,6 +208,7 @@ for _spec in (
         mup_family=muon_mup_family,
         adam_args=False,
         router="hf_optim.muon:route",
+        prepare="hf_optim.qk_clip:prepare",
     ),
 ):
     register_optimizer(_spec)

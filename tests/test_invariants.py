@@ -216,6 +216,7 @@ BAD_VALUES: dict[str, list[object]] = {
     "fallback_betas": [(1.0, 0.9)],
     "fallback_eps": [-1.0],
     "rule": ["no-such-rule"],
+    "qk_clip": [0.0, -1.0],
 }
 #: Names with no invalid value of the right type: the parameters themselves, and booleans (a non-bool is a
 #: TypeError, test_non_bool_flag_is_a_type_error).

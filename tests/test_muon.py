@@ -352,9 +352,11 @@ def test_torch_muon_and_adamw_state_dicts_continue_here(adjust):
     _train(clone, ours, 3, seed=5)
     muon_ids = {id(p) for p in hidden}
     for (name, a), b in zip(model.named_parameters(), clone.parameters()):
-        # AdamW: fp32 rounding; Muon: the fallback's last-bit differences flip bf16 roundings inside Newton-Schulz,
-        # at most 2^-8 of each step's scaled update (3 steps, lr 0.02, scale <= 2)
-        atol = 3 * 0.02 * 2 * 2**-8 if id(a) in muon_ids else 1e-7
+        # Muon: the fallback's last-bit differences flip bf16 roundings inside Newton-Schulz, at most 2^-8 of each
+        # step's scaled update (3 steps, lr 0.02, scale <= 2); AdamW: those flips change the next gradients, and
+        # Adam's normalisation passes them on at up to the same 2^-8 of its step (3 steps, lr 3e-3). A state that
+        # did not load (zero moments) moves AdamW's parameters by ~lr on the first step: 100x this tolerance.
+        atol = 3 * 0.02 * 2 * 2**-8 if id(a) in muon_ids else 3 * 3e-3 * 2**-8
         torch.testing.assert_close(b, a, rtol=0, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
 
 

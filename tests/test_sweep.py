@@ -274,6 +274,7 @@ EXPERIMENTS = Path(__file__).parent.parent / "docs" / "experiments"
 #: (bundled config, results folder) of every committed sweep.
 COMMITTED = [
     ("full_width_transfer", "width_transfer"),
+    ("muon_width_transfer", "muon_width_transfer"),
     ("full_lr_wd", "lr_wd"),
     ("lr_wd_long", "lr_wd_long"),
     ("lr_wd_pilot", "lr_wd_pilot"),
@@ -341,6 +342,20 @@ def test_committed_width_transfer_meets_acceptance():
     }
     assert abs(shift["sp"]) >= 2, shift
     assert abs(shift["mup"]) <= 1, shift
+
+
+def test_committed_muon_width_transfer_meets_acceptance():
+    """Issue 25: with muon_v2 (adjust=rms) under muP the best lr moves at most 1 grid step from width 64 to 512, and
+    the optimum is inside the lr grid at every width (not on its edge); SP, for contrast, moves >= 2 steps."""
+    summary = _summary_of("muon_width_transfer", "muon_width_transfer")
+    entries = {e["parametrization"]: e for e in summary["width_transfer"]}
+    assert {e["optimizer"] for e in entries.values()} == {"muon_v2(adjust=rms,momentum=0.95,nesterov=True,ns_steps=5)"}
+    assert set(entries["mup"]["best_log2_lr"]) == {"64", "128", "256", "512"}
+    assert abs(entries["mup"]["shift_grid_steps"]) <= 1, entries["mup"]["best_log2_lr"]
+    assert abs(entries["sp"]["shift_grid_steps"]) >= 2, entries["sp"]["best_log2_lr"]
+    grid = sorted({math.log2(c.lr) for c in load_config("muon_width_transfer").cells})
+    for entry in entries.values():
+        assert all(grid[0] < best < grid[-1] for best in entry["best_log2_lr"].values()), entry["best_log2_lr"]
 
 
 def test_committed_lr_wd_meets_acceptance():
