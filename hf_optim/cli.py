@@ -13,6 +13,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("hf_optim.bench", "time optimizer steps and measure state bytes against fused AdamW"),
     "bench-startup": ("hf_optim.bench_startup", "what the .pth import hook adds to Python start-up"),
     "sweep": ("hf_optim.runner.sweep", "width x learning-rate x weight-decay sweeps (muP / decay-mode experiments)"),
+    "mutransfer": (
+        "hf_optim.runner.mutransfer",
+        "tune a small muP proxy, write the target's recipe (tuned.yaml), check the transfer",
+    ),
     "coord-check": ("mup_integration.coord_check", "muP coordinate check: activation size per width, SP vs muP"),
     "export": ("mup_integration.export", "write a muP checkpoint as a stock Granite/LLaMA model (same logits)"),
     "groups": (

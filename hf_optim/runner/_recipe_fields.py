@@ -36,6 +36,8 @@ SCHEMA: dict[str, Any] = {
     "unknown": list,
     "assumptions": dict,
     "notes": list,
+    # written by ``hf-optim mutransfer`` into tuned.yaml (proxy, grid, optimum, date); never read by training
+    "provenance": "any",
     "optimizer": {
         "name": str,
         "lr": float,
@@ -84,6 +86,7 @@ SCHEMA: dict[str, Any] = {
             "zero_readout": bool,
             "zero_query": bool,
             "output_mult": float,
+            "attn_mult": float,
             "base_depth": int,
             "depth_alpha": float,
         },

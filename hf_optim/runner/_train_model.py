@@ -64,7 +64,7 @@ def build_model(model_cfg: Mapping[str, Any], vocab_size: int, block_size: int):
     # base_depth + depth_alpha (both or neither, checked by make_plan): depth scaling, see mup_integration.depth
     plan_kwargs = {
         k: mup[k]
-        for k in ("zero_readout", "zero_query", "output_mult", "base_depth", "depth_alpha")
+        for k in ("zero_readout", "zero_query", "output_mult", "attn_mult", "base_depth", "depth_alpha")
         if mup.get(k) is not None
     }
     return make_mup_model(config, base_width=mup["base_width"], model_cls=model_cls, **plan_kwargs)
