@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from . import _compiled
+from . import _compiled, precision
 from . import _native_adafactor as _native
 from ._adafactor_rule import Item, eager_step, factor_dims, step_scalars
 from ._distributed import local, shard_spec
@@ -62,7 +62,7 @@ def step_group(opt: Any, params: list[torch.Tensor], group: dict[str, Any], impl
             if shard_spec(it.param) is None
             and it.x.numel() > 0
             and _compiled.inductor_ok(it.x)
-            and not (group["stochastic_rounding"] and it.x.dtype == torch.bfloat16)
+            and not precision.stochastic_rounding_applies(group["stochastic_rounding"], it.x)
         ]
         if fast:
             _compiled.adafactor_group(fast, group, lambda sub: eager_step(sub, group, False, opt._scratch_for))

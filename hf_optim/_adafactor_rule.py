@@ -6,7 +6,8 @@ local tensors: the eager ``for-loop`` and ``foreach`` paths. One function per st
 * :func:`preconditioned_gradient`: update the second-moment statistics, return :math:`U = g/\sqrt{V}`;
 * :func:`deltas_with_momentum`: clipping, the learning rate and β1 momentum (before or after the lr);
 * :func:`subtract_decay_`: the decoupled weight decay :math:`x \leftarrow x - r x`;
-* :func:`write_back_`: low-precision parameters receive the fp32 result (round-to-nearest, or stochastic);
+* :func:`hf_optim.precision.write_back_`: low-precision parameters receive the fp32 result (round-to-nearest, or
+  stochastic);
 * :func:`eager_step` ties them together;
 * :func:`factor_dims`: the two dims of a tensor whose statistics are factored (``None``: unfactored).
 
@@ -22,10 +23,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+from . import precision
 from ._distributed import ShardSpec, all_reduce_sum_, mean_over, shard_spec
 from .decay import coupled_equivalent, decay_rate, l2_coefficient
-
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 ScratchFor = Callable[[torch.Tensor], "torch.Tensor | None"]
 
@@ -151,24 +151,6 @@ def preconditioned_gradient(
     return var.clamp_(min=eps1 * eps1).rsqrt_().mul_(g)
 
 
-def stochastic_round_(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """Write fp32 ``src`` into bf16 ``dst`` rounding up with probability equal to the discarded fraction."""
-    bits = src.view(torch.int32)
-    noise = torch.randint_like(bits, 0, 1 << 16)
-    dst.copy_(((bits + noise) & -65536).view(torch.float32))  # exact: the low 16 bits are zero
-
-
-def write_back_(xs: Sequence[torch.Tensor], x32s: Sequence[torch.Tensor], stochastic: bool) -> None:
-    """Copy each fp32 working tensor into its low-precision parameter: ``Tensor.copy_`` rounds to nearest even
-    (the default), ``stochastic`` rounds bf16 up or down at random, unbiased (see :func:`stochastic_round_`)."""
-    for x, x32 in zip(xs, x32s):
-        if x32 is not x:
-            if stochastic and x.dtype == torch.bfloat16:
-                stochastic_round_(x, x32)
-            else:
-                x.copy_(x32)
-
-
 def eager_step(items: Sequence[Item], group: dict[str, Any], foreach: bool, scratch_for: ScratchFor) -> None:
     """The eager paths over ``items`` (see :data:`Item`) whose ``step`` is already counted.
 
@@ -179,8 +161,8 @@ def eager_step(items: Sequence[Item], group: dict[str, Any], foreach: bool, scra
     l2 = l2_coefficient(group["weight_decay_mode"], group["weight_decay"])
     for x, g, state, dims, scalar, param in items:
         xs.append(x)
-        x32s.append(x.float() if x.dtype in LOW_PRECISION else x)
-        g32 = g.float() if g.dtype in LOW_PRECISION else g
+        x32s.append(precision.work_copy(x))
+        g32 = precision.work_copy(g)
         if group["maximize"]:
             g32 = -g32
         if l2:
@@ -256,7 +238,7 @@ def apply_update(
         else:
             subtract_decay_(x32s, rates, foreach)
     foreach_or_loop(foreach, "sub_", x32s, deltas)
-    write_back_(xs, x32s, group["stochastic_rounding"])
+    precision.write_back_(xs, x32s, group["stochastic_rounding"])
 
 
 def python_max(x: torch.Tensor, ignores_nan: bool, floor: float = 1.0) -> torch.Tensor:

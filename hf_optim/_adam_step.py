@@ -11,9 +11,8 @@ import torch
 from torch import Tensor
 
 from . import _validation as v
+from . import precision
 from ._adam_kernels import KERNELS, Rule
-
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def make_rule(group: dict[str, Any], *, rectify: bool, atan2: bool) -> Rule:
@@ -42,7 +41,8 @@ def step_group(opt: Any, group: dict[str, Any]) -> None:
     exp_avgs: list[Tensor] = []
     exp_avg_sqs: list[Tensor] = []
     steps: list[Tensor] = []
-    writeback: list[tuple[Tensor, Tensor]] = []
+    originals: list[Tensor] = []
+    works: list[Tensor] = []
     for p in group["params"]:
         grad = p.grad
         if grad is None:
@@ -51,16 +51,16 @@ def step_group(opt: Any, group: dict[str, Any]) -> None:
             v.check_dense_grad(grad, type(opt).__name__)
         state = opt.state[p]
         if not state:
-            # float32 state for low-precision parameters; step on the host like torch's non-fused paths.
-            dtype = torch.float32 if p.dtype in LOW_PRECISION else p.dtype
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            # step on the host like torch's non-fused paths
+            dtype = precision.state_dtype(p)
+            state["step"] = precision.new_step()
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         m, sq = state["exp_avg"], state["exp_avg_sq"]
-        if p.dtype in LOW_PRECISION:
-            work = p.float()
-            writeback.append((p, work))
-            p, grad = work, grad.float()
+        if precision.is_low_precision(p):
+            originals.append(p)
+            p, grad = precision.work_copy(p), precision.work_copy(grad)
+            works.append(p)
         if p.is_complex():  # real and imaginary parts are independent coordinates, as in torch.optim.Adam
             p, grad, m, sq = (torch.view_as_real(x) for x in (p, grad, m, sq))
         params.append(p)
@@ -74,8 +74,7 @@ def step_group(opt: Any, group: dict[str, Any]) -> None:
     if impl == "fused" and params[0].device.type != "cpu":
         steps = _steps_on_device(opt, group, steps)
     KERNELS[impl](params, grads, exp_avgs, exp_avg_sqs, steps, make_rule(group, rectify=opt._rectify, atan2=opt._atan2))
-    for p, work in writeback:
-        p.copy_(work)  # round-to-nearest-even
+    precision.write_back_(originals, works)
 
 
 def _steps_on_device(opt: Any, group: dict[str, Any], steps: list[Tensor]) -> list[Tensor]:

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import _state_loading
+from . import _state_loading, precision
 from . import _validation as v
 from .decay import check_lr_peak, check_weight_decay_mode, resolve_lr_peak, warn_lr_above_peak
 
@@ -189,8 +189,7 @@ class BaseOptimizer(torch.optim.Optimizer):
                     f"{tuple(p.shape)}); use torch.view_as_real on it or another optimizer."
                 )
             # Maths run in fp32 for bf16/fp16/fp32 parameters, fp64 for fp64 (complex: their real dtype).
-            real = p.real.dtype if p.is_complex() else p.dtype
-            compute = torch.float64 if real == torch.float64 else torch.float32
+            compute = precision.real_compute_dtype(p)
             for knob in self.eps_knobs:
                 value = group.get(knob)
                 if isinstance(value, (int, float)) and value > 0 and torch.tensor(value, dtype=compute).item() == 0:
@@ -255,16 +254,7 @@ class BaseOptimizer(torch.optim.Optimizer):
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                if key == "step":  # every class counts in a float32 0-d tensor (transformers saves an int)
-                    step = self.state[p][key]
-                    if not torch.is_tensor(step) or step.dtype != torch.float32 or step.dim():
-                        self.state[p][key] = torch.as_tensor(step).to(torch.float32).reshape(())
-                    continue
-                if not torch.is_tensor(value) or not value.is_floating_point():
-                    continue
-                if self.state[p][key].dtype != value.dtype:
-                    self.state[p][key] = value.to(device=p.device, copy=True)
+            precision.keep_loaded_dtypes(self.state[p], state_dict["state"].get(saved_id, {}), p.device)
         self._normalize_state_dtypes()
 
     def _normalize_state_dtypes(self) -> None:

@@ -8,7 +8,7 @@ Everything these three do *around* their update rule is identical, so it lives h
    keeps temporaries to one tensor at a time. ``"auto"`` picks ``"foreach"`` when every parameter is a plain
    floating-point ``Tensor`` on CPU or CUDA, like torch's default;
 3. bf16/fp16 parameters: the rule runs on an fp32 copy with fp32 gradients and fp32 state, and the result is written
-   back with ``Tensor.copy_`` (round to nearest even);
+   back with round to nearest even (:mod:`hf_optim.precision`);
 4. ``maximize`` (``g ← -g``) and ``l2`` decay (``g ← g + λx``) build a *new* gradient list (``p.grad`` is never
    modified), in that order, as torch does;
 5. the step counter (if the class keeps one) is incremented, and the decoupled decay modes multiply the parameter by
@@ -25,12 +25,11 @@ from typing import Any
 
 import torch
 
+from . import precision
 from ._base import BaseOptimizer
 from ._state_loading import STEP, StateSpec, like
 from .decay import decay_rate, l2_coefficient
 
-#: Parameter dtypes whose maths and state run in float32.
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 #: Devices with ``torch._foreach_*`` kernels (CPU runs them as a loop, CUDA as multi-tensor kernels).
 FOREACH_DEVICES = ("cpu", "cuda")
 
@@ -72,16 +71,14 @@ def effective_grads(
 def state_tensor(
     state: State, key: str, like: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
-    """``state[key]``, created with ``make(like)`` on first use and kept in ``like``'s dtype/device.
+    """``state[key]``, created with ``make(like)`` on first use (``like`` is the work tensor, in the compute dtype).
 
-    ``Optimizer.load_state_dict`` casts floating state to the *parameter's* dtype; for a bf16 parameter that would
-    silently turn the fp32 state into bf16, so it is cast back here (the maths always runs in ``like.dtype``).
+    A buffer may be switched on mid-run (momentum set on a group later), so it is created where it is first read.
+    Its dtype after loading is restored once, by :meth:`ElementwiseOptimizer._normalize_state_dtypes`.
     """
     value = state.get(key)
     if value is None:
         value = state[key] = make(like)
-    elif value.dtype != like.dtype or value.device != like.device:
-        value = state[key] = value.to(dtype=like.dtype, device=like.device)
     return value
 
 
@@ -98,6 +95,12 @@ class ElementwiseOptimizer(BaseOptimizer):
     #: The per-parameter state tensors a subclass may keep (all shaped like the parameter).
     state_keys: tuple[str, ...] = ()
     eps_knobs = ("eps",)
+
+    def _normalize_state_dtypes(self) -> None:
+        # torch casts loaded state to the parameter's dtype (and device): back to the compute dtype, once.
+        for p, state in self.state.items():
+            for key in self.state_keys:
+                precision.cast_state_(state, key, precision.state_dtype(p), p.device)
 
     def _state_specs(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
         # torch.optim.SGD stores momentum_buffer=None when it runs without momentum.
@@ -132,8 +135,7 @@ class ElementwiseOptimizer(BaseOptimizer):
         if choose_implementation(group["implementation"], params) == "foreach":
             buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
             for p in params:
-                work_dtype = torch.float32 if p.dtype in LOW_PRECISION else p.dtype
-                buckets.setdefault((p.device, work_dtype), []).append(p)
+                buckets.setdefault((p.device, precision.compute_dtype(p)), []).append(p)
             batches = list(buckets.values())
         else:
             batches = [[p] for p in params]
@@ -141,8 +143,7 @@ class ElementwiseOptimizer(BaseOptimizer):
             self._step_batch(group, batch)
 
     def _step_batch(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        low = [p.dtype in LOW_PRECISION for p in params]
-        work = [p.float() if is_low else p for p, is_low in zip(params, low)]
+        work = [precision.work_copy(p) for p in params]
         grads = [p.grad if p.grad.dtype == w.dtype else p.grad.to(w.dtype) for p, w in zip(params, work)]
         l2 = l2_coefficient(group["weight_decay_mode"], group["weight_decay"])
         grads = effective_grads(work, grads, maximize=group["maximize"], l2=l2)
@@ -153,7 +154,7 @@ class ElementwiseOptimizer(BaseOptimizer):
         if any(p.is_complex() for p in params):
             self._step_complex(group, params, work, grads, states)
             return
-        self._step_real(group, params, work, grads, states, low)
+        self._step_real(group, params, work, grads, states)
 
     def _step_complex(
         self,
@@ -171,7 +172,7 @@ class ElementwiseOptimizer(BaseOptimizer):
             {k: torch.view_as_real(v) if torch.is_tensor(v) and v.is_complex() else v for k, v in s.items()}
             for s in states
         ]
-        self._step_real(group, params, as_real, real_grads, views, [False] * len(params))
+        self._step_real(group, params, as_real, real_grads, views)
         for p, state, view in zip(params, states, views):
             for key, value in view.items():
                 if (
@@ -199,13 +200,12 @@ class ElementwiseOptimizer(BaseOptimizer):
         work: list[torch.Tensor],
         grads: list[torch.Tensor],
         states: list[State],
-        low: list[bool],
     ) -> None:
         steps: list[float] = [0.0] * len(params)
         if self.counts_steps:
             for s in states:
-                if "step" not in s:  # a float32 0-d CPU tensor, as torch keeps it (exact up to 2**24 steps)
-                    s["step"] = torch.tensor(0.0, dtype=torch.float32)
+                if "step" not in s:
+                    s["step"] = precision.new_step()
             step_tensors = [s["step"] for s in states]
             torch._foreach_add_(step_tensors, 1.0)
             steps = [float(s) for s in step_tensors]
@@ -213,6 +213,4 @@ class ElementwiseOptimizer(BaseOptimizer):
         mode, wd, lr_peak = group["weight_decay_mode"], group["weight_decay"], group["lr_peak"]
         apply_decoupled_decay(work, [decay_rate(mode, wd, lr, lr_peak) for lr in lrs])
         self._update(group, work, grads, states, lrs)
-        written = [(p, w) for p, w, is_low in zip(params, work, low) if is_low]
-        if written:
-            torch._foreach_copy_([p for p, _ in written], [w for _, w in written])
+        precision.write_back_(params, work)

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from . import precision
 from ._adafactor_presets import PRESETS
 
 #: Group keys that torch's schedulers, SWA and named parameters add: kept as saved.
@@ -60,13 +61,11 @@ def _host_step(state: dict[str, Any]) -> dict[str, Any]:
     state = dict(state)
     if "step" in state:
         step = state["step"]
-        state["step"] = (
-            step.detach().to("cpu", torch.float32).reshape(())
-            if torch.is_tensor(step) and step.numel() == 1
-            else torch.tensor(float(step), dtype=torch.float32)
-            if isinstance(step, (int, float))
-            else step
-        )  # anything else is refused by the checks that follow
+        if torch.is_tensor(step) and step.numel() == 1:
+            state["step"] = precision.as_step(step.detach().to("cpu"))
+        elif isinstance(step, (int, float)):
+            state["step"] = precision.as_step(float(step))
+        # anything else is refused by the checks that follow
     return state
 
 

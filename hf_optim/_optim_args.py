@@ -33,11 +33,13 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from mup_integration.vocabulary import DEFAULT_WD_RULE
+from mup_integration.vocabulary import WD_RULES as MUP_WD_RULES
+
 from ._validation import check_choice, closest
 
 #: Keys understood by the Trainer handler itself, with their defaults.
-HANDLER_KEYS: dict[str, Any] = {"mup": None, "mup_wd_rule": "independent", "groups": None, "layer_decay": None}
-MUP_WD_RULES: tuple[str, ...] = ("independent", "mup", "none")
+HANDLER_KEYS: dict[str, Any] = {"mup": None, "mup_wd_rule": DEFAULT_WD_RULE, "groups": None, "layer_decay": None}
 # Spelling rules for the handler keys: flags take true/false, the rule a name.
 HANDLER_DEFAULT_TYPES: dict[str, Any] = {"mup": False, "mup_wd_rule": "", "groups": "", "layer_decay": 0.0}
 

@@ -156,9 +156,12 @@ def _known_knobs() -> set[str]:
     from .registry import list_optimizers
 
     names = {"betas", "eps", "amsgrad", "momentum_decay", "beta2_decay", "d", "decay_rate", "clip_threshold"}
-    for spec in list_optimizers():  # the registry's own classes (third-party specs may not import here)
-        if spec.target.startswith("hf_optim."):
-            names |= set(spec.resolve().knob_names())
+    for spec in list_optimizers():
+        try:
+            cls = spec.resolve()
+        except (ImportError, AttributeError):  # a third-party spec whose module does not import here
+            continue
+        names |= set(getattr(cls, "knob_names", lambda: ())())
     for fmt in FORMATS.values():
         names |= fmt.required
     return names

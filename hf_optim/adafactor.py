@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from . import _validation as v
+from . import precision
 from ._adafactor_dispatch import step_group
 from ._adafactor_presets import KNOBS, PRESETS, WEIGHT_DECAY_IS_LR
 from ._adafactor_rule import factor_dims
@@ -33,9 +34,6 @@ from ._distributed import check_factorable, factoring_impossible, local
 from ._state_loading import STEP, StateSpec
 
 __all__ = ["PRESETS", "Adafactor", "check_factorable", "factor_dims"]
-
-_MOMENTUM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 class Adafactor(BaseOptimizer):
@@ -154,7 +152,7 @@ class Adafactor(BaseOptimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         group["weight_decay"] = self._resolve_group_value("weight_decay", group.get("weight_decay"), group, group)
-        group["momentum_dtype"] = _DTYPE_ALIASES.get(group["momentum_dtype"], group["momentum_dtype"])
+        group["momentum_dtype"] = precision.canonical_dtype_name(group["momentum_dtype"])
         super()._check_group(group)
         for name in (
             "factored",
@@ -172,7 +170,9 @@ class Adafactor(BaseOptimizer):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"min_dim_size_to_factor must be an int >= 1, got {size!r}.")
         v.check_unit_interval("beta1", group["beta1"], allow_none=True)
-        v.check_choice("momentum_dtype", group["momentum_dtype"], (*_MOMENTUM_DTYPES, *_DTYPE_ALIASES))
+        v.check_choice(
+            "momentum_dtype", group["momentum_dtype"], (*precision.STATE_DTYPE_NAMES, *precision.DTYPE_ALIASES)
+        )
         v.check_number("decay_rate", group["decay_rate"])
         if group["decay_rate"] <= 0:
             raise ValueError(
@@ -213,7 +213,7 @@ class Adafactor(BaseOptimizer):
             group["eps1_mode"] == "clamp"
             and isinstance(eps1, float)
             and eps1 * eps1 < torch.finfo(torch.float32).tiny
-            and any(p.dtype != torch.float64 for p in params)
+            and any(precision.statistic_dtype(p) == torch.float32 for p in params)
         ):
             # clamp mode bounds V below by eps1²: a square that underflows in fp32 leaves V = 0 (0/0 for zero rows).
             raise ValueError(
@@ -253,10 +253,10 @@ class Adafactor(BaseOptimizer):
     def _init_state(self, p: torch.Tensor, g: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[p]
         if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["step"] = precision.new_step()
         dims = factor_dims(p.shape, group)  # global shape: every rank and a single process agree
-        # Statistics in fp32 (fp64 for fp64 parameters, so float64 reference checks are exact).
-        f32 = dict(dtype=torch.float64 if g.dtype == torch.float64 else torch.float32, device=g.device)
+        # fp64 statistics for fp64 parameters, so float64 reference checks are exact
+        f32 = dict(dtype=precision.statistic_dtype(g), device=g.device)
         if dims is not None and "exp_avg_sq_row" not in state:
             row, col = dims
             state["exp_avg_sq_row"] = torch.zeros(g.shape[:col] + g.shape[col + 1 :], **f32)
@@ -270,8 +270,8 @@ class Adafactor(BaseOptimizer):
     @staticmethod
     def _momentum_kwargs(stat_kwargs: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
         """bf16 when asked; otherwise the statistics' precision (fp32, or fp64 for fp64 parameters)."""
-        if group["momentum_dtype"] == "bfloat16":
-            return {**stat_kwargs, "dtype": torch.bfloat16}
+        if group["momentum_dtype"] != "float32":
+            return {**stat_kwargs, "dtype": precision.named_dtype(group["momentum_dtype"])}
         return stat_kwargs
 
     def _scratch_for(self, g: torch.Tensor) -> torch.Tensor | None:
@@ -285,21 +285,17 @@ class Adafactor(BaseOptimizer):
             buf = cache[g.dtype] = torch.empty(g.numel(), dtype=g.dtype)
         return buf[: g.numel()].view(g.shape)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch, then undo its cast of every state tensor to the parameter dtype (bf16 momentum stays bf16,
-        statistics of bf16 parameters stay fp32)."""
-        super().load_state_dict(state_dict)
+    def _normalize_state_dtypes(self) -> None:
+        """bf16 momentum stays bf16 and statistics of bf16 parameters stay fp32, whatever the saved dtype."""
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
                 if not state:
                     continue
-                stat_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+                stat_dtype = precision.statistic_dtype(p)
                 for key in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"):
-                    if key in state:
-                        state[key] = state[key].to(stat_dtype)
-                if "exp_avg" in state:
-                    state["exp_avg"] = state["exp_avg"].to(self._momentum_kwargs({"dtype": stat_dtype}, group)["dtype"])
+                    precision.cast_state_(state, key, stat_dtype)
+                precision.cast_state_(state, "exp_avg", self._momentum_kwargs({"dtype": stat_dtype}, group)["dtype"])
 
     def _step_group(self, index: int, group: dict[str, Any]) -> None:
         params = list(self._params_with_grad(group))

@@ -51,12 +51,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
-from . import _compiled
+from . import _compiled, precision
 from . import _validation as v
-from ._adam_step import LOW_PRECISION, step_group
+from ._adam_step import step_group
 from ._base import BaseOptimizer, ParamOverrides, group_defaults
 from ._state_loading import StateSpec, like
 
@@ -84,10 +83,8 @@ class _AdamFamily(BaseOptimizer):
     def _normalize_state_dtypes(self) -> None:
         # The kernels (fused ones above all) take the moments in the dtype step_group creates them in.
         for p, state in self.state.items():
-            dtype = torch.float32 if p.dtype in LOW_PRECISION else p.dtype
             for key in ("exp_avg", "exp_avg_sq"):
-                if torch.is_tensor(state.get(key)) and state[key].dtype != dtype:
-                    state[key] = state[key].to(dtype)
+                precision.cast_state_(state, key, precision.state_dtype(p))
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -25,6 +26,29 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "list": ("hf_optim.cli", "list the registered optimizers (--recipes: the bundled recipes and sweeps)"),
 }
+
+#: The extra of pyproject.toml a command needs beyond the core (torch, transformers), and its modules.
+TRAIN_EXTRA = ("train", ("accelerate", "datasets", "matplotlib"))
+NEEDS_EXTRA: dict[str, tuple[str, tuple[str, ...]]] = {
+    "train": TRAIN_EXTRA,
+    "sweep": TRAIN_EXTRA,
+    "mutransfer": TRAIN_EXTRA,
+    "coord-check": ("train", ("matplotlib",)),
+}
+
+
+def missing_extra(command: str) -> str | None:
+    """The message for a command whose extra is not installed (``None`` when everything it needs is there)."""
+    if command not in NEEDS_EXTRA:
+        return None
+    extra, modules = NEEDS_EXTRA[command]
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    return (
+        f"hf-optim {command} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
+        f"pip install 'hf-optim[{extra}]' (the optimizers and the Trainer plugin work without it)."
+    )
 
 
 def list_main(argv: Sequence[str] | None = None) -> int:
@@ -70,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"hf-optim: unknown command {command!r}.{closest(command, COMMANDS)} Choose from {list(COMMANDS)}.",
             file=sys.stderr,
         )
+        return 2
+    if (message := missing_extra(command)) is not None:
+        print(message, file=sys.stderr)
         return 2
     try:
         if command == "list":

@@ -9,7 +9,7 @@ import torch
 
 from . import _orthogonalize as ortho
 from . import _validation as v
-from . import qk_clip
+from . import precision, qk_clip
 from ._base import BaseOptimizer, ParamOverrides, group_defaults
 from ._state_loading import StateSpec, like
 from .decay import decay_rate, l2_coefficient
@@ -286,7 +286,7 @@ class Muon(BaseOptimizer):
         dtype = ortho.NS_DTYPES[group["ns_dtype"]]
         momentum = group["momentum"]
         for p in self._params_with_grad(group):
-            work = p.float() if p.dtype in (torch.bfloat16, torch.float16) else p
+            work = precision.work_copy(p)
             grad = p.grad.to(work.dtype)
             if l2:
                 grad = grad + l2 * work
@@ -307,8 +307,7 @@ class Muon(BaseOptimizer):
             if rate:
                 work.mul_(1.0 - rate)
             work.add_(update, alpha=-lr * ortho.lr_scale(group["adjust"], p.shape))
-            if work is not p:
-                p.copy_(work)
+            precision.write_back_([p], [work])
 
 
 def _orthogonalize_whole(update: torch.Tensor, **options: Any) -> torch.Tensor:

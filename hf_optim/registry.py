@@ -14,12 +14,14 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
+
+from mup_integration.vocabulary import FAMILIES as MUP_FAMILIES
 
 from ._validation import check_choice, closest
 
-MuPFamily = Literal["adam", "adam_param_scale", "sgd", "muon"]
-MUP_FAMILIES: tuple[str, ...] = ("adam", "adam_param_scale", "sgd", "muon")
+#: A name of :data:`mup_integration.vocabulary.FAMILIES` (checked when a spec is made).
+MuPFamily = str
 
 
 def adafactor_mup_family(knobs: Mapping[str, Any]) -> str:

@@ -51,9 +51,7 @@ from hf_optim.decay import coupled_equivalent
 
 from .depth import DepthRule, rule_for
 from .plan import MuPPlan, ParamInfo, get_plan, unwrap
-
-FAMILIES = ("adam", "adam_param_scale", "sgd", "muon")
-WD_RULES = ("independent", "mup", "none")
+from .vocabulary import FAMILIES, WD_RULES
 
 
 def override_for(

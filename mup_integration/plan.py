@@ -37,9 +37,9 @@ from ._base_config import config_head_dim, config_hidden_size, derive_base_confi
 from .adapters import adapter_for
 from .depth import DEPTH_FIELDS, at_target_depth, depth_fields, read_depth_fields
 from .storage import stored_plan_dict
+from .vocabulary import FAN_IN_KINDS, KINDS
 
 PLAN_VERSION = 1
-KINDS = ("hidden", "vector", "embedding", "readout")
 # Path components that wrappers insert into parameter names (torch.compile, FSDP1, activation checkpointing).
 _WRAPPER_COMPONENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 
@@ -56,7 +56,7 @@ class ParamInfo:
 
     @property
     def width_mult(self) -> float:
-        return self.fan_in_mult if self.kind in ("hidden", "readout") else self.fan_out_mult
+        return self.fan_in_mult if self.kind in FAN_IN_KINDS else self.fan_out_mult
 
     @property
     def fan_ratio(self) -> float:

@@ -6,7 +6,7 @@ sweep`` and a plain ``create_optimizer`` call get the same multipliers). It deci
 * whether the model can take the plan (its forward changes are in place; the class accepts ``param_overrides``);
 * the learning-rate family, from the spec for the *resolved* knobs (``OptimizerSpec.mup_rule``: Adafactor with
   ``scale_parameter`` is ``adam_param_scale``, hidden lr ÷ sqrt(width_mult));
-* whether the weight-decay rule and the decay mode agree (see :data:`mup_integration.groups.WD_RULES`).
+* whether the weight-decay rule and the decay mode agree (see :data:`mup_integration.vocabulary.WD_RULES`).
 
 The multipliers themselves are :func:`mup_integration.groups.param_overrides`.
 """

@@ -11,6 +11,7 @@ large enough for the decay to change the trajectory of the invariant tests.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,11 +26,14 @@ EPS_MODES = ("torch", "tf")
 @dataclass(frozen=True)
 class Case:
     id: str
-    cls_name: str  # attribute of the hf_optim package
+    cls_name: str  # attribute of the hf_optim package, or "module:Class" of an optimizer defined elsewhere
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def cls(self) -> type:
+        if ":" in self.cls_name:
+            module, _, attr = self.cls_name.partition(":")
+            return getattr(importlib.import_module(module), attr)
         return getattr(hf_optim, self.cls_name)
 
     @property
@@ -141,6 +145,15 @@ def _muon() -> list[Case]:
     ]
 
 
-CASES: list[Case] = [*_adam_family(), *_elementwise(), *_adafactor(), *_muon()]
+#: An optimizer defined outside the package (tests/toy_optimizer.py): its one row.
+_TOY = [
+    Case(
+        "toy-signum-independent",
+        "toy_optimizer:Signum",
+        dict(lr=1e-2, weight_decay=1e-4, weight_decay_mode="independent"),
+    )
+]
+
+CASES: list[Case] = [*_adam_family(), *_elementwise(), *_adafactor(), *_muon(), *_TOY]
 
 CASE_IDS = [case.id for case in CASES]

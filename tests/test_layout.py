@@ -78,11 +78,16 @@ def test_module_imports_form_no_cycle():
 def test_mup_is_entered_only_from_the_factory_and_the_application_layer():
     graph = _graph()
     allowed = {"hf_optim.factory", "hf_optim.cli"}
+    vocabulary = {"mup_integration", "mup_integration.vocabulary"}  # the leaf of names the core may read
     for module, deps in graph.items():
         if not module.startswith("hf_optim") or module in allowed or module.startswith("hf_optim.runner"):
             continue
-        assert not {d for d in deps if d.startswith("mup_integration")}, f"{module} imports mup_integration"
-    assert {d for d in graph["hf_optim.factory"] if d.startswith("mup_integration")} == {"mup_integration.policy"}
+        upward = {d for d in deps if d.startswith("mup_integration")} - vocabulary
+        assert not upward, f"{module} imports {upward}"
+    assert {d for d in graph["hf_optim.factory"] if d.startswith("mup_integration")} - vocabulary == {
+        "mup_integration.policy"
+    }
+    assert graph["mup_integration.vocabulary"] == set(), "the vocabulary must stay a leaf"
     # and mup_integration uses only the optimizer core of hf_optim, never its entry points
     for module, deps in graph.items():
         if module.startswith("mup_integration"):
@@ -100,3 +105,91 @@ def test_bundled_recipes_are_found_from_any_directory(tmp_path):
     code = "from hf_optim.runner import schema; print(schema.load('llm/llama2')['name'])"
     loaded = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert loaded.returncode == 0 and loaded.stdout.strip() == "llama2", loaded.stderr
+
+
+FLOAT_DTYPES = {"bfloat16", "float16", "half", "float32", "float", "float64", "double"}
+#: Modules that compare dtypes for another reason than choosing the optimizer's precision (and why).
+DTYPE_EXEMPT = {
+    "hf_optim.precision": "the one place that decides",
+    "hf_optim._native_adafactor": "the dtypes the C kernel's ABI accepts",
+    "hf_optim._compiled": "the dtypes Inductor compiles correctly",
+    "hf_optim._orthogonalize": "the Newton-Schulz iteration dtype is a knob (ns_dtype) of Muon",
+}
+
+
+def _dtype_decisions(tree: ast.AST) -> list[str]:
+    """Nodes that choose a floating dtype: a conditional whose branches or test name one, a comparison of a ``.dtype``
+    against one (or against ``LOW_PRECISION``), a definition of ``LOW_PRECISION``."""
+
+    def is_dtype(node: ast.AST) -> bool:
+        return (
+            isinstance(node, ast.Attribute)
+            and node.attr in FLOAT_DTYPES
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "torch"
+        ) or (isinstance(node, ast.Name) and node.id == "LOW_PRECISION")
+
+    def names_dtype(node: ast.AST) -> bool:
+        return any(is_dtype(n) for n in ast.walk(node))
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.IfExp) and names_dtype(node):
+            found.append(ast.unparse(node))
+        elif isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            reads_dtype = any(isinstance(n, ast.Attribute) and n.attr == "dtype" for n in sides)
+            if reads_dtype and any(names_dtype(n) for n in sides):
+                found.append(ast.unparse(node))
+        elif isinstance(node, ast.Assign) and any(names_dtype(t) for t in node.targets):
+            found.append(ast.unparse(node))
+    return found
+
+
+def test_no_module_outside_the_precision_module_decides_a_dtype():
+    files = {_module_name(p): p for p in (ROOT / "hf_optim").rglob("*.py")}
+    assert "hf_optim.precision" in files
+    offenders = {
+        module: found
+        for module, path in files.items()
+        if module not in DTYPE_EXEMPT and (found := _dtype_decisions(ast.parse(path.read_text())))
+    }
+    assert not offenders, f"dtype decisions outside hf_optim.precision: {offenders}"
+    # the check itself finds what it is meant to find
+    probe = "x = torch.float32 if p.dtype in LOW_PRECISION else p.dtype\nok = g.dtype == torch.bfloat16\n"
+    assert len(_dtype_decisions(ast.parse(probe))) == 3
+
+
+def _vocabulary_literals(tree: ast.AST) -> list[str]:
+    """Tuple/list/set literals that spell out two or more names of one muP vocabulary (a second definition)."""
+    from mup_integration import vocabulary
+
+    sets = [set(vocabulary.FAMILIES), set(vocabulary.WD_RULES), set(vocabulary.KINDS)]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            strings = {e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+            if any(len(strings & names) >= 2 for names in sets):
+                found.append(ast.unparse(node))
+    return found
+
+
+def test_the_mup_vocabulary_is_defined_in_one_module():
+    files = {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    offenders = {
+        module: found
+        for module, path in files.items()
+        if module != "mup_integration.vocabulary" and (found := _vocabulary_literals(ast.parse(path.read_text())))
+    }
+    assert not offenders, f"muP names spelled out outside mup_integration.vocabulary: {offenders}"
+    assert _vocabulary_literals(ast.parse((ROOT / "mup_integration" / "vocabulary.py").read_text()))
+
+
+def test_the_optimizer_core_imports_without_the_mup_machinery():
+    code = (
+        "import sys, hf_optim, hf_optim.registry, hf_optim._optim_args\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('mup_integration'))\n"
+        "assert loaded == ['mup_integration', 'mup_integration.vocabulary'], loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mup_integration.vocabulary import TRANSFERABLE_WD_RULES
+
 from . import schema
 from ._train_model import MODEL_DEFAULTS
 
@@ -29,7 +31,6 @@ WD_FACTORS = (0.25, 0.5, 2.0, 4.0)
 #: neighbours in every seed of the committed example (docs/experiments/mutransfer), so finer steps are not transferred.
 LR_RESOLUTIONS = (1.0, 0.5)
 #: Weight-decay rules under which the proxy's best λ is the target's (mup_integration.groups, docs/mup.md).
-TRANSFERABLE_WD_RULES = ("independent", "mup")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from mup_integration.vocabulary import WD_RULES
+
 #: ``optimizer.weight_decay: lr_peak`` means λ = the peak lr of the chosen size (resolved by
 #: :func:`hf_optim.runner.build.weight_decay`), so PaLM's ``lr_t²`` decay (mode ``corrected``) stays ``lr_t²`` when the lr is
 #: overridden; a number copied from the peak lr would silently stop tracking it.
@@ -82,7 +84,7 @@ SCHEMA: dict[str, Any] = {
         "tie_word_embeddings": bool,
         "mup": {
             "base_width": int,
-            "wd_rule": ("independent", "mup", "none"),
+            "wd_rule": WD_RULES,
             "zero_readout": bool,
             "zero_query": bool,
             "output_mult": float,

@@ -61,7 +61,7 @@ import yaml
 from hf_optim import _validation as v
 from hf_optim.decay import WEIGHT_DECAY_MODES
 from hf_optim.registry import get_spec
-from mup_integration.groups import WD_RULES
+from mup_integration.vocabulary import WD_RULES
 
 from ._sweep_axes import DEPTH_ALPHA, MULTIPLIER_AXES, depth_axis, multiplier_axes
 from ._sweep_model import fit_horizon
