@@ -21,6 +21,7 @@ from hf_optim.runner import mutransfer, schema
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "experiments" / "mutransfer"
+DEPTH_EXAMPLE = ROOT / "docs" / "experiments" / "mutransfer_depth"
 BIN = Path(sys.executable).parent
 
 TINY = {
@@ -180,15 +181,16 @@ def test_other_optimizers_plan_and_train_a_proxy_trial(tmp_path, name):
 
 
 def _committed_rows(folder: Path = EXAMPLE) -> list[dict]:
-    """The rows of the example's results.jsonl that ``folder``'s report was computed from (the file holds both runs:
-    x2 resolution in the folder itself, the earlier half-step search in half_step/)."""
+    """The rows of an example's results.jsonl that ``folder``'s report was computed from (the width example's file
+    holds both of its runs: x2 resolution in the folder itself, the earlier half-step search in half_step/)."""
     used = set(json.loads((folder / "report.json").read_text())["settings"]["runs"])
-    rows = [json.loads(line) for line in (EXAMPLE / "results.jsonl").read_text().splitlines() if line.strip()]
+    results = folder / "results.jsonl" if (folder / "results.jsonl").exists() else EXAMPLE / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     assert used <= {row["key"] for row in rows}
     return [row for row in rows if row["key"] in used]
 
 
-@pytest.mark.parametrize("folder", [EXAMPLE, EXAMPLE / "half_step"], ids=["x2", "half_step"])
+@pytest.mark.parametrize("folder", [EXAMPLE, EXAMPLE / "half_step", DEPTH_EXAMPLE], ids=["x2", "half_step", "depth"])
 def test_committed_report_is_recomputed_from_its_results(folder):
     report = json.loads((folder / "report.json").read_text())
     recomputed = search.summarize(_committed_rows(folder), report["settings"]["stages"])
@@ -204,15 +206,27 @@ def test_committed_half_step_is_worse_at_the_target_than_both_x2_neighbours_in_e
         assert loss[(-7.5, seed)] > max(loss[(-8.0, seed)], loss[(-7.0, seed)])
 
 
-def test_committed_example_meets_the_acceptance():
-    """Proxy width 64 -> target 512: transferred lr within one x2 step of the direct sweep's best, at <= 25 % of its
-    FLOPs, and tuned.yaml trained by plain hf-optim train within 0.01 of the direct sweep's best loss."""
-    report = search.summarize(_committed_rows(), mutransfer.STAGES)
+@pytest.mark.parametrize(
+    ("folder", "target", "proxy"),
+    [(EXAMPLE, (512, 2), (64, 2)), (DEPTH_EXAMPLE, (256, 8), (64, 2))],
+    ids=["width", "depth"],
+)
+def test_committed_example_meets_the_acceptance(folder, target, proxy):
+    """Proxy width 64 -> target 512, and 64 x 2 layers -> 256 x 8 layers under CompleteP: transferred lr within one
+    x2 step of the direct sweep's best, at <= 25 % of its FLOPs, and tuned.yaml trained by plain hf-optim train within
+    0.01 of the direct sweep's best loss."""
+    report = search.summarize(
+        _committed_rows(folder), json.loads((folder / "report.json").read_text())["settings"]["stages"]
+    )
     assert report["direct"]["transfer_gap_grid_steps"] <= 1
     assert report["compute"]["proxy_over_direct_flops"] <= 0.25
     assert report["verify"]["tuned_minus_direct_best"] <= 0.01
-    tuned = schema.load(EXAMPLE / "tuned.yaml")
-    assert tuned["model"]["hidden_size"] == 512 and tuned["provenance"]["proxy"]["width"] == 64
+    tuned = schema.load(folder / "tuned.yaml")
+    assert (tuned["model"]["hidden_size"], tuned["model"]["num_layers"]) == target
+    provenance = tuned["provenance"]["proxy"]
+    assert (provenance["width"], provenance["layers"]) == proxy
+    if target[1] != proxy[1]:  # the depth transfer runs under CompleteP
+        assert tuned["model"]["mup"]["base_depth"] == proxy[1] and tuned["model"]["mup"]["depth_alpha"] == 1.0
 
 
 @pytest.mark.slow
