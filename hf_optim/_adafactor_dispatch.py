@@ -62,7 +62,7 @@ def step_group(opt: Any, params: list[torch.Tensor], group: dict[str, Any], impl
             if shard_spec(it.param) is None
             and it.x.numel() > 0
             and _compiled.inductor_ok(it.x)
-            and not precision.stochastic_rounding_applies(group["stochastic_rounding"], it.x)
+            and not (precision.is_low_precision(it.x) and precision.param_update_mode(group) != "nearest")
         ]
         if fast:
             _compiled.adafactor_group(fast, group, lambda sub: eager_step(sub, group, False, opt._scratch_for))

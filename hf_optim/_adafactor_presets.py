@@ -80,6 +80,10 @@ _ADAFACTOR_V2: dict[str, Any] = dict(
     maximize=False,
     stochastic_rounding=False,
     implementation="auto",
+    state_dtype="float32",
+    state_block_size=256,
+    state_min_numel=4096,
+    param_update="nearest",
 )
 
 _PRESETS: dict[str, dict[str, Any]] = {

@@ -161,7 +161,7 @@ def eager_step(items: Sequence[Item], group: dict[str, Any], foreach: bool, scra
     l2 = l2_coefficient(group["weight_decay_mode"], group["weight_decay"])
     for x, g, state, dims, scalar, param in items:
         xs.append(x)
-        x32s.append(precision.work_copy(x))
+        x32s.append(precision.work_copy(x, state, precision.param_update_mode(group)))
         g32 = precision.work_copy(g)
         if group["maximize"]:
             g32 = -g32
@@ -238,7 +238,7 @@ def apply_update(
         else:
             subtract_decay_(x32s, rates, foreach)
     foreach_or_loop(foreach, "sub_", x32s, deltas)
-    precision.write_back_(xs, x32s, group["stochastic_rounding"])
+    precision.write_back_(xs, x32s, mode=precision.param_update_mode(group), states=states)
 
 
 def python_max(x: torch.Tensor, ignores_nan: bool, floor: float = 1.0) -> torch.Tensor:

@@ -43,6 +43,8 @@ def step_group(opt: Any, group: dict[str, Any]) -> None:
     steps: list[Tensor] = []
     originals: list[Tensor] = []
     works: list[Tensor] = []
+    work_states: list[dict[str, Any]] = []
+    mode = precision.param_update_mode(group)
     for p in group["params"]:
         grad = p.grad
         if grad is None:
@@ -59,7 +61,8 @@ def step_group(opt: Any, group: dict[str, Any]) -> None:
         m, sq = state["exp_avg"], state["exp_avg_sq"]
         if precision.is_low_precision(p):
             originals.append(p)
-            p, grad = precision.work_copy(p), precision.work_copy(grad)
+            work_states.append(state)
+            p, grad = precision.work_copy(p, state, mode), precision.work_copy(grad)
             works.append(p)
         if p.is_complex():  # real and imaginary parts are independent coordinates, as in torch.optim.Adam
             p, grad, m, sq = (torch.view_as_real(x) for x in (p, grad, m, sq))
@@ -74,7 +77,7 @@ def step_group(opt: Any, group: dict[str, Any]) -> None:
     if impl == "fused" and params[0].device.type != "cpu":
         steps = _steps_on_device(opt, group, steps)
     KERNELS[impl](params, grads, exp_avgs, exp_avg_sqs, steps, make_rule(group, rectify=opt._rectify, atan2=opt._atan2))
-    precision.write_back_(originals, works)
+    precision.write_back_(originals, works, mode=mode, states=work_states)
 
 
 def _steps_on_device(opt: Any, group: dict[str, Any], steps: list[Tensor]) -> list[Tensor]:

@@ -138,6 +138,8 @@ class BaseOptimizer(torch.optim.Optimizer):
     supports_complex: ClassVar[bool] = True
     #: Knobs that must stay > 0 in the compute dtype of every parameter of the group (0 divides 0 by 0).
     eps_knobs: ClassVar[tuple[str, ...]] = ()
+    #: State keys that are never negative (second moments): quantised with the unsigned codebook, without a zero.
+    nonnegative_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self, params: Iterable[Any], defaults: dict[str, Any], *, param_overrides: ParamOverrides | None = None
@@ -178,6 +180,8 @@ class BaseOptimizer(torch.optim.Optimizer):
             v.check_bool("maximize", group["maximize"])
         if "implementation" in group:
             v.check_choice("implementation", group["implementation"], ("auto", *self.implementations))
+        if "state_dtype" in group:
+            precision.check_state_format(group)
 
     def _check_group_params(self, group: dict[str, Any], params: Iterable[torch.Tensor]) -> None:
         """Checks that need the group's tensors: complex support, epsilons representable in each compute dtype."""
@@ -222,8 +226,38 @@ class BaseOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._prepare_step()
         for index, group in enumerate(self.param_groups):
-            self._step_group(index, group)
+            fmt = precision.StateFormat.of(group)
+            if fmt.plain:
+                self._step_group(index, group)
+            else:
+                self._step_group_stored(index, group, fmt)
         return loss
+
+    def _step_group_stored(self, index: int, group: dict[str, Any], fmt: precision.StateFormat) -> None:
+        """The class's own step on state kept in a stored form (``state_dtype``): each chunk of parameters has its state
+        expanded to the compute dtype, stepped, and stored again, so every kernel runs unchanged on ordinary tensors."""
+        params = group["params"]
+        dtype_for = lambda key, p: self._state_dtype_for(key, p, group)
+        try:
+            for chunk in precision.expansion_chunks([p for p in params if p.grad is not None]):
+                group["params"] = chunk
+                for p in chunk:
+                    precision.expand_(self.state[p], p, fmt, self.nonnegative_state, dtype_for)
+                try:
+                    self._step_group(index, group)
+                finally:
+                    for p in chunk:
+                        precision.compress_(self.state[p], p, fmt, self.nonnegative_state)
+        finally:
+            group["params"] = params
+
+    def _state_dtype_for(self, key: str, p: torch.Tensor, group: Mapping[str, Any]) -> torch.dtype:
+        """The dtype the class computes ``state[key]`` of ``p`` in (a stored state is expanded to it)."""
+        return precision.state_dtype(p)
+
+    def _stored_state_specs(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, _state_loading.StateSpec]:
+        """:meth:`_state_specs` in the stored form of the group's ``state_dtype`` (what a state dict holds)."""
+        return precision.stored_specs(self._state_specs(p, group), p, group, self.nonnegative_state)
 
     def _step_group(self, index: int, group: dict[str, Any]) -> None:
         """Update the parameters of ``group`` (the ``index``-th) that have a gradient: the rule of the subclass."""
@@ -256,10 +290,24 @@ class BaseOptimizer(torch.optim.Optimizer):
         for saved_id, p in zip(saved_ids, params):
             precision.keep_loaded_dtypes(self.state[p], state_dict["state"].get(saved_id, {}), p.device)
         self._normalize_state_dtypes()
+        for group in self.param_groups:  # the normalisation may have expanded a bf16 state: stored form again
+            fmt = precision.StateFormat.of(group)
+            for p in group["params"]:
+                if p in self.state:
+                    precision.compress_(self.state[p], p, fmt, self.nonnegative_state)
 
     def _normalize_state_dtypes(self) -> None:
-        """After loading: cast state the class keeps in a fixed dtype (other dtypes were checked to be compatible
-        real floating-point ones). Classes that cast on use (the element-wise ones) keep this no-op."""
+        """After loading: every state tensor the class keeps (:meth:`_state_specs`) in the dtype it computes it in
+        (:meth:`_state_dtype_for`) and on its parameter's device; the loader checked that the saved dtypes are real
+        floating-point ones (complex for complex parameters). Stored forms are restored by the caller."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                for key, spec in self._state_specs(p, group).items():
+                    if spec.shape is not None:
+                        precision.cast_state_(state, key, self._state_dtype_for(key, p, group), p.device)
 
     def _params_with_grad(self, group: dict[str, Any]) -> Iterator[torch.Tensor]:
         """Parameters of ``group`` that have a gradient; sparse gradients raise a clear error."""

@@ -74,7 +74,7 @@ def state_tensor(
     """``state[key]``, created with ``make(like)`` on first use (``like`` is the work tensor, in the compute dtype).
 
     A buffer may be switched on mid-run (momentum set on a group later), so it is created where it is first read.
-    Its dtype after loading is restored once, by :meth:`ElementwiseOptimizer._normalize_state_dtypes`.
+    Its dtype after loading is restored once, by :meth:`hf_optim._base.BaseOptimizer._normalize_state_dtypes`.
     """
     value = state.get(key)
     if value is None:
@@ -95,12 +95,6 @@ class ElementwiseOptimizer(BaseOptimizer):
     #: The per-parameter state tensors a subclass may keep (all shaped like the parameter).
     state_keys: tuple[str, ...] = ()
     eps_knobs = ("eps",)
-
-    def _normalize_state_dtypes(self) -> None:
-        # torch casts loaded state to the parameter's dtype (and device): back to the compute dtype, once.
-        for p, state in self.state.items():
-            for key in self.state_keys:
-                precision.cast_state_(state, key, precision.state_dtype(p), p.device)
 
     def _state_specs(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
         # torch.optim.SGD stores momentum_buffer=None when it runs without momentum.
@@ -143,7 +137,8 @@ class ElementwiseOptimizer(BaseOptimizer):
             self._step_batch(group, batch)
 
     def _step_batch(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        work = [precision.work_copy(p) for p in params]
+        mode = precision.param_update_mode(group)
+        work = [precision.work_copy(p, self.state[p], mode) for p in params]
         grads = [p.grad if p.grad.dtype == w.dtype else p.grad.to(w.dtype) for p, w in zip(params, work)]
         l2 = l2_coefficient(group["weight_decay_mode"], group["weight_decay"])
         grads = effective_grads(work, grads, maximize=group["maximize"], l2=l2)
@@ -213,4 +208,6 @@ class ElementwiseOptimizer(BaseOptimizer):
         mode, wd, lr_peak = group["weight_decay_mode"], group["weight_decay"], group["lr_peak"]
         apply_decoupled_decay(work, [decay_rate(mode, wd, lr, lr_peak) for lr in lrs])
         self._update(group, work, grads, states, lrs)
-        precision.write_back_(params, work)
+        precision.write_back_(
+            params, work, mode=precision.param_update_mode(group), states=[self.state[p] for p in params]
+        )

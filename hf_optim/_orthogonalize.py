@@ -45,6 +45,22 @@ def matrix_shape(shape: torch.Size) -> tuple[int, int]:
     return int(shape[0]), int(math.prod(shape[1:]))
 
 
+#: The largest singular value the iteration may make of one in (0, 1] (the input is normalised to that range): the
+#: default quintic stays within [0.68, 1.13]; coefficients beyond this bound diverge (inf / nan weights).
+NS_MAX_GAIN = 10.0
+
+
+def iterated_gain(coefficients: tuple[float, float, float], steps: int) -> float:
+    r"""The largest :math:`|p^{(steps)}(\sigma)|` over :math:`\sigma \in [10^{-6}, 1]`, :math:`p(\sigma) = a\sigma +
+    b\sigma^3 + c\sigma^5`: what ``steps`` iterations do to a singular value (float64, a log-spaced grid)."""
+    a, b, c = coefficients
+    s = torch.logspace(-6, 0, 2001, dtype=torch.float64)
+    for _ in range(steps):
+        s = a * s + b * s**3 + c * s**5
+        s = torch.nan_to_num(s, nan=math.inf, posinf=math.inf, neginf=-math.inf).clamp(-1e30, 1e30)
+    return float(s.abs().max())
+
+
 def newton_schulz(
     g: torch.Tensor, *, steps: int, coefficients: tuple[float, float, float], eps: float, dtype: torch.dtype
 ) -> torch.Tensor:

@@ -23,28 +23,19 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from ._distributed import local
 from ._interop import FORMATS, NATIVE_MARKERS, PASSTHROUGH, Format, find_format
+from ._state_spec import STEP, StateSpec
+
+__all__ = ["STEP", "StateSpec", "check_family", "like", "prepare"]
 
 #: The optimizer the functions below check against: a :class:`hf_optim._base.BaseOptimizer` (not imported here:
 #: ``_base`` imports this module, and imports point one way).
 BaseOptimizer = Any
-
-
-class StateSpec(NamedTuple):
-    """What one state entry of a parameter must be."""
-
-    shape: tuple[int, ...] | None  # None: the step counter (a number or a 1-element tensor)
-    like_param: bool = False  # a moment in the parameter's own space: complex exactly when the parameter is
-    optional: bool = False  # may be None (torch.optim.SGD writes momentum_buffer=None without momentum)
-    required: bool = False  # a non-empty state must hold it (the class does not create it lazily)
-
-
-STEP = StateSpec(None)
 
 
 def like(p: torch.Tensor, optional: bool = False, required: bool = False) -> StateSpec:
@@ -204,7 +195,7 @@ def _check_entry(
 ) -> None:
     name = type(opt).__name__
     where = f"{name}.load_state_dict: param_groups[{gi}] parameter {pi}"
-    specs = opt._state_specs(p, group)
+    specs = opt._stored_state_specs(p, group)
     missing = sorted(k for k, s in specs.items() if s.required and k not in entry)
     if entry and missing:
         raise ValueError(
@@ -231,6 +222,13 @@ def _check_entry(
                 f"{where}: state[{key!r}] has shape {shape}, expected {spec.shape} for the parameter of shape "
                 f"{tuple(local(p).shape)}. {_cause(gi, saved_groups, saved_state, opt)}"
             )
+        if spec.dtype is not None:
+            if value.dtype != spec.dtype:
+                raise ValueError(
+                    f"{where}: state[{key!r}] has dtype {value.dtype}, expected {spec.dtype} (state_dtype="
+                    f"{group.get('state_dtype')!r}: see hf_optim.precision for the stored layout)."
+                )
+            continue
         wanted_complex = spec.like_param and p.is_complex()
         if value.is_complex() != wanted_complex or not (value.is_floating_point() or value.is_complex()):
             kind = "complex" if wanted_complex else "real floating-point"

@@ -101,6 +101,7 @@ class Adafactor(BaseOptimizer):
     #: Like torch.optim.Adafactor: the factored statistics of a complex tensor have no meaning.
     supports_complex: ClassVar[bool] = False
     eps_knobs: ClassVar[tuple[str, ...]] = ("eps1",)
+    nonnegative_state: ClassVar[tuple[str, ...]] = ("exp_avg_sq",)
 
     def __init__(
         self,
@@ -226,12 +227,13 @@ class Adafactor(BaseOptimizer):
         shape = tuple(local(p).shape)
         dims = factor_dims(p.shape, group)  # from the global shape, as _init_state
         specs = {"step": STEP, "exp_avg": StateSpec(shape, like_param=True)}
+        # the second moment is created with the first step's state, never later: a state without it is not Adafactor's
         if dims is None:
-            specs["exp_avg_sq"] = StateSpec(shape)
+            specs["exp_avg_sq"] = StateSpec(shape, required=True)
         else:
             row, col = dims
-            specs["exp_avg_sq_row"] = StateSpec(shape[:col] + shape[col + 1 :])
-            specs["exp_avg_sq_col"] = StateSpec(shape[:row] + shape[row + 1 :])
+            specs["exp_avg_sq_row"] = StateSpec(shape[:col] + shape[col + 1 :], required=True)
+            specs["exp_avg_sq_col"] = StateSpec(shape[:row] + shape[row + 1 :], required=True)
         return specs
 
     def _check_still_factorable(self, index: int, group: dict[str, Any]) -> None:
@@ -285,17 +287,9 @@ class Adafactor(BaseOptimizer):
             buf = cache[g.dtype] = torch.empty(g.numel(), dtype=g.dtype)
         return buf[: g.numel()].view(g.shape)
 
-    def _normalize_state_dtypes(self) -> None:
-        """bf16 momentum stays bf16 and statistics of bf16 parameters stay fp32, whatever the saved dtype."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if not state:
-                    continue
-                stat_dtype = precision.statistic_dtype(p)
-                for key in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"):
-                    precision.cast_state_(state, key, stat_dtype)
-                precision.cast_state_(state, "exp_avg", self._momentum_kwargs({"dtype": stat_dtype}, group)["dtype"])
+    def _state_dtype_for(self, key: str, p: torch.Tensor, group: Mapping[str, Any]) -> torch.dtype:
+        stat_dtype = precision.statistic_dtype(p)
+        return self._momentum_kwargs({"dtype": stat_dtype}, group)["dtype"] if key == "exp_avg" else stat_dtype
 
     def _step_group(self, index: int, group: dict[str, Any]) -> None:
         params = list(self._params_with_grad(group))

@@ -49,6 +49,9 @@ class AdaGrad(ElementwiseOptimizer):
             :mod:`hf_optim.decay`.
         maximize: ascend instead of descend.
         implementation: ``"auto"``, ``"for-loop"`` or ``"foreach"`` (all give the same result).
+        state_dtype, state_block_size, state_min_numel, param_update: the memory knobs of every optimizer (state in
+            bf16 / int8 / int4 between steps; bf16 weights written back stochastically or with a Kahan buffer):
+            :mod:`hf_optim.precision`, docs/memory.md.
         param_overrides: per-parameter ``lr_mult`` / ``weight_decay_mult`` / replacements (see :mod:`hf_optim._base`).
 
     References:
@@ -57,6 +60,7 @@ class AdaGrad(ElementwiseOptimizer):
     """
 
     state_keys = ("sum",)
+    nonnegative_state = ("sum",)
     interop_formats = ("torch.optim.Adagrad",)
 
     def __init__(
@@ -71,6 +75,10 @@ class AdaGrad(ElementwiseOptimizer):
         weight_decay_mode: str = "l2",
         maximize: bool = False,
         implementation: str = "auto",
+        state_dtype: str = "float32",
+        state_block_size: int = 256,
+        state_min_numel: int = 4096,
+        param_update: str = "nearest",
         param_overrides: ParamOverrides | None = None,
     ) -> None:
         super().__init__(params, group_defaults(AdaGrad.__init__, locals()), param_overrides=param_overrides)

@@ -53,7 +53,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from . import _compiled, precision
+from . import _compiled
 from . import _validation as v
 from ._adam_step import step_group
 from ._base import BaseOptimizer, ParamOverrides, group_defaults
@@ -71,6 +71,7 @@ class _AdamFamily(BaseOptimizer):
     _rectify: ClassVar[bool] = False
     _atan2: ClassVar[bool] = False
     eps_knobs: ClassVar[tuple[str, ...]] = ("eps",)
+    nonnegative_state: ClassVar[tuple[str, ...]] = ("exp_avg_sq",)
 
     def _state_specs(self, p: Tensor, group: dict[str, Any]) -> dict[str, StateSpec]:
         # step_group creates all three at once, only for an empty state: a partial state cannot be stepped.
@@ -79,12 +80,6 @@ class _AdamFamily(BaseOptimizer):
             "exp_avg": like(p, required=True),
             "exp_avg_sq": like(p, required=True),
         }
-
-    def _normalize_state_dtypes(self) -> None:
-        # The kernels (fused ones above all) take the moments in the dtype step_group creates them in.
-        for p, state in self.state.items():
-            for key in ("exp_avg", "exp_avg_sq"):
-                precision.cast_state_(state, key, precision.state_dtype(p))
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -167,6 +162,9 @@ class Adam(_AdamFamily):
             :math:`\epsilon/\sqrt{1-\beta_2^t}` that is large early in training).
         maximize: ascend instead of descend.
         implementation: ``"auto"``, ``"for-loop"``, ``"foreach"`` or ``"fused"``.
+        state_dtype, state_block_size, state_min_numel, param_update: the memory knobs of every optimizer (state in
+            bf16 / int8 / int4 between steps; bf16 weights written back stochastically or with a Kahan buffer):
+            :mod:`hf_optim.precision`, docs/memory.md.
         param_overrides: per-parameter ``lr_mult`` / ``weight_decay_mult`` / replacements (muP).
     """
 
@@ -185,6 +183,10 @@ class Adam(_AdamFamily):
         eps_mode: str = "torch",
         maximize: bool = False,
         implementation: str = "auto",
+        state_dtype: str = "float32",
+        state_block_size: int = 256,
+        state_min_numel: int = 4096,
+        param_update: str = "nearest",
         param_overrides: ParamOverrides | None = None,
     ) -> None:
         super().__init__(params, _defaults(Adam.__init__, locals()), param_overrides=param_overrides)
@@ -235,6 +237,10 @@ class AdamW(Adam):
         eps_mode: str = "torch",
         maximize: bool = False,
         implementation: str = "auto",
+        state_dtype: str = "float32",
+        state_block_size: int = 256,
+        state_min_numel: int = 4096,
+        param_update: str = "nearest",
         param_overrides: ParamOverrides | None = None,
     ) -> None:
         super().__init__(params, **group_defaults(AdamW.__init__, locals()), param_overrides=param_overrides)
@@ -281,6 +287,10 @@ class AdamAtan2(_AdamFamily):
         weight_decay_mode: str = "coupled",
         maximize: bool = False,
         implementation: str = "auto",
+        state_dtype: str = "float32",
+        state_block_size: int = 256,
+        state_min_numel: int = 4096,
+        param_update: str = "nearest",
         param_overrides: ParamOverrides | None = None,
     ) -> None:
         super().__init__(params, _defaults(AdamAtan2.__init__, locals()), param_overrides=param_overrides)
@@ -335,6 +345,10 @@ class RAdam(_AdamFamily):
         eps_mode: str = "tf",
         maximize: bool = False,
         implementation: str = "auto",
+        state_dtype: str = "float32",
+        state_block_size: int = 256,
+        state_min_numel: int = 4096,
+        param_update: str = "nearest",
         param_overrides: ParamOverrides | None = None,
     ) -> None:
         super().__init__(params, _defaults(RAdam.__init__, locals()), param_overrides=param_overrides)

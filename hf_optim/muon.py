@@ -66,6 +66,9 @@ class Muon(BaseOptimizer):
         qk_clip: τ > 0 of MuonClip (:mod:`hf_optim.qk_clip`): after each step, the query/key weights of every
             attention head whose logit exceeded τ are scaled back to τ. Needs the model's recorder
             (``hf_optim.qk_clip.attach(model)`` before construction; the factory does it). None: off.
+        state_dtype, state_block_size, state_min_numel, param_update: how the momentum (and the fallback's state) is
+            kept between steps and how bf16 weights are written back, as for every optimizer (:mod:`hf_optim.precision`,
+            docs/memory.md).
         param_overrides: per-parameter ``lr_mult`` / ``weight_decay_mult`` / replacements, ``rule`` included.
 
     References:
@@ -100,6 +103,10 @@ class Muon(BaseOptimizer):
         rule: str = "auto",
         qk_clip: float | None = None,
         implementation: str = "auto",
+        state_dtype: str = "float32",
+        state_block_size: int = 256,
+        state_min_numel: int = 4096,
+        param_update: str = "nearest",
         param_overrides: ParamOverrides | None = None,
     ) -> None:
         knobs = group_defaults(Muon.__init__, locals())
@@ -108,6 +115,8 @@ class Muon(BaseOptimizer):
         self._fallback: torch.optim.Optimizer | None = None
         super().__init__(params, knobs, param_overrides=param_overrides)
         self._build_fallback()
+        # the fallback's second moments, quantised like its own (Muon's momentum is signed)
+        self.nonnegative_state = getattr(self._fallback, "nonnegative_state", ())
         self._qk_clip = self._find_qk_clip(qk_clip)
 
     # --- groups ----------------------------------------------------------------------------------------------------
@@ -146,6 +155,14 @@ class Muon(BaseOptimizer):
             raise ValueError(f"ns_coefficients must be three numbers (a, b, c), got {coefficients!r}.")
         for value in coefficients:
             v.check_number("ns_coefficients", value)
+        gain = ortho.iterated_gain(tuple(coefficients), steps)
+        if not gain <= ortho.NS_MAX_GAIN:
+            raise ValueError(
+                f"ns_coefficients={tuple(coefficients)!r} with ns_steps={steps} make the Newton-Schulz iteration "
+                f"diverge: a singular value in (0, 1] can grow to {gain:.3g} (more than {ortho.NS_MAX_GAIN:g}), which "
+                "ends in inf / nan weights. Use the default (3.4445, -4.775, 2.0315) or coefficients whose quintic "
+                "a*s + b*s^3 + c*s^5 maps [0, 1] into a bounded range."
+            )
         v.check_choice("ns_dtype", group["ns_dtype"], tuple(ortho.NS_DTYPES))
         v.check_choice("orthogonalize", group["orthogonalize"], ortho.METHODS)
         v.check_positive("eps", group["eps"])
@@ -230,6 +247,11 @@ class Muon(BaseOptimizer):
             return self._fallback._state_specs(p, group)
         return {"momentum_buffer": like(p, required=True)}
 
+    def _state_dtype_for(self, key: str, p: torch.Tensor, group: Mapping[str, Any]) -> torch.dtype:
+        if group.get("rule") == FALLBACK and hasattr(self._fallback, "_state_dtype_for"):
+            return self._fallback._state_dtype_for(key, p, group)
+        return super()._state_dtype_for(key, p, group)
+
     def _group_template(self, saved: Mapping[str, Any]) -> Mapping[str, Any]:
         """A saved fallback group is checked against the fallback's knobs, a Muon group against Muon's."""
         if saved.get("rule") == FALLBACK:
@@ -242,9 +264,7 @@ class Muon(BaseOptimizer):
 
     def _normalize_state_dtypes(self) -> None:
         self._relink()
-        normalize = getattr(self._fallback, "_normalize_state_dtypes", None)
-        if normalize is not None:
-            normalize()
+        super()._normalize_state_dtypes()  # the fallback's groups too: _state_specs and _state_dtype_for delegate
 
     def _find_qk_clip(self, tau: float | None) -> qk_clip.QKClip | None:
         """The recorder of the model these parameters belong to (None if off, or not attached: the first step says so;
@@ -286,11 +306,11 @@ class Muon(BaseOptimizer):
         dtype = ortho.NS_DTYPES[group["ns_dtype"]]
         momentum = group["momentum"]
         for p in self._params_with_grad(group):
-            work = precision.work_copy(p)
+            state = self.state[p]
+            work = precision.work_copy(p, state, precision.param_update_mode(group))
             grad = p.grad.to(work.dtype)
             if l2:
                 grad = grad + l2 * work
-            state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(work, memory_format=torch.preserve_format)
             buf = state["momentum_buffer"]
@@ -307,7 +327,7 @@ class Muon(BaseOptimizer):
             if rate:
                 work.mul_(1.0 - rate)
             work.add_(update, alpha=-lr * ortho.lr_scale(group["adjust"], p.shape))
-            precision.write_back_([p], [work])
+            precision.write_back_([p], [work], mode=precision.param_update_mode(group), states=[state])
 
 
 def _orthogonalize_whole(update: torch.Tensor, **options: Any) -> torch.Tensor:

@@ -17,9 +17,13 @@ that no other module compares or chooses floating-point dtypes):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
+
+from . import _quantize
+from ._state_spec import StateSpec
 
 #: Parameter dtypes whose maths run on a float32 copy.
 LOW_PRECISION: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
@@ -66,9 +70,28 @@ def canonical_dtype_name(name: str) -> str:
     return DTYPE_ALIASES.get(name, name)
 
 
-def work_copy(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in its compute dtype: a float32 copy of a low-precision tensor, ``t`` itself otherwise."""
-    return t.float() if t.dtype in LOW_PRECISION else t
+#: ``param_update`` values: how a low-precision parameter receives its fp32 result (no fp32 master copy is kept).
+PARAM_UPDATES: tuple[str, ...] = ("nearest", "stochastic", "kahan")
+#: The state key of the Kahan compensation: what the last write-back rounded away, in the parameter's dtype.
+COMPENSATION = "param_compensation"
+
+
+def param_update_mode(group: Mapping[str, Any]) -> str:
+    """The group's ``param_update`` (Adafactor's older ``stochastic_rounding=True`` means ``"stochastic"``)."""
+    if group.get("stochastic_rounding"):
+        return "stochastic"
+    return group.get("param_update", "nearest")
+
+
+def work_copy(t: torch.Tensor, state: Mapping[str, Any] | None = None, mode: str = "nearest") -> torch.Tensor:
+    """``t`` in its compute dtype: a float32 copy of a low-precision tensor (plus the Kahan compensation the last
+    write-back kept, under ``mode="kahan"``), ``t`` itself otherwise."""
+    if t.dtype not in LOW_PRECISION:
+        return t
+    work = t.float()
+    if mode == "kahan" and state is not None and torch.is_tensor(state.get(COMPENSATION)):
+        work.add_(state[COMPENSATION].float())
+    return work
 
 
 def new_step() -> torch.Tensor:
@@ -99,13 +122,35 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(((bits + noise) & -65536).view(torch.float32))  # exact: the low 16 bits are zero
 
 
-def write_back_(params: Sequence[torch.Tensor], works: Sequence[torch.Tensor], stochastic: bool = False) -> None:
+def write_back_(
+    params: Sequence[torch.Tensor],
+    works: Sequence[torch.Tensor],
+    stochastic: bool = False,
+    *,
+    mode: str | None = None,
+    states: Sequence[dict] | None = None,
+) -> None:
     """Copy each work tensor into its low-precision parameter (where :func:`work_copy` made a copy; other work tensors
-    are the parameter or a view of it): round to nearest even, or stochastically for bf16 when ``stochastic``."""
-    pairs = [(p, w) for p, w in zip(params, works) if p.dtype in LOW_PRECISION and w is not p]
+    are the parameter or a view of it) as ``mode`` says: ``"nearest"`` (round to nearest even), ``"stochastic"``
+    (bf16: unbiased stochastic rounding) or ``"kahan"`` (round to nearest and keep the rounding error in
+    ``states[i][COMPENSATION]``, added back by the next :func:`work_copy`: Kahan summation of the updates).
+    ``stochastic=True`` is ``mode="stochastic"``."""
+    mode = mode or ("stochastic" if stochastic else "nearest")
+    keep = [i for i, (p, w) in enumerate(zip(params, works)) if p.dtype in LOW_PRECISION and w is not p]
+    pairs = [(params[i], works[i]) for i in keep]
     if not pairs:
         return
-    if stochastic:
+    if mode == "kahan":
+        for i, (p, w) in zip(keep, pairs):
+            p.copy_(w)
+            residual = w.sub_(p.float())  # the work copy is not used after the write-back
+            state = states[i]
+            if torch.is_tensor(state.get(COMPENSATION)):
+                state[COMPENSATION].copy_(residual)
+            else:
+                state[COMPENSATION] = residual.to(p.dtype)
+        return
+    if mode == "stochastic":
         for p, w in pairs:
             if stochastic_rounding_applies(True, p):
                 stochastic_round_(p, w)
@@ -118,8 +163,8 @@ def write_back_(params: Sequence[torch.Tensor], works: Sequence[torch.Tensor], s
 def cast_state_(state: dict, key: str, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor | None:
     """``state[key]`` brought to ``dtype`` (and ``device``) in place of the stored tensor; ``None`` if absent."""
     value = state.get(key)
-    if not torch.is_tensor(value):
-        return None
+    if not torch.is_tensor(value) or not (value.is_floating_point() or value.is_complex()):
+        return None  # absent, or the codes of a quantised state (their form is the state format's)
     if value.dtype != dtype or (device is not None and value.device != device):
         value = state[key] = value.to(dtype=dtype, device=device if device is not None else value.device)
     return value
@@ -132,5 +177,146 @@ def keep_loaded_dtypes(live: dict, saved: dict, device: torch.device) -> None:
         if key == "step":
             live[key] = as_step(live[key])
             continue
-        if torch.is_tensor(value) and value.is_floating_point() and live[key].dtype != value.dtype:
+        # floating state, and the uint8 codes of quantised state (torch cast them to the parameter's dtype)
+        if torch.is_tensor(value) and not value.is_complex() and live[key].dtype != value.dtype:
             live[key] = value.to(device=device, copy=True)
+
+
+# --- the stored form of optimizer state (``state_dtype``) -------------------------------------------------------------
+
+#: ``state_dtype`` values: how state tensors shaped like their parameter are stored between steps.
+STATE_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "int8", "int4")
+#: Default ``state_block_size`` (elements per fp32 scale) and ``state_min_numel`` (smaller tensors stay in the compute
+#: dtype: their scales would cost more than the codes save, and biases / norms are few).
+DEFAULT_BLOCK = 256
+DEFAULT_MIN_NUMEL = 4096
+SCALE_SUFFIX = "_absmax"
+#: Largest number of parameter elements whose state is expanded to the compute dtype at once during a step.
+EXPAND_CHUNK_NUMEL = 1 << 22
+_BITS = {"int8": 8, "int4": 4}
+
+
+class StateFormat(NamedTuple):
+    """The stored form of a group's state: ``dtype`` (a name of :data:`STATE_DTYPES`), block size, threshold."""
+
+    dtype: str = "float32"
+    block: int = DEFAULT_BLOCK
+    min_numel: int = DEFAULT_MIN_NUMEL
+
+    @classmethod
+    def of(cls, group: Mapping[str, Any]) -> StateFormat:
+        return cls(
+            group.get("state_dtype", "float32"),
+            group.get("state_block_size", DEFAULT_BLOCK),
+            group.get("state_min_numel", DEFAULT_MIN_NUMEL),
+        )
+
+    @property
+    def plain(self) -> bool:
+        """State kept as the optimizer computes it (no conversion around the step)."""
+        return self.dtype == "float32"
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype in _BITS
+
+    def book(self, key: str, nonnegative: Sequence[str]) -> _quantize.Codebook:
+        return _quantize.Codebook(_BITS[self.dtype], key not in nonnegative)
+
+    def stores(self, p: torch.Tensor, key: str, value: Any) -> bool:
+        """Whether ``state[key]`` of ``p`` is kept in this format: a real floating tensor of the parameter's shape (not
+        the step counter; quantised formats: at least ``min_numel`` elements). DTensors (FSDP2 shards) stay plain."""
+        if key in ("step", COMPENSATION) or key.endswith(SCALE_SUFFIX) or not torch.is_tensor(value):
+            return False
+        if type(p).__name__ == "DTensor" or not value.is_floating_point() or value.shape != p.shape:
+            return False
+        return not self.quantized or p.numel() >= self.min_numel
+
+
+def check_state_format(group: Mapping[str, Any]) -> None:
+    """``ValueError`` for a ``state_dtype`` / ``state_block_size`` / ``state_min_numel`` / ``param_update`` outside what
+    is allowed."""
+    from . import _validation as v
+
+    v.check_choice("param_update", group.get("param_update", "nearest"), PARAM_UPDATES)
+    if group.get("stochastic_rounding") and group.get("param_update", "nearest") != "nearest":
+        raise ValueError(
+            f"stochastic_rounding=True and param_update={group['param_update']!r} both choose the write-back of bf16 "
+            "parameters; use param_update alone (param_update='stochastic' is stochastic_rounding=True)."
+        )
+
+    v.check_choice("state_dtype", group.get("state_dtype", "float32"), STATE_DTYPES)
+    for name, low in (("state_block_size", 2), ("state_min_numel", 1)):
+        value = group.get(name, DEFAULT_BLOCK if name == "state_block_size" else DEFAULT_MIN_NUMEL)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+    if group.get("state_dtype") == "int4" and group.get("state_block_size", DEFAULT_BLOCK) % 2:
+        raise ValueError(
+            f"state_block_size must be even with state_dtype='int4' (two codes per byte), got "
+            f"{group.get('state_block_size')!r}."
+        )
+
+
+def compress_(state: dict, p: torch.Tensor, fmt: StateFormat, nonnegative: Sequence[str]) -> None:
+    """Bring the state of ``p`` from the compute dtype to its stored form (after a step, or after loading)."""
+    if fmt.plain:
+        return
+    for key, value in list(state.items()):
+        if not fmt.stores(p, key, value):
+            continue
+        if fmt.quantized:
+            codes, scales = _quantize.quantize(value, fmt.book(key, nonnegative), fmt.block)
+            state[key], state[key + SCALE_SUFFIX] = codes, scales
+        elif value.dtype != torch.bfloat16:
+            state[key] = value.to(torch.bfloat16)
+
+
+def expand_(state: dict, p: torch.Tensor, fmt: StateFormat, nonnegative: Sequence[str], dtype_for: Any) -> None:
+    """Bring the stored state of ``p`` back to the dtype the class computes with (``dtype_for(key, p)``)."""
+    if fmt.plain:
+        return
+    for key in [k for k in state if k.endswith(SCALE_SUFFIX)]:
+        name = key[: -len(SCALE_SUFFIX)]
+        scales = state.pop(key)
+        book = fmt.book(name, nonnegative)
+        state[name] = _quantize.dequantize(state[name], scales, book, fmt.block, p.shape, dtype_for(name, p))
+    if not fmt.quantized:
+        for key, value in list(state.items()):
+            if fmt.stores(p, key, value) and value.dtype != dtype_for(key, p):
+                state[key] = value.to(dtype_for(key, p))
+
+
+def expansion_chunks(params: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``params`` in consecutive chunks of at most :data:`EXPAND_CHUNK_NUMEL` elements (a larger tensor alone): the
+    state expanded at once during a step, so a step's extra memory stays bounded by a chunk, not the model."""
+    chunks: list[list[torch.Tensor]] = []
+    size = 0
+    for p in params:
+        if not chunks or size + p.numel() > EXPAND_CHUNK_NUMEL:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(p)
+        size += p.numel()
+    return chunks
+
+
+def stored_specs(specs: dict, p: torch.Tensor, group: Mapping[str, Any], nonnegative: Sequence[str]) -> dict:
+    """The state entries a loader accepts for ``p`` in ``group``: ``specs`` (what the class keeps in the compute dtype)
+    with each quantised tensor's codes (uint8) and scales (float32) in its place."""
+    out = dict(specs)
+    if param_update_mode(group) == "kahan" and p.dtype in LOW_PRECISION:
+        out[COMPENSATION] = StateSpec(tuple(p.shape))  # created by the first write-back
+    fmt = StateFormat.of(group)
+    if not fmt.quantized or p.numel() < fmt.min_numel or type(p).__name__ == "DTensor":
+        return out
+    for key, spec in specs.items():
+        if (
+            spec.shape != tuple(p.shape) or p.is_complex() or key == COMPENSATION
+        ):  # the tensors compress_ stores: shaped like the parameter
+            continue
+        bits = _BITS[fmt.dtype]
+        shape = tuple(p.shape) if bits == 8 else (_quantize.stored_numel(p.numel(), 4),)
+        out[key] = spec._replace(shape=shape, dtype=torch.uint8)
+        blocks = (_quantize.n_blocks(p.numel(), fmt.block),)
+        out[key + SCALE_SUFFIX] = StateSpec(blocks, required=spec.required, dtype=torch.float32)
+    return out

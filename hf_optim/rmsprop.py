@@ -49,6 +49,9 @@ class RMSProp(ElementwiseOptimizer):
             :mod:`hf_optim.decay`.
         maximize: ascend instead of descend.
         implementation: ``"auto"``, ``"for-loop"`` or ``"foreach"`` (all give the same result).
+        state_dtype, state_block_size, state_min_numel, param_update: the memory knobs of every optimizer (state in
+            bf16 / int8 / int4 between steps; bf16 weights written back stochastically or with a Kahan buffer):
+            :mod:`hf_optim.precision`, docs/memory.md.
         param_overrides: per-parameter ``lr_mult`` / ``weight_decay_mult`` / replacements (see :mod:`hf_optim._base`).
 
     References:
@@ -58,6 +61,7 @@ class RMSProp(ElementwiseOptimizer):
     """
 
     state_keys = ("square_avg", "grad_avg", "momentum_buffer")
+    nonnegative_state = ("square_avg",)
     interop_formats = ("torch.optim.RMSprop",)
 
     def __init__(
@@ -73,6 +77,10 @@ class RMSProp(ElementwiseOptimizer):
         weight_decay_mode: str = "l2",
         maximize: bool = False,
         implementation: str = "auto",
+        state_dtype: str = "float32",
+        state_block_size: int = 256,
+        state_min_numel: int = 4096,
+        param_update: str = "nearest",
         param_overrides: ParamOverrides | None = None,
     ) -> None:
         super().__init__(params, group_defaults(RMSProp.__init__, locals()), param_overrides=param_overrides)
@@ -83,11 +91,22 @@ class RMSProp(ElementwiseOptimizer):
         v.check_non_negative("eps", group["eps"])
         v.check_non_negative("momentum", group["momentum"])
         v.check_bool("centered", group["centered"])
-        if group["centered"] and group["alpha"] == 0:
+        alpha, eps = group["alpha"], group["eps"]
+        # E[g^2] - E[g]^2 = alpha*(1-alpha)*g^2 after one step: exactly 0 in float32 once 1 - alpha rounds to 1
+        degenerate = alpha == 0 or (eps == 0 and min(alpha, 1 - alpha) < torch.finfo(torch.float32).eps)
+        if group["centered"] and degenerate:
             raise ValueError(
-                "alpha=0 with centered=True: the centered second moment E[g^2] - E[g]^2 is then g^2 - g^2 = 0 for "
-                "every coordinate at every step, so the update divides by eps alone (NaN for eps=0). Use alpha > 0 "
-                "or centered=False."
+                f"alpha={alpha:g} with centered=True: the centered second moment E[g^2] - E[g]^2 is alpha*(1-alpha)*g^2 "
+                "after the first step, 0 in float32 for alpha = 0 (or, with eps=0, this close to it), so the update "
+                "divides by eps alone (NaN for eps=0). Use alpha > 0 (e.g. 0.99), eps > 0 or centered=False."
+            )
+
+        if group["centered"] and group.get("state_dtype", "float32") != "float32":
+            raise ValueError(
+                f"state_dtype={group['state_dtype']!r} with centered=True: the centred variance square_avg - grad_avg^2 "
+                "is a difference of two nearly equal statistics, and storing them separately in fewer bits breaks "
+                "square_avg >= grad_avg^2 (a negative variance, NaN after the square root). Use state_dtype='float32' "
+                "with centered=True, or centered=False."
             )
 
     def _init_state(self, group: dict[str, Any], state: State, param: torch.Tensor) -> None:

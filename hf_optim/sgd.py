@@ -51,6 +51,9 @@ class SGDW(ElementwiseOptimizer):
             :mod:`hf_optim.decay`.
         maximize: ascend instead of descend.
         implementation: ``"auto"``, ``"for-loop"`` or ``"foreach"`` (all give the same result).
+        state_dtype, state_block_size, state_min_numel, param_update: the memory knobs of every optimizer (state in
+            bf16 / int8 / int4 between steps; bf16 weights written back stochastically or with a Kahan buffer):
+            :mod:`hf_optim.precision`, docs/memory.md.
         param_overrides: per-parameter ``lr_mult`` / ``weight_decay_mult`` / replacements (see :mod:`hf_optim._base`).
 
     References:
@@ -75,6 +78,10 @@ class SGDW(ElementwiseOptimizer):
         weight_decay_mode: str = "coupled",
         maximize: bool = False,
         implementation: str = "auto",
+        state_dtype: str = "float32",
+        state_block_size: int = 256,
+        state_min_numel: int = 4096,
+        param_update: str = "nearest",
         param_overrides: ParamOverrides | None = None,
     ) -> None:
         super().__init__(params, group_defaults(SGDW.__init__, locals()), param_overrides=param_overrides)

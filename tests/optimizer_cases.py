@@ -154,6 +154,28 @@ _TOY = [
     )
 ]
 
-CASES: list[Case] = [*_adam_family(), *_elementwise(), *_adafactor(), *_muon(), *_TOY]
+_BASE_CASES: list[Case] = [*_adam_family(), *_elementwise(), *_adafactor(), *_muon(), *_TOY]
+
+#: Stored state (``state_dtype``): each class's first row, and Adafactor's hf preset (fp32 momentum), in every stored
+#: form. Blocks of 4 and no size threshold, so the test tensors (6x4, 5, 2x3x2, a scalar) are quantised too.
+STATE_DTYPES = ("bfloat16", "int8", "int4")
+
+
+def _stored_state() -> list[Case]:
+    # hf_optim's own classes; centred RMSProp refuses a stored state (its variance is a difference of two statistics)
+    firsts = {c.cls_name: c for c in reversed(_BASE_CASES) if ":" not in c.cls_name and not c.kwargs.get("centered")}
+    picked = [*firsts.values(), next(c for c in _BASE_CASES if c.id == "adafactor-hf-coupled")]
+    return [
+        Case(
+            f"{case.id}-{dtype}",
+            case.cls_name,
+            {**case.kwargs, "state_dtype": dtype, "state_block_size": 4, "state_min_numel": 1},
+        )
+        for case in picked
+        for dtype in STATE_DTYPES
+    ]
+
+
+CASES: list[Case] = [*_BASE_CASES, *_stored_state()]
 
 CASE_IDS = [case.id for case in CASES]

@@ -55,7 +55,18 @@ def common(cls: type) -> dict[str, Domain]:
         "weight_decay_mode": choice(list(WEIGHT_DECAY_MODES)),
         "maximize": (st.booleans(), None),
         "implementation": choice(impls),
+        **STATE_FORMAT,
     }
+
+
+#: How state is stored between steps (every optimizer): small blocks and no threshold, so the fuzzed tensors are
+#: quantised too.
+STATE_FORMAT: dict[str, Domain] = {
+    "state_dtype": choice(["float32", "bfloat16", "int8", "int4"]),
+    "state_block_size": (st.sampled_from([2, 4, 8]), st.integers(-2, 1)),
+    "state_min_numel": (st.integers(1, 8), st.integers(-2, 0)),
+    "param_update": choice(["nearest", "stochastic", "kahan"]),
+}
 
 
 BETAS: Domain = (
@@ -126,12 +137,16 @@ ADAFACTOR_NUMBERS: dict[str, Domain] = {
     "clip_threshold": (st.one_of(st.none(), floats(0.1, 2.0)), st.one_of(st.just(0.0), NEGATIVE)),
     "rho_max": (floats(1e-3, 1.0), st.one_of(st.just(0.0), NEGATIVE)),
     "weight_decay": (st.one_of(st.just(0.0), floats(1e-6, 0.1), st.just("lr")), NEGATIVE),
+    "state_block_size": STATE_FORMAT["state_block_size"],
+    "state_min_numel": STATE_FORMAT["state_min_numel"],
 }
 #: Values a choice knob takes besides those the presets use.
 ADAFACTOR_EXTRA_CHOICES: dict[str, list[str]] = {
     "weight_decay_mode": list(WEIGHT_DECAY_MODES),
     "implementation": [i for i in hf_optim.Adafactor.implementations if i != "compiled"],
     "momentum_dtype": ["fp32", "bf16"],
+    "state_dtype": ["bfloat16", "int8", "int4"],
+    "param_update": ["stochastic", "kahan"],
 }
 
 
@@ -151,9 +166,9 @@ def adafactor_domains() -> dict[str, Domain]:
 #: Knobs that state a rule about a combination: their error may fire even when every single value is valid.
 COMBINATION_RULES = {
     "SGDW": {"nesterov"},
-    "Adafactor": {"warmup_init", "eps1_mode"},
-    "RMSProp": {"centered"},
-    "Muon": {"rule"},  # rule="muon" on a 0-/1-D tensor is refused
+    "Adafactor": {"warmup_init", "eps1_mode", "stochastic_rounding"},  # + param_update: one write-back rule
+    "RMSProp": {"centered"},  # also refuses a stored (bf16 / quantised) state
+    "Muon": {"rule", "ns_coefficients"},  # rule="muon" on a 0-/1-D tensor; a quintic that diverges in ns_steps steps
 }
 # (eps1_mode="clamp" refuses an eps1 whose square underflows in float32, e.g. the adafactor_v2 preset's 1e-30.)
 

@@ -96,6 +96,8 @@ def expected_state_dtype(opt, p: torch.Tensor, key: str) -> torch.dtype:
     """fp32 for every state tensor of a bf16 parameter, except a momentum the user asked to keep in bf16
     (Adafactor ``momentum_dtype="bfloat16"``, the adafactor_v2 default), which is bf16 whatever the parameter."""
     group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+    if group.get("state_dtype") == "bfloat16" and key != "step" and opt.state[p][key].shape == p.shape:
+        return torch.bfloat16  # stored in bf16 between steps (state_dtype), whatever the parameter
     if key == "exp_avg" and group.get("momentum_dtype") == "bfloat16":
         return torch.bfloat16
     return torch.float32
@@ -210,13 +212,18 @@ BAD_VALUES: dict[str, list[object]] = {
     "orthogonalize": ["no-such-mode"],
     "ns_dtype": ["float16"],
     "ns_steps": [0, 100, 2.5],
-    "ns_coefficients": [(1.0, 2.0)],
+    "ns_coefficients": [(1.0, 2.0), (0.0, 0.0, 2.0)],
     "fallback": ["no-such-optimizer", "muon_v2"],
     "fallback_lr": [0.0, -1.0],
     "fallback_betas": [(1.0, 0.9)],
     "fallback_eps": [-1.0],
     "rule": ["no-such-rule"],
     "qk_clip": [0.0, -1.0],
+    # the stored form of state (every optimizer)
+    "state_dtype": ["float16", "int3"],
+    "state_block_size": [1, 0, 2.5],
+    "state_min_numel": [0, -1],
+    "param_update": ["fp32_master"],
 }
 #: Names with no invalid value of the right type: the parameters themselves, and booleans (a non-bool is a
 #: TypeError, test_non_bool_flag_is_a_type_error).

@@ -73,6 +73,8 @@ _OTHER_STRING = {
     "eps1_mode": {"add": "clamp"},
     "relative_step_lr": {"multiplier": "cap"},
     "weight_decay_lr": {"group": "step"},
+    "state_dtype": {"float32": "int8"},
+    "param_update": {"nearest": "kahan"},
 }
 # Knobs that are only valid together with another one.
 # (eps1_mode=clamp bounds V by eps1², which for adafactor_v2's eps1=1e-30 underflows in fp32 and is refused.)

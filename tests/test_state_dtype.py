@@ -1,0 +1,253 @@
+"""``state_dtype``: optimizer state stored in bf16 or block-quantised to 8 / 4 bits between steps.
+
+Checked against the layout and against an independent float64 implementation of the same quantisation scheme (the
+formulas of :mod:`hf_optim._quantize`'s docstring, written again here in float64 with a nearest-code search instead of
+the closed-form rounding). The generic invariants run over every stored form through the rows of
+``tests/optimizer_cases.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+import hf_optim
+from hf_optim import _quantize, precision
+
+BITS = {"int8": 8, "int4": 4}
+
+
+def _state_bytes(opt: torch.optim.Optimizer, p: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for k, t in opt.state[p].items() if k != "step")
+
+
+def _stepped(cls, shape=(64, 256), steps=3, **kwargs):
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(shape, generator=gen))
+    opt = cls([p], **kwargs)
+    for _ in range(steps):
+        p.grad = torch.randn(shape, generator=gen)
+        opt.step()
+    return p, opt
+
+
+@pytest.mark.parametrize(
+    ("dtype", "per_param"),
+    [("float32", 8.0), ("bfloat16", 4.0), ("int8", 2 * (1 + 4 / 256)), ("int4", 2 * (0.5 + 4 / 256))],
+)
+def test_adamw_state_bytes_are_what_the_layout_says(dtype, per_param):
+    p, opt = _stepped(hf_optim.AdamW, lr=1e-3, state_dtype=dtype)
+    assert _state_bytes(opt, p) == per_param * p.numel()
+
+
+@pytest.mark.parametrize("block", [64, 256, 2048])
+def test_block_size_sets_the_scale_count(block):
+    p, opt = _stepped(hf_optim.AdamW, shape=(100, 77), lr=1e-3, state_dtype="int8", state_block_size=block)
+    blocks = math.ceil(p.numel() / block)
+    assert opt.state[p]["exp_avg_absmax"].shape == (blocks,) and opt.state[p]["exp_avg_sq_absmax"].shape == (blocks,)
+    assert _state_bytes(opt, p) == 2 * (p.numel() + 4 * blocks)
+
+
+def test_one_moment_optimizers_and_adafactor_store_their_momentum():
+    p, sgd = _stepped(hf_optim.SGDW, lr=1e-2, momentum=0.9, state_dtype="int8")
+    assert _state_bytes(sgd, p) == p.numel() * (1 + 4 / 256)
+    p, ada = _stepped(hf_optim.Adafactor, shape=(128, 256), lr=1e-2, preset="adafactor_v2", state_dtype="int8")
+    state = ada.state[p]
+    assert state["exp_avg"].dtype == torch.uint8 and state["exp_avg"].shape == p.shape
+    # the factored statistics are O(rows + cols) and stay fp32
+    assert state["exp_avg_sq_row"].dtype == torch.float32 and state["exp_avg_sq_row"].numel() == 128
+    # an unfactored second moment (a matrix under min_dim_size_to_factor) is quantised unsigned
+    p, ada = _stepped(hf_optim.Adafactor, lr=1e-2, preset="adafactor_v2", state_dtype="int8")
+    assert ada.state[p]["exp_avg_sq"].dtype == torch.uint8 and "exp_avg_sq_absmax" in ada.state[p]
+
+
+def test_small_tensors_stay_in_the_compute_dtype():
+    p, opt = _stepped(hf_optim.AdamW, shape=(63, 65), lr=1e-3, state_dtype="int8")  # 4095 < 4096 elements
+    assert {t.dtype for k, t in opt.state[p].items()} == {torch.float32}
+    p, opt = _stepped(hf_optim.AdamW, shape=(63, 65), lr=1e-3, state_dtype="int8", state_min_numel=4095)
+    assert opt.state[p]["exp_avg"].dtype == torch.uint8
+
+
+# --- an independent float64 implementation of the scheme --------------------------------------------------------------
+def _codebook64(bits: int, signed: bool) -> torch.Tensor:
+    """Code index -> value, from the docstring: geometric magnitudes 2^(-R j / (n-1)), j = 0 .. n-1 below the max."""
+    r = _quantize.BINADES[(bits, signed)]
+    if signed:
+        n = 2 ** (bits - 1) - 1
+        mags = [0.0] + [2.0 ** (-r * (n - k) / (n - 1)) for k in range(1, n + 1)]
+        return torch.tensor(mags + [-m for m in mags], dtype=torch.float64)
+    n = 2**bits
+    return torch.tensor([2.0 ** (-r * (n - 1 - k) / (n - 1)) for k in range(n)], dtype=torch.float64)
+
+
+def _quantize64(x: torch.Tensor, bits: int, signed: bool, block: int) -> torch.Tensor:
+    """Dequantised values: per block, the code nearest to x / absmax in log2 (zero: nearer 0 than the smallest code)."""
+    table = _codebook64(bits, signed)
+    flat = x.double().reshape(-1)
+    out = torch.empty_like(flat)
+    for start in range(0, flat.numel(), block):
+        chunk = flat[start : start + block]
+        scale = chunk.abs().max()
+        if scale == 0:
+            out[start : start + block] = 0
+            continue
+        y = chunk / scale
+        candidates = table[table != 0] if not signed else table
+        for i, value in enumerate(y.tolist()):
+            same_sign = candidates[(candidates > 0) if value >= 0 else (candidates < 0)] if signed else candidates
+            if signed and abs(value) < 2.0 ** -_quantize.BINADES[(bits, True)] / 2:
+                out[start + i] = 0.0
+                continue
+            distance = (torch.log2(same_sign.abs()) - math.log2(max(abs(value), 2.0**-126))).abs()
+            out[start + i] = same_sign[distance.argmin()] * scale
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantisation_round_trip_equals_the_float64_reference(dtype, signed):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 48, generator=gen) * torch.logspace(-6, 0, 48)  # blocks spanning up to six decades
+    if not signed:
+        x = x.square()
+    x[1, :16] = 0.0  # a whole block of zeros (row 1 starts at element 48, a block boundary) stays zero
+    book = _quantize.Codebook(BITS[dtype], signed)
+    codes, scales = _quantize.quantize(x, book, 16)
+    ours = _quantize.dequantize(codes, scales, book, 16, x.shape, torch.float32)
+    ref = _quantize64(x, BITS[dtype], signed, 16)
+    # nearest codes agree except where fp32 and fp64 logarithms fall on opposite sides of a midpoint (then one step)
+    step = 2.0 ** (_quantize.BINADES[(BITS[dtype], signed)] / (book.magnitudes - 1))
+    ratio = (ours.double() / ref.where(ref != 0, torch.ones_like(ref))).where(ref != 0, torch.ones_like(ref))
+    assert ((ratio - 1).abs() < 1e-6).float().mean() > 0.99
+    assert ((ratio < step * 1.0001) & (ratio > 1 / step / 1.0001)).all()
+    assert (ours[ref == 0] == 0).all() and (ours[1, :16] == 0).all()
+    if not signed:  # no zero code: a positive statistic never dequantises to 0
+        assert (ours[x > 0] > 0).all()
+
+
+def _adamw_step64(x, g, m, v, t, lr, betas, eps, wd):
+    """torch.optim.AdamW's step in float64 (coupled decay)."""
+    x = x * (1 - lr * wd)
+    m = betas[0] * m + (1 - betas[0]) * g
+    v = betas[1] * v + (1 - betas[1]) * g * g
+    m_hat, v_hat = m / (1 - betas[0] ** t), v / (1 - betas[1] ** t)
+    return x - lr * m_hat / (v_hat.sqrt() + eps), m, v
+
+
+def _agree(ours: torch.Tensor, ref: torch.Tensor, book: _quantize.Codebook) -> None:
+    """Dequantised tensors agree: equal but where fp32 and fp64 round a value near a code midpoint differently (then
+    one code step apart)."""
+    step = 2.0 ** (book.binades / (book.magnitudes - 1))
+    same = torch.isclose(ours, ref, rtol=1e-6, atol=0)
+    assert same.float().mean() > 0.99
+    nonzero = ref != 0
+    ratio = ours[nonzero & ~same] / ref[nonzero & ~same]
+    assert ((ratio < step * 1.0001) & (ratio > 1 / step / 1.0001)).all()
+
+
+def test_int8_adamw_equals_a_float64_reference_of_the_same_scheme():
+    """Five steps of hf_optim.AdamW(state_dtype="int8") against the same steps in float64: dequantise the stored
+    moments, torch.optim.AdamW's update, quantise again (the reference's codes from its own nearest-code search)."""
+    gen = torch.Generator().manual_seed(2)
+    shape, block, lr, betas, eps, wd = (32, 160), 256, 1e-2, (0.9, 0.95), 1e-8, 0.1
+    x0 = torch.randn(shape, generator=gen)
+    p = torch.nn.Parameter(x0.clone())
+    opt = hf_optim.AdamW(
+        [p], lr=lr, betas=betas, eps=eps, weight_decay=wd, state_dtype="int8", implementation="for-loop"
+    )
+    book_m, book_v = _quantize.Codebook(8, True), _quantize.Codebook(8, False)
+    x, m, v = x0.double(), torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+    for t in range(1, 6):
+        g = torch.randn(shape, generator=gen)
+        p.grad = g
+        opt.step()
+        x, m, v = _adamw_step64(x, g.double(), m, v, t, lr, betas, eps, wd)
+        m, v = _quantize64(m, 8, True, block), _quantize64(v, 8, False, block)
+        state = opt.state[p]
+        ours_m = _quantize.dequantize(state["exp_avg"], state["exp_avg_absmax"], book_m, block, shape, torch.float64)
+        ours_v = _quantize.dequantize(
+            state["exp_avg_sq"], state["exp_avg_sq_absmax"], book_v, block, shape, torch.float64
+        )
+        _agree(ours_m, m, book_m)
+        _agree(ours_v, v, book_v)
+        m, v = ours_m, ours_v  # both continue from the same stored state: a midpoint tie does not compound
+    # the update uses the unquantised new moments, so the weights differ only by fp32 arithmetic
+    torch.testing.assert_close(p.detach().double(), x, rtol=0, atol=1e-5)
+
+
+def test_stored_state_round_trips_through_a_state_dict_and_continues_bitwise():
+    for dtype in ("bfloat16", "int8", "int4"):
+        p, opt = _stepped(hf_optim.AdamW, lr=1e-3, state_dtype=dtype)
+        buffer = io.BytesIO()
+        torch.save(opt.state_dict(), buffer)
+        q = torch.nn.Parameter(p.detach().clone())
+        resumed = hf_optim.AdamW([q], lr=1e-3, state_dtype=dtype)
+        resumed.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+        assert {k: t.dtype for k, t in resumed.state[q].items()} == {k: t.dtype for k, t in opt.state[p].items()}
+        g = torch.randn(p.shape)
+        p.grad, q.grad = g, g.clone()
+        opt.step()
+        resumed.step()
+        assert torch.equal(p, q), dtype
+
+
+def test_malformed_stored_state_is_refused_before_loading():
+    p, opt = _stepped(hf_optim.AdamW, lr=1e-3, state_dtype="int8")
+    saved = opt.state_dict()
+    fresh = hf_optim.AdamW([p], lr=1e-3, state_dtype="int8")
+    bad = {**saved, "state": {0: {**saved["state"][0], "exp_avg": saved["state"][0]["exp_avg"].float()}}}
+    with pytest.raises(ValueError, match=r"exp_avg.*dtype torch.float32, expected torch.uint8"):
+        fresh.load_state_dict(bad)
+    bad = {**saved, "state": {0: {**saved["state"][0], "exp_avg_absmax": torch.zeros(3)}}}
+    with pytest.raises(ValueError, match="exp_avg_absmax"):
+        fresh.load_state_dict(bad)
+    missing = {k: t for k, t in saved["state"][0].items() if k != "exp_avg_sq_absmax"}
+    with pytest.raises(ValueError, match="exp_avg_sq_absmax"):
+        fresh.load_state_dict({**saved, "state": {0: missing}})
+    assert not fresh.state  # nothing was loaded
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(state_dtype="fp8"), r"state_dtype.*'fp8'"),
+        (dict(state_dtype="int8", state_block_size=1), "state_block_size"),
+        (dict(state_dtype="int4", state_block_size=33), "even"),
+        (dict(state_dtype="int8", state_min_numel=0), "state_min_numel"),
+        (dict(state_dtype="int8", state_block_size=2.5), "state_block_size"),
+    ],
+)
+def test_bad_state_settings_are_value_errors_naming_them(kwargs, match):
+    for cls in (hf_optim.AdamW, hf_optim.Adafactor, hf_optim.SGDW, hf_optim.Muon):
+        with pytest.raises(ValueError, match=match):
+            cls([torch.nn.Parameter(torch.zeros(4, 4))], lr=1e-3, **kwargs)
+
+
+def test_every_registered_optimizer_takes_the_knob():
+    for spec in hf_optim.list_optimizers():
+        if spec.target.startswith("hf_optim."):
+            assert {"state_dtype", "state_block_size", "state_min_numel"} <= set(spec.knobs()), spec.name
+
+
+def test_trainer_optim_args_reach_the_state(tmp_path):
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, optim="adamw_v2", optim_args="state_dtype=int8"
+    )
+    model = LlamaForCausalLM(tiny_llama_config(hidden_size=64))
+    opt = Trainer(model=model, args=args).create_optimizer()
+    assert {g["state_dtype"] for g in opt.param_groups} == {"int8"}
+    with pytest.raises(ValueError, match="state_dtype"):
+        TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, optim="adamw_v2",
+                          optim_args="state_dtype=int3")  # fmt: skip
+
+
+def test_the_precision_module_owns_the_state_format():
+    fmt = precision.StateFormat.of({"state_dtype": "int8", "state_block_size": 128, "state_min_numel": 10})
+    assert fmt.quantized and not fmt.plain and fmt.block == 128
+    assert precision.StateFormat.of({}).plain
