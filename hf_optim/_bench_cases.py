@@ -32,7 +32,10 @@ _LABELS = {
     "eps_mode": "eps=",
     "beta1": "beta1=",
     "momentum_dtype": "m=",
+    "state_dtype": "state=",
 }
+#: Stored state forms benchmarked (``auto`` implementation) for the optimizers whose state dominates memory.
+STATE_DTYPES = ("bfloat16", "int8", "int4")
 
 
 def _ours(spec_name: str, implementation: str, grad_reads: int = 1, **kwargs: Any) -> BenchCase:
@@ -98,6 +101,9 @@ def our_cases() -> list[BenchCase]:
                 cases.append(_ours(spec.name, impl, 2, preset="hf", beta1=0.9))
             else:
                 cases.append(_ours(spec.name, impl))
+        if spec.name in ("adamw_v2", "adafactor_v2", "muon_v2"):
+            grad_reads = 2 if "adafactor" in spec.name else 1
+            cases += [_ours(spec.name, "auto", grad_reads, state_dtype=dtype) for dtype in STATE_DTYPES]
     return cases
 
 

@@ -268,6 +268,19 @@ def compile_broken(device_type: str) -> bool:
     return device_type in _BROKEN
 
 
+def mark_broken(device_type: str, exc: Exception) -> None:
+    """Remember that compilation failed on ``device_type`` and warn once; every compiled path then stays eager."""
+    if device_type in _BROKEN:
+        return
+    _BROKEN[device_type] = f"{type(exc).__name__}: {exc}"[:500]
+    warnings.warn(
+        f"hf_optim: torch.compile failed on {device_type!r} ({_BROKEN[device_type][:200]}); using the eager "
+        "path from now on. Install a C++ compiler (CPU) or Triton (GPU), or pass implementation='foreach'.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 def run_or_fallback(
     fn: Callable[..., None], key: Any, device_type: str, args: tuple[Any, ...], eager: Callable[[], None]
 ) -> None:
@@ -282,13 +295,7 @@ def run_or_fallback(
     except Exception as exc:  # any backend failure: the eager path is always correct
         if not _is_compile_error(exc):
             raise
-        _BROKEN[device_type] = f"{type(exc).__name__}: {exc}"[:500]
-        warnings.warn(
-            f"hf_optim: torch.compile failed on {device_type!r} ({_BROKEN[device_type][:200]}); using the eager "
-            "path from now on. Install a C++ compiler (CPU) or Triton (GPU), or pass implementation='foreach'.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+        mark_broken(device_type, exc)
         eager()
 
 

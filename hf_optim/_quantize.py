@@ -29,7 +29,7 @@ dynamic tree, this one geometric); Li et al. 2023, "Memory Efficient Optimizers 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -68,25 +68,63 @@ def stored_numel(numel: int, bits: int) -> int:
     return numel if bits == 8 else -(-numel // 2)
 
 
+#: Tensors of at least this many elements are (de)quantised by a compiled kernel (one fused loop instead of ~20 eager
+#: passes); smaller ones, and every tensor once compilation failed on the device, run the eager functions below.
+COMPILE_MIN_NUMEL = 1 << 16
+_KERNELS: dict[tuple[str, Codebook], Any] = {}
+
+
+def _encode_blocks(
+    blocks: torch.Tensor, n: int, r: float, signed: bool, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (uint8, one per element, not packed) and scales of ``blocks`` (one block per row)."""
+    scales = blocks.abs().amax(dim=1)
+    y = blocks / torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(1)
+    magnitude = y.abs()
+    # t = 0 at |y| = 1, t = n - 1 at the smallest code: round in log2 space
+    t = torch.round(-torch.log2(magnitude.clamp(min=2.0**-126)) * (n - 1) / r)
+    if signed:
+        k = (n - t).clamp(min=1, max=n)
+        k = torch.where(magnitude < 2.0 ** (-r) / 2, torch.zeros_like(k), k)  # nearer 0 than the smallest code
+        codes = k + torch.where(y < 0, float(1 << (bits - 1)), 0.0)
+    else:
+        codes = (n - 1 - t).clamp(min=0, max=n - 1)
+    return codes.to(torch.uint8), scales
+
+
+def _decode_blocks(codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Values of ``codes`` (one block per row, uint8) scaled by their block's scale."""
+    return table[codes.long()] * scales.unsqueeze(1)
+
+
+def _run(name: str, book: Codebook, numel: int, device: torch.device, eager: Any, *args: Any) -> Any:
+    """``eager(*args)`` through its compiled kernel for large tensors (:data:`COMPILE_MIN_NUMEL`); a compilation
+    failure warns once per device type (as every compiled path of the package) and stays eager."""
+    from . import _compiled
+
+    if numel < COMPILE_MIN_NUMEL or _compiled.compile_broken(device.type):
+        return eager(*args)
+    key = (name, book)
+    if key not in _KERNELS:
+        _KERNELS[key] = torch.compile(eager, dynamic=True)
+    try:
+        return _KERNELS[key](*args)
+    except Exception as exc:
+        if not _compiled._is_compile_error(exc):
+            raise
+        _compiled.mark_broken(device.type, exc)
+        return eager(*args)
+
+
 def quantize(x: torch.Tensor, book: Codebook, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, scales)`` of the float tensor ``x``; see the module docstring for the layout."""
     flat = x.detach().reshape(-1).float()
     numel = flat.numel()
     pad = n_blocks(numel, block) * block - numel
-    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, block)
-    scales = blocks.abs().amax(dim=1)
-    y = blocks / torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(1)
-    n, r = book.magnitudes, book.binades
-    magnitude = y.abs()
-    # t = 0 at |y| = 1, t = n - 1 at the smallest code: round in log2 space
-    t = torch.round(-torch.log2(magnitude.clamp(min=2.0**-126)) * (n - 1) / r)
-    if book.signed:
-        k = (n - t).clamp(min=1, max=n)
-        k = torch.where(magnitude < 2.0 ** (-r) / 2, torch.zeros_like(k), k)  # nearer 0 than the smallest code
-        codes = k + torch.where(y < 0, float(1 << (book.bits - 1)), 0.0)
-    else:
-        codes = (n - 1 - t).clamp(min=0, max=n - 1)
-    codes = codes.to(torch.uint8).reshape(-1)[:numel]
+    blocks = (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, block)
+    args = (blocks, book.magnitudes, book.binades, book.signed, book.bits)
+    codes, scales = _run("encode", book, numel, x.device, _encode_blocks, *args)
+    codes = codes.reshape(-1)[:numel]
     if book.bits == 4:
         if numel % 2:
             codes = torch.cat([codes, codes.new_zeros(1)])
@@ -105,8 +143,8 @@ def dequantize(
     flat = codes.reshape(-1)
     if book.bits == 4:
         flat = torch.stack([flat & 15, flat >> 4], dim=1).reshape(-1)[:numel]
-    table = book.values().to(device=codes.device, dtype=torch.float32)
-    values = table[flat.long()]
     pad = n_blocks(numel, block) * block - numel
-    values = torch.nn.functional.pad(values, (0, pad)).view(-1, block) * scales.unsqueeze(1)
+    blocks = (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, block)
+    table = book.values().to(device=codes.device, dtype=torch.float32)
+    values = _run("decode", book, numel, codes.device, _decode_blocks, blocks, scales, table)
     return values.reshape(-1)[:numel].reshape(shape).to(dtype)

@@ -351,6 +351,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the report to this JSON file")
     parser.add_argument("--list", action="store_true", help="print the case names and exit")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="instead of timing: exact state bytes and the measured peak memory of one step per case "
+        "(CPU: one process per case, peak RSS; CUDA: the allocator's peak)",
+    )
     return parser
 
 
@@ -386,6 +392,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--device {device!r} is not a device; use cpu, cuda or cuda:N")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {device!r}: torch sees no CUDA device here; use --device cpu")
+    if args.memory:
+        from . import _bench_memory
+
+        print(_bench_memory.header(args.size, device))
+        rows = _bench_memory.measure(_selected(all_cases(), args.only), args.size, device, args.dtype)
+        if args.json_path:
+            with open(args.json_path, "w", encoding="utf-8") as fh:
+                json.dump({"meta": {"size": args.size, "device": device, "dtype": args.dtype}, "memory": rows}, fh)
+        return 0
     report = run(
         args.size,
         device,

@@ -246,3 +246,21 @@ def test_bad_arguments_are_rejected():
             bench.main(["--size", "tiny", option, "0.9"])
     with pytest.raises(ValueError, match=r"max_drift must be a number >= 1 .*got nan"):
         bench.run("tiny", max_drift=float("nan"), cases=[])
+
+
+def test_memory_mode_reports_exact_state_bytes_and_a_peak(tmp_path):
+    """--memory: the int8 AdamW row's state bytes are the layout's (codes + fp32 scales for tensors of >= 4096
+    elements, fp32 moments below, a 4-byte step per tensor); the peak is a measured, non-negative number."""
+    out = tmp_path / "memory.json"
+    assert (
+        bench.main(["--memory", "--size", "tiny", "--only", r"^adamw_v2\[state=int8\]/auto$", "--json", str(out)]) == 0
+    )
+    rows = {r["name"]: r for r in json.loads(out.read_text())["memory"]}
+    assert set(rows) == {bench.REFERENCE, "adamw_v2[state=int8]/auto"}
+    expected = 0
+    for shape in SIZES["tiny"].shapes():
+        n = math.prod(shape)
+        expected += 4 + (2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 8 * n)
+    assert rows["adamw_v2[state=int8]/auto"]["state_bytes"] == expected
+    assert rows[bench.REFERENCE]["state_bytes"] == sum(4 + 8 * math.prod(s) for s in SIZES["tiny"].shapes())
+    assert all(r["peak_step_bytes"] >= 0 for r in rows.values())
