@@ -282,9 +282,11 @@ def build_scheduler(
 
 
 def is_factored_adafactor(cls: type, kwargs: Mapping[str, Any]) -> bool:
-    if cls.__name__ != "Adafactor" or not cls.__module__.startswith("hf_optim"):
-        return False
     from hf_optim._adafactor_presets import PRESETS
+    from hf_optim.adafactor import Adafactor
+
+    if not (isinstance(cls, type) and issubclass(cls, Adafactor)):
+        return False
 
     preset = PRESETS.get(kwargs.get("preset", "adafactor_v2"), {})
     return bool(kwargs.get("factored", preset.get("factored", True)))
