@@ -63,6 +63,41 @@ def shard_spec(p: torch.Tensor) -> ShardSpec | None:
     return ShardSpec(p.shape, tuple(sharded)) if sharded else None
 
 
+def rows_shard_whole(p: torch.Tensor) -> bool:
+    """Whether every shard of ``p`` holds whole rows (first-dim slices) of a matrix: an ordinary tensor, or a DTensor
+    that is replicated or sharded only along dim 0 of a tensor of at least 2 dims (FSDP2's default ``Shard(0)``).
+    Per-row statistics of such a tensor (the block scales of a quantised state) can be computed shard by shard."""
+    if not _is_dtensor(p):
+        return True
+    mesh = p.device_mesh
+    for mesh_dim, placement in enumerate(p.placements):
+        if placement.is_replicate() or mesh.size(mesh_dim) == 1:
+            continue
+        if not (placement.is_shard() and type(placement).__name__ == "Shard" and placement.dim % p.ndim == 0):
+            return False
+        if p.ndim < 2:
+            return False
+    return True
+
+
+def sharded_like(local_tensor: torch.Tensor, ref: torch.Tensor, global_shape: Sequence[int]) -> torch.Tensor:
+    """``local_tensor`` as a DTensor of ``global_shape`` placed as the DTensor ``ref`` (the rows of this rank)."""
+    from torch.distributed.tensor import DTensor
+
+    shape = torch.Size(global_shape)
+    stride, size = [], 1
+    for dim in reversed(shape):
+        stride.insert(0, size)
+        size *= max(dim, 1)
+    return DTensor.from_local(
+        local_tensor, ref.device_mesh, ref.placements, run_check=False, shape=shape, stride=tuple(stride)
+    )
+
+
+def is_dtensor(t: object) -> bool:
+    return torch.is_tensor(t) and _is_dtensor(t)
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """The local tensor of a DTensor (sharing storage, so in-place updates reach the parameter); else ``t``."""
     return t.to_local() if _is_dtensor(t) else t

@@ -1,7 +1,9 @@
 r"""Block-wise logarithmic quantisation of optimizer state to 8 or 4 bits (``state_dtype="int8"`` / ``"int4"``).
 
-A state tensor is cut into blocks of ``block`` consecutive elements (row-major; the last block may be short). Each
-block keeps its absolute maximum :math:`s_b` in float32, and each element the index of the nearest *code* of
+A state tensor is viewed as a matrix of *rows* (its first dim; the rest flattened into the columns; a 1-D tensor is one
+row) and each row is cut into blocks of ``block`` consecutive elements (the last block of a row may be short). Blocks
+never cross rows, so a tensor split along its first dim (FSDP2's ``Shard(0)``) is quantised shard by shard exactly as
+it would be whole, and its codes and scales shard with it. Each block keeps its absolute maximum :math:`s_b` in float32, and each element the index of the nearest *code* of
 :math:`y = x / s_b \in [-1, 1]`, where nearness is measured in :math:`\log_2 |y|` (the codes are geometric, so every
 code's relative error is the same):
 
@@ -18,9 +20,10 @@ code's relative error is the same):
 :math:`2^{20/126} = 1.116`), unsigned 40 (:math:`2^{40/255} = 1.115`; a second moment spans twice the binades of the
 gradient), int4 signed 6 (step 2), unsigned 12 (step :math:`2^{12/15} = 1.74`). The block maximum itself is exact.
 
-Storage: 8-bit codes as a ``uint8`` tensor of the state's shape; 4-bit codes packed two per byte (element ``2i`` in
-the low nibble of byte ``i``) in a flat ``uint8`` tensor of ``ceil(numel / 2)`` bytes; the scales as a flat float32
-tensor of ``ceil(numel / block)`` entries.
+Storage (:func:`codes_shape`, :func:`scales_shape`): 8-bit codes as a ``uint8`` tensor of the state's shape; 4-bit
+codes packed two per byte along each row (element ``2i`` of a row in the low nibble of its byte ``i``), a
+``(rows, ceil(cols / 2))`` ``uint8`` tensor (1-D: ``(ceil(numel / 2),)``); the scales as a float32 tensor of
+``(rows, ceil(cols / block))`` entries (1-D: ``(ceil(numel / block),)``).
 
 References: Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization" (block-wise scales; their map is a
 dynamic tree, this one geometric); Li et al. 2023, "Memory Efficient Optimizers with 4-bit States" (the zero point).
@@ -29,6 +32,7 @@ dynamic tree, this one geometric); Li et al. 2023, "Memory Efficient Optimizers 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -63,9 +67,29 @@ def n_blocks(numel: int, block: int) -> int:
     return -(-numel // block)
 
 
-def stored_numel(numel: int, bits: int) -> int:
-    """Bytes of codes for ``numel`` elements."""
-    return numel if bits == 8 else -(-numel // 2)
+def rows_and_cols(shape: Sequence[int]) -> tuple[int, int]:
+    """The matrix a state of ``shape`` is quantised as: its first dim by the product of the others (1-D: one row)."""
+    if len(shape) < 2:
+        return 1, math.prod(shape)
+    return shape[0], math.prod(shape[1:])
+
+
+def _per_row(shape: Sequence[int], per_row: int) -> tuple[int, ...]:
+    rows, _ = rows_and_cols(shape)
+    return (per_row,) if len(shape) < 2 else (rows, per_row)
+
+
+def codes_shape(shape: Sequence[int], bits: int) -> tuple[int, ...]:
+    """Shape of the ``uint8`` codes of a state of ``shape``: the shape itself (8 bits), two codes per byte along each
+    row (4 bits)."""
+    if bits == 8:
+        return tuple(shape)
+    return _per_row(shape, -(-rows_and_cols(shape)[1] // 2))
+
+
+def scales_shape(shape: Sequence[int], block: int) -> tuple[int, ...]:
+    """Shape of the float32 scales of a state of ``shape``: one per block of each row."""
+    return _per_row(shape, n_blocks(rows_and_cols(shape)[1], block))
 
 
 #: Tensors of at least this many elements are (de)quantised by a compiled kernel (one fused loop instead of ~20 eager
@@ -116,35 +140,38 @@ def _run(name: str, book: Codebook, numel: int, device: torch.device, eager: Any
         return eager(*args)
 
 
+def _blocks(rows: torch.Tensor, block: int) -> torch.Tensor:
+    """``rows`` (a matrix) padded with zeros to whole blocks: one block per row of the result."""
+    pad = n_blocks(rows.shape[1], block) * block - rows.shape[1]
+    return (torch.nn.functional.pad(rows, (0, pad)) if pad else rows).reshape(-1, block)
+
+
 def quantize(x: torch.Tensor, book: Codebook, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, scales)`` of the float tensor ``x``; see the module docstring for the layout."""
-    flat = x.detach().reshape(-1).float()
-    numel = flat.numel()
-    pad = n_blocks(numel, block) * block - numel
-    blocks = (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, block)
+    n_rows, n_cols = rows_and_cols(x.shape)
+    blocks = _blocks(x.detach().reshape(n_rows, n_cols).float(), block)
     args = (blocks, book.magnitudes, book.binades, book.signed, book.bits)
-    codes, scales = _run("encode", book, numel, x.device, _encode_blocks, *args)
-    codes = codes.reshape(-1)[:numel]
+    codes, scales = _run("encode", book, x.numel(), x.device, _encode_blocks, *args)
+    codes = codes.view(n_rows, -1)[:, :n_cols]
     if book.bits == 4:
-        if numel % 2:
-            codes = torch.cat([codes, codes.new_zeros(1)])
-        pairs = codes.view(-1, 2)
-        codes = pairs[:, 0] | (pairs[:, 1] << 4)
-    else:
-        codes = codes.view(x.shape)
-    return codes, scales
+        if n_cols % 2:
+            codes = torch.cat([codes, codes.new_zeros(n_rows, 1)], dim=1)
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    # contiguous: a view of the padded blocks would keep their storage alive, and a DTensor built on it (FSDP2) would
+    # claim strides its local tensor does not have
+    codes = codes.reshape(codes_shape(x.shape, book.bits)).contiguous()
+    return codes, scales.reshape(scales_shape(x.shape, block))
 
 
 def dequantize(
-    codes: torch.Tensor, scales: torch.Tensor, book: Codebook, block: int, shape: torch.Size, dtype: torch.dtype
+    codes: torch.Tensor, scales: torch.Tensor, book: Codebook, block: int, shape: Sequence[int], dtype: torch.dtype
 ) -> torch.Tensor:
     """The tensor of ``shape`` and ``dtype`` that ``(codes, scales)`` stand for."""
-    numel = math.prod(shape)
-    flat = codes.reshape(-1)
+    n_rows, n_cols = rows_and_cols(shape)
+    rows = codes.reshape(n_rows, -1)
     if book.bits == 4:
-        flat = torch.stack([flat & 15, flat >> 4], dim=1).reshape(-1)[:numel]
-    pad = n_blocks(numel, block) * block - numel
-    blocks = (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, block)
+        rows = torch.stack([rows & 15, rows >> 4], dim=2).reshape(n_rows, -1)[:, :n_cols]
     table = book.values().to(device=codes.device, dtype=torch.float32)
-    values = _run("decode", book, numel, codes.device, _decode_blocks, blocks, scales, table)
-    return values.reshape(-1)[:numel].reshape(shape).to(dtype)
+    blocks = _blocks(rows, block)
+    values = _run("decode", book, n_rows * n_cols, codes.device, _decode_blocks, blocks, scales.reshape(-1), table)
+    return values.view(n_rows, -1)[:, :n_cols].reshape(tuple(shape)).to(dtype).contiguous()

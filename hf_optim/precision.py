@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import _quantize
+from . import _distributed, _quantize
 from ._state_spec import StateSpec
 
 #: Parameter dtypes whose maths run on a float32 copy.
@@ -167,6 +167,8 @@ def cast_state_(state: dict, key: str, dtype: torch.dtype, device: torch.device 
         return None  # absent, or the codes of a quantised state (their form is the state format's)
     if value.dtype != dtype or (device is not None and value.device != device):
         value = state[key] = value.to(dtype=dtype, device=device if device is not None else value.device)
+    if not value.is_contiguous():  # torch's fused CPU Adam reads a strided state as if it were dense
+        value = state[key] = value.contiguous()
     return value
 
 
@@ -225,12 +227,18 @@ class StateFormat(NamedTuple):
 
     def stores(self, p: torch.Tensor, key: str, value: Any) -> bool:
         """Whether ``state[key]`` of ``p`` is kept in this format: a real floating tensor of the parameter's shape (not
-        the step counter; quantised formats: at least ``min_numel`` elements). DTensors (FSDP2 shards) stay plain."""
+        the step counter; quantised formats: at least ``min_numel`` elements, and under FSDP2 a parameter whose shards
+        hold whole rows, so the blocks shard with it: :func:`hf_optim._distributed.rows_shard_whole`)."""
         if key in ("step", COMPENSATION) or key.endswith(SCALE_SUFFIX) or not torch.is_tensor(value):
             return False
-        if type(p).__name__ == "DTensor" or not value.is_floating_point() or value.shape != p.shape:
+        if not value.is_floating_point() or _distributed.local(value).shape != _distributed.local(p).shape:
             return False
-        return not self.quantized or p.numel() >= self.min_numel
+        return not self.quantized or self.quantizes(p)
+
+    def quantizes(self, p: torch.Tensor) -> bool:
+        """Whether the state tensors shaped like ``p`` are quantised (a quantised format, ``p`` large enough, its
+        shards whole rows)."""
+        return self.quantized and p.numel() >= self.min_numel and _distributed.rows_shard_whole(p)
 
 
 def check_state_format(group: Mapping[str, Any]) -> None:
@@ -258,14 +266,19 @@ def check_state_format(group: Mapping[str, Any]) -> None:
 
 
 def compress_(state: dict, p: torch.Tensor, fmt: StateFormat, nonnegative: Sequence[str]) -> None:
-    """Bring the state of ``p`` from the compute dtype to its stored form (after a step, or after loading)."""
+    """Bring the state of ``p`` from the compute dtype to its stored form (after a step, or after loading). A DTensor
+    state (FSDP2) is quantised shard by shard; its codes and scales are DTensors placed like it."""
     if fmt.plain:
         return
     for key, value in list(state.items()):
         if not fmt.stores(p, key, value):
             continue
         if fmt.quantized:
-            codes, scales = _quantize.quantize(value, fmt.book(key, nonnegative), fmt.block)
+            book = fmt.book(key, nonnegative)
+            codes, scales = _quantize.quantize(_distributed.local(value), book, fmt.block)
+            if _distributed.is_dtensor(value):
+                codes = _distributed.sharded_like(codes, value, _quantize.codes_shape(value.shape, book.bits))
+                scales = _distributed.sharded_like(scales, value, _quantize.scales_shape(value.shape, fmt.block))
             state[key], state[key + SCALE_SUFFIX] = codes, scales
         elif value.dtype != torch.bfloat16:
             state[key] = value.to(torch.bfloat16)
@@ -277,9 +290,13 @@ def expand_(state: dict, p: torch.Tensor, fmt: StateFormat, nonnegative: Sequenc
         return
     for key in [k for k in state if k.endswith(SCALE_SUFFIX)]:
         name = key[: -len(SCALE_SUFFIX)]
-        scales = state.pop(key)
+        scales, codes = state.pop(key), state[name]
         book = fmt.book(name, nonnegative)
-        state[name] = _quantize.dequantize(state[name], scales, book, fmt.block, p.shape, dtype_for(name, p))
+        shape = _distributed.local(p).shape
+        values = _quantize.dequantize(
+            _distributed.local(codes), _distributed.local(scales), book, fmt.block, shape, dtype_for(name, p)
+        )
+        state[name] = _distributed.sharded_like(values, codes, p.shape) if _distributed.is_dtensor(codes) else values
     if not fmt.quantized:
         for key, value in list(state.items()):
             if fmt.stores(p, key, value) and value.dtype != dtype_for(key, p):
@@ -302,21 +319,18 @@ def expansion_chunks(params: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]
 
 def stored_specs(specs: dict, p: torch.Tensor, group: Mapping[str, Any], nonnegative: Sequence[str]) -> dict:
     """The state entries a loader accepts for ``p`` in ``group``: ``specs`` (what the class keeps in the compute dtype)
-    with each quantised tensor's codes (uint8) and scales (float32) in its place."""
+    with each quantised tensor's codes (uint8) and scales (float32) in its place (shapes of this rank's shard)."""
     out = dict(specs)
+    shape = tuple(_distributed.local(p).shape)
     if param_update_mode(group) == "kahan" and p.dtype in LOW_PRECISION:
-        out[COMPENSATION] = StateSpec(tuple(p.shape))  # created by the first write-back
+        out[COMPENSATION] = StateSpec(shape)  # created by the first write-back
     fmt = StateFormat.of(group)
-    if not fmt.quantized or p.numel() < fmt.min_numel or type(p).__name__ == "DTensor":
+    if not fmt.quantizes(p) or p.is_complex():
         return out
     for key, spec in specs.items():
-        if (
-            spec.shape != tuple(p.shape) or p.is_complex() or key == COMPENSATION
-        ):  # the tensors compress_ stores: shaped like the parameter
+        if spec.shape != shape or key == COMPENSATION:  # the tensors compress_ stores: shaped like the parameter
             continue
-        bits = _BITS[fmt.dtype]
-        shape = tuple(p.shape) if bits == 8 else (_quantize.stored_numel(p.numel(), 4),)
-        out[key] = spec._replace(shape=shape, dtype=torch.uint8)
-        blocks = (_quantize.n_blocks(p.numel(), fmt.block),)
-        out[key + SCALE_SUFFIX] = StateSpec(blocks, required=spec.required, dtype=torch.float32)
+        out[key] = spec._replace(shape=_quantize.codes_shape(shape, _BITS[fmt.dtype]), dtype=torch.uint8)
+        scales = _quantize.scales_shape(shape, fmt.block)
+        out[key + SCALE_SUFFIX] = StateSpec(scales, required=spec.required, dtype=torch.float32)
     return out

@@ -249,8 +249,9 @@ def test_bad_arguments_are_rejected():
 
 
 def test_memory_mode_reports_exact_state_bytes_and_a_peak(tmp_path):
-    """--memory: the int8 AdamW row's state bytes are the layout's (codes + fp32 scales for tensors of >= 4096
-    elements, fp32 moments below, a 4-byte step per tensor); the peak is a measured, non-negative number."""
+    """--memory: the int8 AdamW row's state bytes are the layout's (codes + an fp32 scale per block of 256 in each
+    row, for tensors of >= 4096 elements; fp32 moments below; a 4-byte step per tensor); the peak is a measured,
+    non-negative number."""
     out = tmp_path / "memory.json"
     assert (
         bench.main(["--memory", "--size", "tiny", "--only", r"^adamw_v2\[state=int8\]/auto$", "--json", str(out)]) == 0
@@ -260,7 +261,8 @@ def test_memory_mode_reports_exact_state_bytes_and_a_peak(tmp_path):
     expected = 0
     for shape in SIZES["tiny"].shapes():
         n = math.prod(shape)
-        expected += 4 + (2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 8 * n)
+        n_rows, n_cols = (1, n) if len(shape) < 2 else (shape[0], n // shape[0])
+        expected += 4 + (2 * (n + 4 * n_rows * math.ceil(n_cols / 256)) if n >= 4096 else 8 * n)
     assert rows["adamw_v2[state=int8]/auto"]["state_bytes"] == expected
     assert rows[bench.REFERENCE]["state_bytes"] == sum(4 + 8 * math.prod(s) for s in SIZES["tiny"].shapes())
     assert all(r["peak_step_bytes"] >= 0 for r in rows.values())

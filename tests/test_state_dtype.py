@@ -8,6 +8,7 @@ the closed-form rounding). The generic invariants run over every stored form thr
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -48,9 +49,24 @@ def test_adamw_state_bytes_are_what_the_layout_says(dtype, per_param):
 @pytest.mark.parametrize("block", [64, 256, 2048])
 def test_block_size_sets_the_scale_count(block):
     p, opt = _stepped(hf_optim.AdamW, shape=(100, 77), lr=1e-3, state_dtype="int8", state_block_size=block)
-    blocks = math.ceil(p.numel() / block)
-    assert opt.state[p]["exp_avg_absmax"].shape == (blocks,) and opt.state[p]["exp_avg_sq_absmax"].shape == (blocks,)
-    assert _state_bytes(opt, p) == 2 * (p.numel() + 4 * blocks)
+    per_row = math.ceil(77 / block)  # blocks never cross rows: the last block of each row is short
+    for key in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+        assert opt.state[p][key].shape == (100, per_row) and opt.state[p][key].dtype == torch.float32
+    assert _state_bytes(opt, p) == 2 * (p.numel() + 4 * 100 * per_row)
+
+
+@pytest.mark.parametrize(
+    ("shape", "codes", "scales"),
+    [((300,), (150,), (5,)), ((10, 70), (10, 35), (10, 2)), ((4, 3, 25), (4, 38), (4, 2)), ((6, 7), (6, 4), (6, 1))],
+)
+def test_int4_layout_packs_each_row_and_scales_each_row_block(shape, codes, scales):
+    """The layout of the docstring, counted by hand: 1-D tensors are one row, others rows of their first dim; odd
+    columns pad a nibble per row; block 64."""
+    x = torch.randn(shape)
+    c, s = _quantize.quantize(x, _quantize.Codebook(4, True), 64)
+    assert c.shape == codes and c.dtype == torch.uint8 and s.shape == scales
+    c8, s8 = _quantize.quantize(x, _quantize.Codebook(8, True), 64)
+    assert c8.shape == shape and s8.shape == scales
 
 
 def test_one_moment_optimizers_and_adafactor_store_their_momentum():
@@ -88,34 +104,39 @@ def _codebook64(bits: int, signed: bool) -> torch.Tensor:
 def _quantize64(x: torch.Tensor, bits: int, signed: bool, block: int) -> torch.Tensor:
     """Dequantised values: per block, the code nearest to x / absmax in log2 (zero: nearer 0 than the smallest code)."""
     table = _codebook64(bits, signed)
-    flat = x.double().reshape(-1)
-    out = torch.empty_like(flat)
-    for start in range(0, flat.numel(), block):
-        chunk = flat[start : start + block]
-        scale = chunk.abs().max()
-        if scale == 0:
-            out[start : start + block] = 0
-            continue
-        y = chunk / scale
-        candidates = table[table != 0] if not signed else table
-        for i, value in enumerate(y.tolist()):
-            same_sign = candidates[(candidates > 0) if value >= 0 else (candidates < 0)] if signed else candidates
-            if signed and abs(value) < 2.0 ** -_quantize.BINADES[(bits, True)] / 2:
-                out[start + i] = 0.0
+    rows = x.double().reshape(1, -1) if x.dim() < 2 else x.double().reshape(x.shape[0], -1)  # blocks within rows
+    out = torch.empty_like(rows)
+    for r in range(rows.shape[0]):
+        for start in range(0, rows.shape[1], block):
+            chunk = rows[r, start : start + block]
+            scale = chunk.abs().max()
+            if scale == 0:
+                out[r, start : start + block] = 0
                 continue
-            distance = (torch.log2(same_sign.abs()) - math.log2(max(abs(value), 2.0**-126))).abs()
-            out[start + i] = same_sign[distance.argmin()] * scale
+            y = chunk / scale
+            candidates = table[table != 0] if not signed else table
+            for i, value in enumerate(y.tolist()):
+                same_sign = candidates[(candidates > 0) if value >= 0 else (candidates < 0)] if signed else candidates
+                if signed and abs(value) < 2.0 ** -_quantize.BINADES[(bits, True)] / 2:
+                    out[r, start + i] = 0.0
+                    continue
+                distance = (torch.log2(same_sign.abs()) - math.log2(max(abs(value), 2.0**-126))).abs()
+                out[r, start + i] = same_sign[distance.argmin()] * scale
     return out.reshape(x.shape)
 
 
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 @pytest.mark.parametrize("signed", [True, False])
-def test_quantisation_round_trip_equals_the_float64_reference(dtype, signed):
+@pytest.mark.parametrize("shape", [(3, 48), (3, 40), (120,), (3, 2, 20)])
+def test_quantisation_round_trip_equals_the_float64_reference(dtype, signed, shape):
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 48, generator=gen) * torch.logspace(-6, 0, 48)  # blocks spanning up to six decades
+    n = math.prod(shape)
+    x = (torch.randn(n, generator=gen) * torch.logspace(-6, 0, n)).reshape(shape)  # blocks spanning six decades
     if not signed:
         x = x.square()
-    x[1, :16] = 0.0  # a whole block of zeros (row 1 starts at element 48, a block boundary) stays zero
+    # a whole block of zeros stays zero: the first of row 1, or (1-D, one row) the fourth
+    zero_block = (slice(48, 64),) if len(shape) < 2 else (1, slice(0, 16))
+    x.reshape(shape[0], -1)[zero_block] = 0.0
     book = _quantize.Codebook(BITS[dtype], signed)
     codes, scales = _quantize.quantize(x, book, 16)
     ours = _quantize.dequantize(codes, scales, book, 16, x.shape, torch.float32)
@@ -125,9 +146,38 @@ def test_quantisation_round_trip_equals_the_float64_reference(dtype, signed):
     ratio = (ours.double() / ref.where(ref != 0, torch.ones_like(ref))).where(ref != 0, torch.ones_like(ref))
     assert ((ratio - 1).abs() < 1e-6).float().mean() > 0.99
     assert ((ratio < step * 1.0001) & (ratio > 1 / step / 1.0001)).all()
-    assert (ours[ref == 0] == 0).all() and (ours[1, :16] == 0).all()
+    assert (ours[ref == 0] == 0).all() and (ours.reshape(shape[0], -1)[zero_block] == 0).all()
     if not signed:  # no zero code: a positive statistic never dequantises to 0
         assert (ours[x > 0] > 0).all()
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_stored_adafactor_momentum_equals_adafactor_with_its_momentum_quantised_by_the_reference(dtype):
+    """Adafactor (the adafactor_v2 preset, bf16 momentum) with a stored momentum = the same optimizer with fp32 state
+    whose momentum is replaced after every step by the float64 reference quantisation of it (rows of 136 in blocks of
+    64: a short last block per row; both dims >= 128, so the second moment is factored and stays fp32), 6 steps."""
+    gen = torch.Generator().manual_seed(4)
+    shape, block = (160, 136), 64
+    x0 = torch.randn(shape, generator=gen)
+    grads = [torch.randn(shape, generator=gen) for _ in range(6)]
+    ours_p, ref_p = torch.nn.Parameter(x0.clone()), torch.nn.Parameter(x0.clone())
+    knobs = dict(lr=1e-2, preset="adafactor_v2", implementation="for-loop")
+    ours = hf_optim.Adafactor([ours_p], state_dtype=dtype, state_block_size=block, **knobs)
+    ref = hf_optim.Adafactor([ref_p], **knobs)
+    book = _quantize.Codebook(BITS[dtype], True)
+    for g in grads:
+        ours_p.grad, ref_p.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+        assert "exp_avg_sq_row" in ours.state[ours_p] and "exp_avg_sq" not in ours.state[ours_p]
+        momentum = ref.state[ref_p]["exp_avg"]
+        assert momentum.dtype == torch.bfloat16  # the preset's momentum dtype: what a stored one expands to
+        quantised = _quantize64(momentum.float(), BITS[dtype], True, block)
+        state = ours.state[ours_p]
+        stored = _quantize.dequantize(state["exp_avg"], state["exp_avg_absmax"], book, block, shape, torch.float64)
+        _agree(stored, quantised, book)
+        ref.state[ref_p]["exp_avg"] = stored.to(torch.bfloat16)  # continue from the same state (a tie stays one)
+        torch.testing.assert_close(ours_p.detach(), ref_p.detach(), rtol=0, atol=1e-6)
 
 
 def _adamw_step64(x, g, m, v, t, lr, betas, eps, wd):
@@ -148,6 +198,38 @@ def _agree(ours: torch.Tensor, ref: torch.Tensor, book: _quantize.Codebook) -> N
     nonzero = ref != 0
     ratio = ours[nonzero & ~same] / ref[nonzero & ~same]
     assert ((ratio < step * 1.0001) & (ratio > 1 / step / 1.0001)).all()
+
+
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_every_implementation_steps_stored_state_whose_rows_are_not_whole_blocks(impl):
+    """Rows of 40 elements in blocks of 16 (the last one short): the expanded state must be a dense tensor, since
+    torch's fused CPU Adam reads a strided one (a view of the padded blocks) as if it were dense: another update."""
+    runs = {}
+    for name in ("for-loop", impl):
+        knobs = dict(state_dtype="int8", state_block_size=16, state_min_numel=64, implementation=name)
+        p, _ = _stepped(hf_optim.AdamW, shape=(33, 40), lr=1e-2, **knobs)
+        runs[name] = p.detach()
+    torch.testing.assert_close(runs[impl], runs["for-loop"], rtol=0, atol=1e-6)
+
+
+def test_a_loaded_strided_state_is_made_dense_before_the_fused_kernel_reads_it():
+    p, opt = _stepped(hf_optim.AdamW, shape=(8, 5), lr=1e-2, implementation="fused")
+    saved = opt.state_dict()
+    for key in ("exp_avg", "exp_avg_sq"):
+        strided = torch.zeros(8, 10)[:, :5]
+        saved["state"][0][key] = strided.copy_(saved["state"][0][key])
+    results = []
+    for impl in ("fused", "for-loop"):
+        q = torch.nn.Parameter(p.detach().clone())
+        again = hf_optim.AdamW([q], lr=1e-2, implementation=impl)
+        again.load_state_dict(
+            copy.deepcopy(saved)
+        )  # torch keeps the loaded step tensor: a shared one would count twice
+        assert again.state[q]["exp_avg"].is_contiguous() and again.state[q]["exp_avg_sq"].is_contiguous()
+        q.grad = torch.ones_like(q)
+        again.step()
+        results.append(q.detach())
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-6)
 
 
 def test_int8_adamw_equals_a_float64_reference_of_the_same_scheme():
@@ -275,7 +357,8 @@ def parity_summary(rows: list[dict]) -> dict[tuple[str, str], tuple[float, float
 
 
 def test_committed_loss_parity_meets_the_acceptance():
-    """Issue 26: bf16 / int8 state within 0.02 of fp32 state (3 seeds); int4 within 0.05 (else documented)."""
+    """Issue 26: bf16 / int8 state within 0.02 of fp32 state (3 seeds); int4 within 0.05, or documented as not
+    recommended with its measured gap."""
     rows = [json.loads(line) for line in PARITY.read_text().splitlines() if line.strip()]
     summary = parity_summary(rows)
     doc = (PARITY.parents[2] / "memory.md").read_text()
@@ -284,8 +367,11 @@ def test_committed_loss_parity_meets_the_acceptance():
         assert seeds == 3
         for dtype, tolerance in (("bfloat16", 0.02), ("int8", 0.02), ("int4", 0.05)):
             loss, per_param, seeds = summary[(recipe, dtype)]
-            assert seeds == 3 and abs(loss - fp32) <= tolerance, (recipe, dtype, loss, fp32)
-            assert f"| {recipe} | `{dtype}` | {loss:.4f} | {loss - fp32:+.4f} | {per_param:.2f} |" in doc
+            assert seeds == 3 and f"| {recipe} | `{dtype}` | {loss:.4f} | {loss - fp32:+.4f} | {per_param:.2f} |" in doc
+            if dtype == "int4" and abs(loss - fp32) > tolerance:  # allowed when documented so, with the gap
+                assert "int4 is not recommended" in doc and f"{abs(loss - fp32):.3f}" in doc, (recipe, loss, fp32)
+                continue
+            assert abs(loss - fp32) <= tolerance, (recipe, dtype, loss, fp32)
         assert summary[(recipe, "int8")][1] < summary[(recipe, "bfloat16")][1] < summary[(recipe, "float32")][1]
 
 
@@ -299,16 +385,16 @@ def test_large_tensors_quantise_through_the_compiled_kernel_as_the_eager_code_do
     x = x if signed else x.square()
     book = _quantize.Codebook(bits, signed)
     codes, scales = _quantize.quantize(x, book, 256)
+    # each 128-column row is one block, padded to 256 with zeros
     eager_codes, eager_scales = _quantize._encode_blocks(
-        torch.nn.functional.pad(x.reshape(-1), (0, (-x.numel()) % 256)).view(-1, 256), book.magnitudes,
-        book.binades, book.signed, book.bits,
-    )  # fmt: skip
-    eager_codes = eager_codes.reshape(-1)[: x.numel()]
+        torch.nn.functional.pad(x, (0, 128)), book.magnitudes, book.binades, book.signed, book.bits
+    )
+    eager_codes = eager_codes[:, :128].reshape(-1)
     if bits == 4:
         eager_codes = eager_codes.view(-1, 2)[:, 0] | (eager_codes.view(-1, 2)[:, 1] << 4)
-    assert torch.equal(codes.reshape(-1), eager_codes.reshape(-1)) and torch.equal(scales, eager_scales)
+    assert torch.equal(codes.reshape(-1), eager_codes) and torch.equal(scales.reshape(-1), eager_scales)
     values = _quantize.dequantize(codes, scales, book, 256, x.shape, torch.float32)
     table = book.values().float()
-    flat = eager_codes if bits == 8 else torch.stack([eager_codes & 15, eager_codes >> 4], 1).reshape(-1)[: x.numel()]
-    blocks = torch.arange(x.numel()) // 256
+    flat = eager_codes if bits == 8 else torch.stack([eager_codes & 15, eager_codes >> 4], 1).reshape(-1)
+    blocks = torch.arange(x.numel()) // 128
     assert torch.equal(values.reshape(-1), table[flat.long()] * eager_scales[blocks])
