@@ -3,9 +3,9 @@ r"""Block-wise logarithmic quantisation of optimizer state to 8 or 4 bits (``sta
 A state tensor is viewed as a matrix of *rows* (its first dim; the rest flattened into the columns; a 1-D tensor is one
 row) and each row is cut into blocks of ``block`` consecutive elements (the last block of a row may be short). Blocks
 never cross rows, so a tensor split along its first dim (FSDP2's ``Shard(0)``) is quantised shard by shard exactly as
-it would be whole, and its codes and scales shard with it. Each block keeps its absolute maximum :math:`s_b` in float32, and each element the index of the nearest *code* of
-:math:`y = x / s_b \in [-1, 1]`, where nearness is measured in :math:`\log_2 |y|` (the codes are geometric, so every
-code's relative error is the same):
+it would be whole, and its codes and scales shard with it. Each block keeps its absolute maximum :math:`s_b` in
+float32, and each element the index of the nearest *code* of :math:`y = x / s_b \in [-1, 1]`, where nearness is
+measured in :math:`\log_2 |y|` (the codes are geometric, so every code's relative error is the same):
 
 * **signed** (moments that change sign: Adam's ``exp_avg``, momentum buffers), :math:`n = 2^{b-1} - 1` magnitudes:
   code :math:`c = \text{sign bit} \cdot 2^{b-1} + k`, :math:`|y| \approx 2^{-R (n-k)/(n-1)}` for
