@@ -1,7 +1,7 @@
 """Build hook: install ``hf_optim_autoload.pth`` at the top of site-packages (metadata lives in pyproject.toml).
 
 Python runs ``*.pth`` files found directly in a site directory at start-up; the one line in ours puts a lazy import
-hook on ``sys.meta_path`` (see ``hf_optim/_autoload.py``), so unmodified Trainer scripts accept ``--optim adafactor_v2``.
+hook on ``sys.meta_path`` (see ``hf_optim/integrations/transformers/autoload.py``), so unmodified Trainer scripts accept ``--optim adafactor_v2``.
 A wheel places files at its root into site-packages, so:
 
 * regular wheels (``pip install .``, ``python -m build``): ``build_py`` copies the file to the root of ``build_lib``;

@@ -15,15 +15,15 @@ from .registry import OptimizerSpec, get_spec, list_optimizers, register_optimiz
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Adam": "hf_optim.adam",
-    "AdamW": "hf_optim.adam",
-    "AdamAtan2": "hf_optim.adam",
-    "RAdam": "hf_optim.adam",
-    "Adafactor": "hf_optim.adafactor",
-    "SGDW": "hf_optim.sgd",
-    "AdaGrad": "hf_optim.adagrad",
-    "RMSProp": "hf_optim.rmsprop",
-    "Muon": "hf_optim.muon",
+    "Adam": "hf_optim.optim.adam.optimizers",
+    "AdamW": "hf_optim.optim.adam.optimizers",
+    "AdamAtan2": "hf_optim.optim.adam.optimizers",
+    "RAdam": "hf_optim.optim.adam.optimizers",
+    "Adafactor": "hf_optim.optim.adafactor.optimizer",
+    "SGDW": "hf_optim.optim.sgd",
+    "AdaGrad": "hf_optim.optim.adagrad",
+    "RMSProp": "hf_optim.optim.rmsprop",
+    "Muon": "hf_optim.optim.muon.optimizer",
     "create_optimizer": "hf_optim.factory",
     "resolve_optimizer": "hf_optim.factory",
 }
@@ -56,9 +56,9 @@ def __getattr__(name: str) -> Any:
 
 def _install_trainer_hook() -> None:
     # Registers the --optim names with transformers now if it is loaded, else as soon as
-    # transformers.training_args is imported (hf_optim._autoload). Never raises: the optimizer classes must stay
+    # transformers.training_args is imported (hf_optim.integrations.transformers.autoload). Never raises: the optimizer classes must stay
     # usable (Trainer(optimizer_cls_and_kwargs=...)) even when the transformers internals changed.
-    from . import _autoload
+    from .integrations.transformers import autoload as _autoload
 
     _autoload.install()
 

@@ -61,7 +61,7 @@ def _adafactor_one(
     dims: tuple[int, int] | None,
     k: dict[str, Any],
 ) -> None:
-    r"""One parameter's Adafactor update (the algorithm box of :class:`hf_optim.adafactor.Adafactor`), written back
+    r"""One parameter's Adafactor update (the algorithm box of :class:`hf_optim.optim.adafactor.optimizer.Adafactor`), written back
     in place.
 
     .. math::
@@ -132,7 +132,7 @@ def _adafactor_one(
 
 def _python_max(x: Tensor, ignores_nan: bool, floor: float = 1.0) -> Tensor:
     """``max(floor, x)``; with ``ignores_nan`` a NaN ``x`` gives ``floor``, as Python's ``max`` in
-    torch.optim.Adafactor (see :func:`hf_optim._adafactor_rule.python_max`)."""
+    torch.optim.Adafactor (see :func:`hf_optim.optim.adafactor.rule.python_max`)."""
     return torch.where(x > floor, x, torch.full_like(x, floor)) if ignores_nan else torch.clamp(x, min=floor)
 
 
@@ -323,8 +323,8 @@ def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def adafactor_group(items: Sequence[Any], group: dict[str, Any], eager: Callable[[list[Any]], None]) -> None:
-    """Step ``items`` (:class:`hf_optim._adafactor_rule.Item`: tensors, state, factored dims and the step's
-    :class:`~hf_optim._adafactor_rule.StepScalars`) of one Adafactor group, ``step`` already incremented;
+    """Step ``items`` (:class:`hf_optim.optim.adafactor.rule.Item`: tensors, state, factored dims and the step's
+    :class:`~hf_optim.optim.adafactor.rule.StepScalars`) of one Adafactor group, ``step`` already incremented;
     ``eager(sub_items)`` is the fallback when compilation fails. The decay rate is ``c·α_t^k`` from the scalars:
     with parameter scaling α_t is known only in the graph, so ``c`` enters as a 0-d tensor and ``k`` as a constant."""
     from .decay import l2_coefficient

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import precision
-from ._adafactor_presets import PRESETS
+from .optim.adafactor.presets import PRESETS
 
 #: Group keys that torch's schedulers, SWA and named parameters add: kept as saved.
 PASSTHROUGH: frozenset[str] = frozenset(

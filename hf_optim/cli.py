@@ -12,7 +12,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("hf_optim.runner.train", "train a model with a recipe (default: the bundled CPU demo)"),
     "bench": ("hf_optim.bench", "time optimizer steps and measure state bytes against fused AdamW"),
-    "bench-startup": ("hf_optim.bench_startup", "what the .pth import hook adds to Python start-up"),
+    "bench-startup": ("hf_optim.bench.startup", "what the .pth import hook adds to Python start-up"),
     "sweep": ("hf_optim.runner.sweep", "width x learning-rate x weight-decay sweeps (muP / decay-mode experiments)"),
     "mutransfer": (
         "hf_optim.runner.mutransfer",

@@ -46,7 +46,7 @@ from .decay import WEIGHT_DECAY_MODES
 #: What a rule may set besides ``match`` / ``freeze``; ``optimizer`` picks the update rule of a multi-rule optimizer.
 VALUE_KEYS = ("lr_mult", "weight_decay", "weight_decay_mode", "optimizer")
 RULE_KEYS = ("match", *VALUE_KEYS, "freeze")
-#: Values of a rule's ``optimizer``: Muon's hidden-matrix rule or its fallback (hf_optim.muon).
+#: Values of a rule's ``optimizer``: Muon's hidden-matrix rule or its fallback (hf_optim.optim.muon.optimizer).
 UPDATE_RULES = ("muon", "fallback")
 BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
 EMBEDDING = re.compile(r"embed|(?:^|\.)wte\.|(?:^|\.)wpe\.|cls_token|pos_embed|patch_embed")

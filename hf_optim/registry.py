@@ -157,28 +157,28 @@ def list_optimizers() -> list[OptimizerSpec]:
 for _spec in (
     OptimizerSpec(
         "adamw_v2",
-        "hf_optim.adam:AdamW",
+        "hf_optim.optim.adam.optimizers:AdamW",
         "AdamW with explicit weight_decay_mode (default 'coupled' = torch.optim.AdamW) and eps_mode (torch/tf).",
     ),
     OptimizerSpec(
         "adam_v2",
-        "hf_optim.adam:Adam",
+        "hf_optim.optim.adam.optimizers:Adam",
         "Adam with explicit weight_decay_mode (default 'l2' = torch.optim.Adam) and eps_mode (torch/tf).",
     ),
     OptimizerSpec(
         "adam_atan2",
-        "hf_optim.adam:AdamAtan2",
+        "hf_optim.optim.adam.optimizers:AdamAtan2",
         "Adam-atan2 (Everett et al. 2024): atan2(m̂, sqrt(v̂)) replaces m̂/(sqrt(v̂)+eps); no epsilon.",
         takes_eps=False,
     ),
     OptimizerSpec(
         "radam_v2",
-        "hf_optim.adam:RAdam",
+        "hf_optim.optim.adam.optimizers:RAdam",
         "RAdam (Liu et al. 2019): variance-rectified Adam, SGD-with-momentum steps while rho_t <= 5.",
     ),
     OptimizerSpec(
         "adafactor_v2",
-        "hf_optim.adafactor:Adafactor",
+        "hf_optim.optim.adafactor.optimizer:Adafactor",
         "Adafactor with every component a knob; preset 'adafactor_v2' (also hf, torch, palm, t5).",
         defaults={"preset": "adafactor_v2"},
         mup_family=adafactor_mup_family,
@@ -186,31 +186,31 @@ for _spec in (
     ),
     OptimizerSpec(
         "sgdw_v2",
-        "hf_optim.sgd:SGDW",
+        "hf_optim.optim.sgd:SGDW",
         "SGD with momentum/Nesterov and explicit weight_decay_mode (default 'coupled').",
         mup_family="sgd",
         adam_args=False,
     ),
     OptimizerSpec(
         "adagrad_v2",
-        "hf_optim.adagrad:AdaGrad",
+        "hf_optim.optim.adagrad:AdaGrad",
         "AdaGrad with explicit weight_decay_mode (default 'l2' = torch.optim.Adagrad).",
         adam_args=False,
     ),
     OptimizerSpec(
         "rmsprop_v2",
-        "hf_optim.rmsprop:RMSProp",
+        "hf_optim.optim.rmsprop:RMSProp",
         "RMSProp (centered, momentum) with explicit weight_decay_mode (default 'l2' = torch.optim.RMSprop).",
         adam_args=False,
     ),
     OptimizerSpec(
         "muon_v2",
-        "hf_optim.muon:Muon",
+        "hf_optim.optim.muon.optimizer:Muon",
         "Muon (Newton-Schulz orthogonalised momentum) on hidden matrices + a fallback (AdamW) for the rest, one object.",
         mup_family=muon_mup_family,
         adam_args=False,
-        router="hf_optim.muon:route",
-        prepare="hf_optim.qk_clip:prepare",
+        router="hf_optim.optim.muon.optimizer:route",
+        prepare="hf_optim.optim.muon.qk_clip:prepare",
     ),
 ):
     register_optimizer(_spec)

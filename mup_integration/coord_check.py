@@ -54,7 +54,7 @@ def _watched_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _optimizer(model: nn.Module, parametrization: str, lr: float) -> torch.optim.Optimizer:
-    from hf_optim.adam import AdamW
+    from hf_optim.optim.adam.optimizers import AdamW
 
     from .groups import param_overrides
 

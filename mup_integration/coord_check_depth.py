@@ -63,7 +63,7 @@ def run_one_depth(
     seed: int = 0,
 ) -> list[DepthRecord]:
     """Train one model for ``steps`` Adam steps; return the probe-batch statistics before every update."""
-    from hf_optim.adam import AdamW
+    from hf_optim.optim.adam.optimizers import AdamW
 
     from .groups import param_overrides
     from .surgery import make_mup_model

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers.optimization import Adafactor as HFAdafactor
 
-from hf_optim.adafactor import Adafactor, check_factorable
+from hf_optim.optim.adafactor.optimizer import Adafactor, check_factorable
 from hf_optim.precision import stochastic_round_
 
 SHAPES = [(8, 6), (5,), (3, 4, 5)]  # a matrix, a vector and a 3-D tensor in every comparison

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from hf_optim import bench
-from hf_optim._bench_cases import BenchCase
-from hf_optim._bench_params import SIZES, make_params
+from hf_optim.bench.cases import BenchCase
+from hf_optim.bench.params import SIZES, make_params
 
 
 def test_llama_58m_shapes_match_the_issue():
@@ -163,7 +163,7 @@ def test_no_footnote_when_nothing_is_flagged_and_limits_are_options():
 
 
 def test_reference_spread_flag_load_note_and_pair_helpers():
-    from hf_optim._bench_report import load_note, paired_ratio, row_flags, spread
+    from hf_optim.bench.report import load_note, paired_ratio, row_flags, spread
 
     assert spread([0.2]) is None and spread([1.0, 2.5, 2.0]) == 2.5 and spread([0.0, 1.0]) == math.inf
     assert paired_ratio([2.0, 9.0, 3.0], [1.0, 3.0, 1.0]) == 3.0  # ratios 2, 3, 3

@@ -15,7 +15,7 @@ import torch
 
 import hf_optim
 from hf_optim import _compiled
-from hf_optim._adafactor_dispatch import resolve
+from hf_optim.optim.adafactor.dispatch import resolve
 
 SHAPES = [(136, 128), (5, 7), (9,)]  # 136x128 is factored by every preset; 5x7 only by hf/torch (min dim 1)
 STEPS = 7  # RAdam's rectification switches on at step 6 (β2 = 0.999): both branches run

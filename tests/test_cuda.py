@@ -30,7 +30,7 @@ def test_cuda_steps_like_cpu(case: Case):
 
 @pytest.mark.parametrize("adjust", [("original", None), ("rms", "match_rms_adamw")], ids=["original", "rms"])
 def test_muon_on_cuda_matches_torch_muon(adjust):
-    from hf_optim.muon import Muon
+    from hf_optim.optim.muon.optimizer import Muon
 
     torch.manual_seed(0)
     init = [torch.randn(s, device="cuda") for s in [(64, 32), (32, 96), (48, 48)]]

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import hf_optim
-from hf_optim import _fail_fast
-from hf_optim._fail_fast import OptimArgsError
 from hf_optim._optim_args import knob_kinds, parse_optim_args
+from hf_optim.integrations.transformers import fail_fast as _fail_fast
+from hf_optim.integrations.transformers.fail_fast import OptimArgsError
 
 transformers = pytest.importorskip("transformers")
 from transformers import HfArgumentParser, Trainer, TrainingArguments  # noqa: E402
@@ -245,7 +245,7 @@ def _run_script(tmp_path: Path, optim: str, optim_args: str) -> subprocess.Compl
             "adamw_v2",
             "betta1=0.9",
             (
-                "hf_optim._fail_fast.OptimArgsError: --optim_args 'betta1=0.9' for --optim adamw_v2: Unknown optim_args "
+                "hf_optim.integrations.transformers.fail_fast.OptimArgsError: --optim_args 'betta1=0.9' for --optim adamw_v2: Unknown optim_args "
                 "key 'betta1'"
             ),
         ),
@@ -253,7 +253,7 @@ def _run_script(tmp_path: Path, optim: str, optim_args: str) -> subprocess.Compl
             "adafactor_v2",
             "beta1=abc",
             (
-                "hf_optim._fail_fast.OptimArgsError: --optim_args 'beta1=abc' for --optim adafactor_v2: optim_args "
+                "hf_optim.integrations.transformers.fail_fast.OptimArgsError: --optim_args 'beta1=abc' for --optim adafactor_v2: optim_args "
                 "beta1='abc': beta1 must be a float or none"
             ),
         ),

@@ -27,8 +27,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import hf_optim
-from hf_optim._adafactor_presets import KNOBS, PRESETS
 from hf_optim.decay import WEIGHT_DECAY_MODES
+from hf_optim.optim.adafactor.presets import KNOBS, PRESETS
 
 #: (valid values, invalid values or None): both strategies draw values of the knob's type.
 Domain = tuple[st.SearchStrategy, "st.SearchStrategy | None"]

@@ -70,8 +70,9 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_module_imports_form_no_cycle():
     graph = _graph()
-    # package __init__ files re-export lazily; a submodule importing its package's __init__ is not a cycle of logic
-    graph = {m: {d for d in deps if d not in PACKAGES} for m, deps in graph.items()}
+    # package __init__ files re-export lazily; a submodule importing its own package's __init__ (`from . import x`
+    # names the package first) is not a cycle of logic
+    graph = {m: {d for d in deps if d not in PACKAGES and not m.startswith(d + ".")} for m, deps in graph.items()}
     assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph))}"
 
 
@@ -91,8 +92,67 @@ def test_mup_is_entered_only_from_the_factory_and_the_application_layer():
     # and mup_integration uses only the optimizer core of hf_optim, never its entry points
     for module, deps in graph.items():
         if module.startswith("mup_integration"):
-            upward = {d for d in deps if d.split(".")[-1] in ("factory", "trainer", "cli") or ".runner" in d}
+            upward = {d for d in deps if _layer(d) in (DOOR, APPS)}
             assert not upward, f"{module} imports {upward}"
+
+
+#: The compatibility names of the flat layout (docs/design.md): each is the module it names, not a copy.
+SHIMS = {
+    "hf_optim.adam": "hf_optim.optim.adam.optimizers",
+    "hf_optim.adafactor": "hf_optim.optim.adafactor.optimizer",
+    "hf_optim.sgd": "hf_optim.optim.sgd",
+    "hf_optim.adagrad": "hf_optim.optim.adagrad",
+    "hf_optim.rmsprop": "hf_optim.optim.rmsprop",
+    "hf_optim.muon": "hf_optim.optim.muon.optimizer",
+    "hf_optim.qk_clip": "hf_optim.optim.muon.qk_clip",
+    "hf_optim.trainer": "hf_optim.integrations.transformers.trainer",
+    "hf_optim._autoload": "hf_optim.integrations.transformers.autoload",
+}
+CORE, FAMILIES, DOOR, APPS = range(4)
+#: The one import that goes up a layer, and why.
+UPWARD_EXEMPT = {
+    ("hf_optim._interop", "hf_optim.optim.adafactor.presets"): "torch's / transformers' Adafactor state dicts map "
+    "onto a preset: plain data of the family, not its classes",
+}
+
+
+def _layer(module: str) -> int | None:
+    """core (top-level modules) < families (hf_optim.optim) < the door and the Trainer integration (factory,
+    hf_optim.integrations) < applications (cli, runner, bench); the package faces and the shims belong to none."""
+    if module in ("hf_optim", "hf_optim.__main__", *SHIMS) or not module.startswith("hf_optim."):
+        return None
+    top = module.split(".")[1]
+    if top in ("cli", "runner", "bench"):
+        return APPS
+    if top in ("factory", "integrations"):
+        return DOOR
+    return FAMILIES if top == "optim" else CORE
+
+
+def test_imports_point_down_the_layers():
+    graph = _graph()
+    upward = {
+        (module, dep)
+        for module, deps in graph.items()
+        for dep in deps
+        if _layer(module) is not None and _layer(dep) is not None and _layer(dep) > _layer(module)
+    }
+    assert upward == set(UPWARD_EXEMPT), f"imports up a layer: {sorted(upward - set(UPWARD_EXEMPT))}"
+    assert {m for m in graph if _layer(m) == FAMILIES} >= {"hf_optim.optim.adam.optimizers", "hf_optim.optim.sgd"}
+
+
+def test_the_flat_names_are_the_modules_they_name():
+    import importlib
+
+    for old, new in SHIMS.items():
+        assert importlib.import_module(old) is importlib.import_module(new), old
+    from hf_optim.adafactor import Adafactor
+    from hf_optim.trainer import register_all
+
+    assert Adafactor.__module__ == "hf_optim.optim.adafactor.optimizer" and callable(register_all)
+    # every top-level module that only aliases another is listed above, and nothing else aliases
+    aliasing = {_module_name(p) for p in (ROOT / "hf_optim").glob("*.py") if "sys.modules[__name__]" in p.read_text()}
+    assert aliasing == set(SHIMS)
 
 
 def test_bundled_recipes_are_found_from_any_directory(tmp_path):
@@ -111,9 +171,9 @@ FLOAT_DTYPES = {"bfloat16", "float16", "half", "float32", "float", "float64", "d
 #: Modules that compare dtypes for another reason than choosing the optimizer's precision (and why).
 DTYPE_EXEMPT = {
     "hf_optim.precision": "the one place that decides",
-    "hf_optim._native_adafactor": "the dtypes the C kernel's ABI accepts",
+    "hf_optim.optim.adafactor.native": "the dtypes the C kernel's ABI accepts",
     "hf_optim._compiled": "the dtypes Inductor compiles correctly",
-    "hf_optim._orthogonalize": "the Newton-Schulz iteration dtype is a knob (ns_dtype) of Muon",
+    "hf_optim.optim.muon.orthogonalize": "the Newton-Schulz iteration dtype is a knob (ns_dtype) of Muon",
 }
 
 

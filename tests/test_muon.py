@@ -15,8 +15,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 import hf_optim
-from hf_optim import _orthogonalize as ortho
-from hf_optim.muon import Muon
+from hf_optim.optim.muon import orthogonalize as ortho
+from hf_optim.optim.muon.optimizer import Muon
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_llama_config
@@ -314,7 +314,7 @@ def test_bad_routing_rules(rule, message):
 @pytest.mark.parametrize("adjust", [None, "match_rms_adamw"])
 def test_torch_muon_and_adamw_state_dicts_continue_here(adjust):
     """A run with torch.optim.Muon (hidden matrices) + torch.optim.AdamW (the rest) continues in one hf_optim.Muon."""
-    from hf_optim.muon import from_torch_state_dicts
+    from hf_optim.optim.muon.optimizer import from_torch_state_dicts
 
     def split(model):
         hidden = [p for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n and "lm_head" not in n]

@@ -208,7 +208,7 @@ def test_optimizer_without_param_overrides_is_refused_under_mup(tmp_path, monkey
 
 
 def test_wrapped_model_is_looked_through(tmp_path):
-    from hf_optim.trainer import optimizer_cls_and_kwargs
+    from hf_optim.integrations.transformers.trainer import optimizer_cls_and_kwargs
 
     model = _mup_llama()
     wrapper = torch.nn.Module()

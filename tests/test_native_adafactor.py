@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hf_optim
-from hf_optim import _native_adafactor as native
+from hf_optim.optim.adafactor import native
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler: the fused kernel is unavailable")
 

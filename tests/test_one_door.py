@@ -19,7 +19,7 @@ import yaml
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
 import hf_optim
-from hf_optim._adafactor_presets import PRESETS
+from hf_optim.optim.adafactor.presets import PRESETS
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_llama_config

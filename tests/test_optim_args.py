@@ -144,7 +144,7 @@ def test_docs_list_every_knob_with_its_default():
 
 def test_adafactor_preset_values_reach_the_groups(tmp_path):
     # 'palm' changes the defaults of the knobs not given; an explicit knob still wins over the preset
-    from hf_optim._adafactor_presets import PRESETS
+    from hf_optim.optim.adafactor.presets import PRESETS
 
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(
         _args(tmp_path, optim="adafactor_v2", optim_args="preset=palm,beta1=0.5")

@@ -13,8 +13,8 @@ from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel, LlamaF
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import hf_optim
-from hf_optim import qk_clip
-from hf_optim.muon import Muon
+from hf_optim.optim.muon import qk_clip
+from hf_optim.optim.muon.optimizer import Muon
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_llama_config

@@ -430,7 +430,7 @@ def test_linear_to_floor_matches_opt():
 
 
 def test_factored_adafactor_refused_under_deepspeed():
-    from hf_optim.adafactor import Adafactor
+    from hf_optim.optim.adafactor.optimizer import Adafactor
 
     with pytest.raises(ValueError, match="DeepSpeed ZeRO"):
         build.check_deepspeed(Adafactor, {"preset": "adafactor_v2"}, deepspeed=True, fallback=False)

@@ -348,7 +348,7 @@ def test_bf16_state_dict_round_trip_keeps_fp32_state(name: str, tmp_path) -> Non
 
 
 def test_auto_picks_foreach_for_plain_float_tensors_only() -> None:
-    from hf_optim._elementwise import choose_implementation
+    from hf_optim.optim.elementwise import choose_implementation
 
     class Tagged(torch.Tensor):  # tensor subclasses (e.g. DTensor) go through the for-loop path
         pass

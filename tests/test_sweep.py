@@ -161,8 +161,8 @@ def test_bad_optimizer_entry(tmp_path, entry, message):
 
 def test_optimizer_axis_sgd_under_mup(tmp_path):
     """A registered non-Adam optimizer with fixed args: built as that class, muP's SGD rule, and it trains."""
+    from hf_optim.optim.sgd import SGDW
     from hf_optim.runner._sweep_cell import build_model, build_optimizer, run_cell
-    from hf_optim.sgd import SGDW
 
     text = TINY.replace(
         "parametrization: [sp, mup]",

@@ -13,8 +13,8 @@ from conftest import tiny_llama_config
 
 import hf_optim
 from hf_optim import registry
-from hf_optim import trainer as plugin
-from hf_optim._group_logging import group_log_values
+from hf_optim.integrations.transformers import trainer as plugin
+from hf_optim.integrations.transformers.group_logging import group_log_values
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from train_tiny_clm import RuleDataset
@@ -54,7 +54,7 @@ def test_registration_is_idempotent():
     before = (list(OptimizerNames._member_names_), dict(_OPTIMIZER_HANDLERS))
     plugin.register_all()
     plugin.register_all()
-    from hf_optim import _autoload
+    from hf_optim.integrations.transformers import autoload as _autoload
 
     _autoload.install()
     assert list(OptimizerNames._member_names_) == before[0]

@@ -93,7 +93,10 @@ def test_ddp_matches_single_process(tmp_path):
         check=False,
     )
     assert single.returncode == 0, single.stderr[-4000:]
-    assert json.loads((ddp_out / "summary.json").read_text())["optimizer"] == "hf_optim.adafactor.Adafactor"
+    assert (
+        json.loads((ddp_out / "summary.json").read_text())["optimizer"]
+        == "hf_optim.optim.adafactor.optimizer.Adafactor"
+    )
     rank0 = torch.load(ddp_out / "params_rank0.pt", weights_only=True)
     rank1 = torch.load(ddp_out / "params_rank1.pt", weights_only=True)
     reference = torch.load(single_out / "params_rank0.pt", weights_only=True)

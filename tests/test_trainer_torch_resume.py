@@ -49,7 +49,7 @@ def test_adamw_torch_checkpoint_resumes_with_adamw_v2(tmp_path):
     resumed, resumed_log, trainer = _train(tmp_path / "ours", "adamw_v2", resume=str(checkpoint))
 
     optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
-    assert type(optimizer).__name__ == "AdamW" and type(optimizer).__module__ == "hf_optim.adam"
+    assert type(optimizer).__name__ == "AdamW" and type(optimizer).__module__ == "hf_optim.optim.adam.optimizers"
     assert all(int(s["step"]) == 20 for s in optimizer.state.values())  # 10 loaded + 10 continued
     by_step = {e["step"]: e["loss"] for e in full_log}
     continued = [e for e in resumed_log if e["step"] > 10]  # the history also holds the checkpoint's entries

@@ -21,7 +21,7 @@ import torch
 from hf_optim import OptimizerSpec, register_optimizer
 from hf_optim import _validation as v
 from hf_optim._base import ParamOverrides, group_defaults
-from hf_optim._elementwise import ElementwiseOptimizer, State, state_tensor, zeros_like
+from hf_optim.optim.elementwise import ElementwiseOptimizer, State, state_tensor, zeros_like
 
 
 class Signum(ElementwiseOptimizer):

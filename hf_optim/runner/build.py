@@ -282,8 +282,8 @@ def build_scheduler(
 
 
 def is_factored_adafactor(cls: type, kwargs: Mapping[str, Any]) -> bool:
-    from hf_optim._adafactor_presets import PRESETS
-    from hf_optim.adafactor import Adafactor
+    from hf_optim.optim.adafactor.optimizer import Adafactor
+    from hf_optim.optim.adafactor.presets import PRESETS
 
     if not (isinstance(cls, type) and issubclass(cls, Adafactor)):
         return False

@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from _rank_exit import finish
-from hf_optim.adafactor import Adafactor, factor_dims
+from hf_optim.optim.adafactor.optimizer import Adafactor, factor_dims
 
 torch.set_num_threads(1)
 STEPS, BATCH = 20, 4

@@ -1,6 +1,6 @@
 """Adafactor's dispatch: which implementation (the C kernel, the compiled graph, eager foreach or for-loop) steps
-which tensors of a parameter group. The rule itself is :mod:`hf_optim._adafactor_rule`; the optimizer class,
-:mod:`hf_optim.adafactor`, calls :func:`step_group` once per group."""
+which tensors of a parameter group. The rule itself is :mod:`hf_optim.optim.adafactor.rule`; the optimizer class,
+:mod:`hf_optim.optim.adafactor.optimizer`, calls :func:`step_group` once per group."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from . import _compiled, precision
-from . import _native_adafactor as _native
-from ._adafactor_rule import Item, eager_step, factor_dims, step_scalars
-from ._distributed import local, shard_spec
+from ... import _compiled, precision
+from ..._distributed import local, shard_spec
+from . import native as _native
+from .rule import Item, eager_step, factor_dims, step_scalars
 
 
 def resolve(impl: str, params: list[torch.Tensor]) -> str:
@@ -28,7 +28,7 @@ def resolve(impl: str, params: list[torch.Tensor]) -> str:
 
 
 def step_group(opt: Any, params: list[torch.Tensor], group: dict[str, Any], impl: str) -> None:
-    """One step of the :class:`~hf_optim.adafactor.Adafactor` ``opt`` for the parameters of ``group`` that have
+    """One step of the :class:`~hf_optim.optim.adafactor.optimizer.Adafactor` ``opt`` for the parameters of ``group`` that have
     gradients."""
     items = []
     for p in params:
@@ -73,7 +73,7 @@ def step_group(opt: Any, params: list[torch.Tensor], group: dict[str, Any], impl
 
 
 def _native_steps(items: list[Item], group: dict[str, Any]) -> None:
-    """Step sizes and decay as :func:`hf_optim._adafactor_rule.apply_update` computes them, then the C kernel."""
+    """Step sizes and decay as :func:`hf_optim.optim.adafactor.rule.apply_update` computes them, then the C kernel."""
     jobs = []
     for it in items:
         sc = it.scalars

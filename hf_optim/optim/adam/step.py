@@ -1,7 +1,7 @@
-"""One step of the Adam family (:mod:`hf_optim.adam`) over a parameter group: the group's tensors and state gathered
+"""One step of the Adam family (:mod:`hf_optim.optim.adam.optimizers`) over a parameter group: the group's tensors and state gathered
 (state created on first use, float32 work copies of bf16/fp16 parameters, complex as real), the kernels'
-:class:`~hf_optim._adam_kernels.Rule` built from the group, the chosen kernel run, low-precision results written back.
-The kernels themselves are :mod:`hf_optim._adam_kernels`."""
+:class:`~hf_optim.optim.adam.kernels.Rule` built from the group, the chosen kernel run, low-precision results written back.
+The kernels themselves are :mod:`hf_optim.optim.adam.kernels`."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _validation as v
-from . import precision
-from ._adam_kernels import KERNELS, Rule
+from ... import _validation as v
+from ... import precision
+from .kernels import KERNELS, Rule
 
 
 def make_rule(group: dict[str, Any], *, rectify: bool, atan2: bool) -> Rule:
-    """The kernels' :class:`~hf_optim._adam_kernels.Rule` for ``group`` (RAdam rectifies, AdamAtan2 uses atan2)."""
+    """The kernels' :class:`~hf_optim.optim.adam.kernels.Rule` for ``group`` (RAdam rectifies, AdamAtan2 uses atan2)."""
     beta1, beta2 = group["betas"]
     return Rule(
         lr=group["lr"],
@@ -34,7 +34,7 @@ def make_rule(group: dict[str, Any], *, rectify: bool, atan2: bool) -> Rule:
 
 
 def step_group(opt: Any, group: dict[str, Any]) -> None:
-    """One step of the Adam-family optimizer ``opt`` (:mod:`hf_optim.adam`) over the parameters of ``group`` that have
+    """One step of the Adam-family optimizer ``opt`` (:mod:`hf_optim.optim.adam.optimizers`) over the parameters of ``group`` that have
     gradients: state created on first use, float32 work copies of low-precision parameters, then the kernel."""
     params: list[Tensor] = []
     grads: list[Tensor] = []

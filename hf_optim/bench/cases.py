@@ -39,7 +39,7 @@ STATE_DTYPES = ("bfloat16", "int8", "int4")
 
 
 def _ours(spec_name: str, implementation: str, grad_reads: int = 1, **kwargs: Any) -> BenchCase:
-    from .registry import get_spec
+    from ..registry import get_spec
 
     spec = get_spec(spec_name)
     full = {**spec.defaults, **kwargs, "implementation": implementation}
@@ -49,7 +49,7 @@ def _ours(spec_name: str, implementation: str, grad_reads: int = 1, **kwargs: An
 
 
 def _implementations(spec_name: str) -> tuple[str, ...]:
-    from .registry import get_spec
+    from ..registry import get_spec
 
     try:
         return ("auto", *get_spec(spec_name).resolve().implementations)
@@ -83,7 +83,7 @@ def reference_cases() -> list[BenchCase]:
 
 def our_cases() -> list[BenchCase]:
     """Every registered optimizer, the Adam weight-decay × eps modes, the Adafactor presets, every implementation."""
-    from .registry import list_optimizers
+    from ..registry import list_optimizers
 
     wd_for_mode = {"l2": 0.1, "coupled": 0.1, "independent": 1e-4, "corrected": 0.1}
     cases: list[BenchCase] = []

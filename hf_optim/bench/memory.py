@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from ._bench_cases import BenchCase, all_cases
-from ._bench_params import SIZES, make_params
-from ._bench_timing import state_bytes
+from .cases import BenchCase, all_cases
+from .params import SIZES, make_params
+from .timing import state_bytes
 
 
 def _case(name: str) -> BenchCase:
@@ -87,7 +87,7 @@ def measure(cases: list[BenchCase], size: str, device: str, dtype: str) -> list[
         if torch.device(device).type == "cuda":
             row = _one_step(case, size, device, getattr(torch, dtype))
         else:
-            child = [sys.executable, "-m", "hf_optim._bench_memory", case.name, size, dtype]
+            child = [sys.executable, "-m", "hf_optim.bench.memory", case.name, size, dtype]
             done = subprocess.run(child, capture_output=True, text=True, timeout=1800)
             if done.returncode != 0:
                 row = {"name": case.name, "error": done.stderr.strip().splitlines()[-1:] or ["failed"]}

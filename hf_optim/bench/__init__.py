@@ -2,13 +2,13 @@
 
 Method (details and results in ``docs/benchmarks.md``):
 
-* Parameters are plain tensors with the shapes of a LLaMA decoder (:mod:`hf_optim._bench_params`) and fixed random
+* Parameters are plain tensors with the shapes of a LLaMA decoder (:mod:`hf_optim.bench.params`) and fixed random
   gradients; every optimizer is stepped on the same tensors, one optimizer at a time (its state is freed after).
 * Per optimizer: the first step is timed on its own (state allocation, compilation), then ``--warmup`` untimed steps,
   then ``--repeats`` individually timed steps, each paired with a timed step of the reference (fused AdamW, built
   once and kept for the whole run), the order within a pair alternating. The median is reported; the ratio to the
   reference is the median of the per-pair ratios, so both sides of every ratio ran under the same load.
-* Reliability (:mod:`hf_optim._bench_report`): a row whose repeats (or paired reference steps) spread by more than
+* Reliability (:mod:`hf_optim.bench.report`): a row whose repeats (or paired reference steps) spread by more than
   ``--max-spread``, or during which the reference's median was more than ``--max-drift`` off its median over the run,
   is flagged in the table (``!S``, ``!R``, ``!D``) and explained under it.
 * Bytes moved per step (a lower bound on memory traffic):
@@ -27,7 +27,6 @@ import os
 import platform
 import re
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -36,9 +35,9 @@ from typing import Any
 
 import torch
 
-from ._bench_cases import REFERENCE, BenchCase, all_cases, reference_cases
-from ._bench_params import SIZES, make_params
-from ._bench_report import (
+from .cases import REFERENCE, BenchCase, all_cases, reference_cases
+from .params import SIZES, make_params
+from .report import (
     DEFAULT_MAX_DRIFT,
     DEFAULT_MAX_SPREAD,
     HEADER,
@@ -52,7 +51,7 @@ from ._bench_report import (
     row_flags,
     spread,
 )
-from ._bench_timing import Clock, Reference, state_bytes, timed_repeats, timed_step
+from .timing import Clock, Reference, state_bytes, timed_repeats, timed_step
 
 DEFAULT_REPEATS = 5
 
@@ -77,7 +76,7 @@ class BenchResult:
     spread: float | None = None  # max/min of times_s
     reference_spread: float | None = None  # max/min of reference_times_s
     reference_drift: float | None = None  # reference_median_s / the reference's median over the run
-    flags: list[str] = field(default_factory=list)  # see hf_optim._bench_report.FLAG_CODES
+    flags: list[str] = field(default_factory=list)  # see hf_optim.bench.report.FLAG_CODES
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -393,10 +392,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {device!r}: torch sees no CUDA device here; use --device cpu")
     if args.memory:
-        from . import _bench_memory
+        from . import memory
 
-        print(_bench_memory.header(args.size, device))
-        rows = _bench_memory.measure(_selected(all_cases(), args.only), args.size, device, args.dtype)
+        print(memory.header(args.size, device))
+        rows = memory.measure(_selected(all_cases(), args.only), args.size, device, args.dtype)
         if args.json_path:
             with open(args.json_path, "w", encoding="utf-8") as fh:
                 json.dump({"meta": {"size": args.size, "device": device, "dtype": args.dtype}, "memory": rows}, fh)
@@ -420,7 +419,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dump(report, fh, indent=1)
         print(f"# wrote {args.json_path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .decay import coupled_equivalent
+from ...decay import coupled_equivalent
 
 TensorLists = tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
 
@@ -218,7 +218,7 @@ def _by_device_and_dtype(lists: TensorLists) -> list[TensorLists]:
 def compiled(params, grads, exp_avgs, exp_avg_sqs, steps, rule: Rule) -> None:
     """:func:`for_loop`'s maths as one ``torch.compile`` graph per bucket (:mod:`hf_optim._compiled`): the per-step
     scalars ``(α_t, σ_t, ε_t)`` and the decay rate enter as 0-d tensors, so a graph is compiled once per bucket."""
-    from . import _compiled
+    from ... import _compiled
 
     lists = (params, grads, exp_avgs, exp_avg_sqs, steps)
     keep = [i for i, p in enumerate(params) if _compiled.inductor_ok(p)]

@@ -1,4 +1,4 @@
-r"""Adafactor's update rule (the algorithm box of :class:`hf_optim.adafactor.Adafactor`), as functions over lists of
+r"""Adafactor's update rule (the algorithm box of :class:`hf_optim.optim.adafactor.optimizer.Adafactor`), as functions over lists of
 local tensors: the eager ``for-loop`` and ``foreach`` paths. One function per stage, each implemented once:
 
 * :func:`step_scalars`: the per-step scalars :math:`\beta_{2,t}`, :math:`\rho_t` and the decay rate's coefficient
@@ -11,7 +11,7 @@ local tensors: the eager ``for-loop`` and ``foreach`` paths. One function per st
 * :func:`eager_step` ties them together;
 * :func:`factor_dims`: the two dims of a tensor whose statistics are factored (``None``: unfactored).
 
-The C kernel (:mod:`hf_optim._native_adafactor`) and the compiled graph (:mod:`hf_optim._compiled`) are other
+The C kernel (:mod:`hf_optim.optim.adafactor.native`) and the compiled graph (:mod:`hf_optim._compiled`) are other
 implementations of the same rule, tested against these functions.
 """
 
@@ -23,9 +23,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import precision
-from ._distributed import ShardSpec, all_reduce_sum_, mean_over, shard_spec
-from .decay import coupled_equivalent, decay_rate, l2_coefficient
+from ... import precision
+from ..._distributed import ShardSpec, all_reduce_sum_, mean_over, shard_spec
+from ...decay import coupled_equivalent, decay_rate, l2_coefficient
 
 ScratchFor = Callable[[torch.Tensor], "torch.Tensor | None"]
 

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from . import precision
-from ._base import BaseOptimizer
-from ._state_loading import STEP, StateSpec, like
-from .decay import decay_rate, l2_coefficient
+from .. import precision
+from .._base import BaseOptimizer
+from .._state_loading import STEP, StateSpec, like
+from ..decay import decay_rate, l2_coefficient
 
 #: Devices with ``torch._foreach_*`` kernels (CPU runs them as a loop, CUDA as multi-tensor kernels).
 FOREACH_DEVICES = ("cpu", "cuda")

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-PTH = Path(__file__).with_name("hf_optim_autoload.pth")
+PTH = Path(__file__).resolve().parents[1] / "hf_optim_autoload.pth"
 TARGET_MS = 5.0
 WORKLOADS = {
     "empty": "pass",

@@ -20,8 +20,8 @@ Per matrix :math:`g \in \mathbb{R}^{R \times C}` (row-major), with :math:`w = 1 
     \end{aligned}
 
 This is the algorithm of :class:`hf_optim.Adafactor` (the box in its docstring; the eager rules in
-:mod:`hf_optim._adafactor_rule`) for ``eps1_mode="add"`` and no L2 term; anything else (bf16 parameters, unfactored
-tensors, FSDP2 shards, clamp epsilon) stays on the other paths. The C source is ``_native_adafactor.c`` next to this
+:mod:`hf_optim.optim.adafactor.rule`) for ``eps1_mode="add"`` and no L2 term; anything else (bf16 parameters, unfactored
+tensors, FSDP2 shards, clamp epsilon) stays on the other paths. The C source is ``native.c`` next to this
 module; it is compiled once per machine and CPU with the system C compiler (~0.3 s) into ``$HF_OPTIM_CACHE``
 (default ``~/.cache/hf_optim``) and loaded with :mod:`ctypes`; no compiler means the other paths are used, with one
 warning. On one thread every matrix of a group is stepped in a single C call (:func:`adafactor_steps`); with
@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 import torch
 
 #: The kernel's C source, shipped next to this module (package data), compiled at first use.
-_SOURCE_PATH = Path(__file__).with_name("_native_adafactor.c")
+_SOURCE_PATH = Path(__file__).with_name("native.c")
 
 # -ffp-contract=off: no implicit FMA contraction; the kernel uses fmaf exactly where torch's kernels fuse, so it
 # rounds as the eager path does. -fassociative-math lets the compiler
@@ -181,7 +181,7 @@ def _map(fn: Any, blocks: list[tuple[int, int, int]]) -> list[Any]:
 
 
 class Job(NamedTuple):
-    """One matrix of a step, with its scalars (from :class:`hf_optim._adafactor_rule.StepScalars`)."""
+    """One matrix of a step, with its scalars (from :class:`hf_optim.optim.adafactor.rule.StepScalars`)."""
 
     x: torch.Tensor
     g: torch.Tensor

@@ -1,0 +1,19 @@
+"""The Adam family: the classes (``optimizers``), the per-group step over stored state (``step``) and the update
+rule's for-loop / foreach / fused kernels (``kernels``).
+
+The classes are imported on first use: the core's state loader reads this family's plain data (e.g. Adafactor's
+presets) without loading the classes, which themselves build on the core.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["Adam", "AdamAtan2", "AdamW", "RAdam"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        return getattr(importlib.import_module(f"{__name__}.optimizers"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
