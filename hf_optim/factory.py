@@ -182,8 +182,10 @@ def resolve_optimizer(
     wd_rule = _option("mup_wd_rule", mup_wd_rule, optim_args, options)
     check_choice("mup_wd_rule", wd_rule, MUP_WD_RULES)
     overrides = _mup_overrides(spec, cls, model, kwargs, set(user), use_mup, wd_rule, where)
-    routes = spec.routes(model) if model is not None else {}
-    if routes:  # which update rule steps each parameter (Muon / fallback); muP's multipliers apply on top
+    # which update rule steps each parameter (Muon / fallback): by the plan's kinds when muP applies, else by
+    # module type and shape; muP's multipliers apply on top
+    routes = spec.routes(model, _plan_kinds(model) if overrides is not None else None) if model is not None else {}
+    if routes:
         overrides = param_rules.merge(routes, overrides or {})
     rules = param_rules.parse_rules(_option("groups", groups, optim_args, options))
     decay = param_rules.check_layer_decay(_option("layer_decay", layer_decay, optim_args, options))
@@ -226,6 +228,12 @@ def _mup_overrides(
     return mup_param_overrides(
         model, spec=spec, cls=cls, knobs=knobs, explicit=explicit, wd_rule=wd_rule, where=where, required=bool(use_mup)
     )
+
+
+def _plan_kinds(model: nn.Module) -> dict[torch.Tensor, str]:
+    from mup_integration.policy import parameter_kinds  # only with a plan that applies, as _mup_overrides
+
+    return parameter_kinds(model)
 
 
 def create_optimizer(

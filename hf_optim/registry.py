@@ -52,9 +52,10 @@ class OptimizerSpec:
         takes_betas / takes_eps: the class has Adam's ``betas`` / ``eps`` arguments, so ``--adam_beta1/2`` and
             ``--adam_epsilon`` (and a recipe's ``betas`` / ``eps``) map onto them.
         adam_args: shorthand for ``takes_betas=takes_eps=adam_args`` (kept for specs written before the two flags).
-        router: ``"module:function"`` giving, for a model, each parameter's ``rule`` override (which update rule of
-            the optimizer steps it: Muon's ``muon`` / ``fallback``); applied by the factory before muP and the user's
-            rules. None: one rule for every parameter.
+        router: ``"module:function"`` called as ``router(model, kinds)``, giving each parameter's ``rule``
+            override (which update rule of the optimizer steps it: Muon's ``muon`` / ``fallback``); ``kinds`` is
+            ``{param: muP kind}`` of the model's plan when muP applies, else None. Applied by the factory before
+            muP's multipliers and the user's rules (which may override it). None: one rule for every parameter.
         prepare: ``"module:function"`` called by the factory with ``(model, knobs)`` before the class is built, to
             connect what the optimizer needs from the model (Muon's ``qk_clip`` attention recorder). None: nothing.
     """
@@ -87,12 +88,12 @@ class OptimizerSpec:
         module_name, _, attr = self.target.partition(":")
         return getattr(importlib.import_module(module_name), attr)
 
-    def routes(self, model: Any) -> dict[Any, dict[str, Any]]:
-        """``{param: {"rule": ...}}`` from :attr:`router` (empty without one)."""
+    def routes(self, model: Any, kinds: Mapping[Any, str] | None = None) -> dict[Any, dict[str, Any]]:
+        """``{param: {"rule": ...}}`` from :attr:`router` (empty without one); ``kinds``: the muP plan's."""
         if self.router is None:
             return {}
         module_name, _, attr = self.router.partition(":")
-        return getattr(importlib.import_module(module_name), attr)(model)
+        return getattr(importlib.import_module(module_name), attr)(model, kinds)
 
     def prepare_model(self, model: Any, knobs: Mapping[str, Any]) -> None:
         """Run :attr:`prepare` (nothing without one)."""

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .groups import param_overrides
-from .plan import has_plan, unwrap
+from .plan import get_plan, has_plan, unwrap
 from .surgery import is_mup_applied
 
 
@@ -112,3 +112,11 @@ def mup_param_overrides(
     eps = knobs.get("eps")
     eps = eps if family != "sgd" and isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0 else None
     return param_overrides(inner, family=family, wd_rule=wd_rule, eps=eps)
+
+
+def parameter_kinds(model: nn.Module) -> dict[torch.Tensor, str]:
+    """``{param: kind}`` (:data:`mup_integration.vocabulary.KINDS`) from ``model``'s plan, for an optimizer whose
+    update rule follows the kind (the spec's ``router``: Muon steps the ``hidden`` matrices). A plan that does not
+    match the model raises the plan's ValueError."""
+    inner = look_through(model)
+    return {p: info.kind for _, p, info in get_plan(inner).match(inner.named_parameters())}

@@ -25,6 +25,8 @@ WD_RULES: tuple[str, ...] = ("independent", "mup", "none")
 #: The rules whose decay carries across widths (a tuned weight decay transfers): all but ``"none"``.
 TRANSFERABLE_WD_RULES: tuple[str, ...] = ("independent", "mup")
 DEFAULT_WD_RULE = "independent"
-KINDS: tuple[str, ...] = ("hidden", "vector", "embedding", "readout")
+#: The kind of a matrix whose two dims both grow with width (the one kind Muon's router sends to Muon).
+HIDDEN = "hidden"
+KINDS: tuple[str, ...] = (HIDDEN, "vector", "embedding", "readout")
 #: The kinds whose width multiplier is the fan-in's (the others' is the fan-out's).
 FAN_IN_KINDS: tuple[str, ...] = ("hidden", "readout")

@@ -159,6 +159,32 @@ def test_user_rule_routes_a_matrix_to_the_fallback(tmp_path):
     assert lr[id(model.model.layers[1].self_attn.o_proj.weight)] == pytest.approx(0.01)
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "gemma", "gpt_neox"])
+def test_under_mup_the_plans_kinds_choose_the_rule(arch):
+    """With a muP plan, exactly the plan's hidden tensors go to Muon: an MoE router's gate is a readout to muP (its
+    fan-in grows, its fan-out is the expert count), so it goes to the fallback although it is a 2-D matrix that the
+    shape rule sends to Muon without a plan. A user's rule still wins over the plan."""
+    from mup_archs import build
+
+    import mup_integration as mi
+
+    model = build(arch)
+    plan = mi.get_plan(model)
+    kind = {name: plan.params[plan.resolve(name)].kind for name, _ in model.named_parameters()}
+    got = _rules(model, hf_optim.create_optimizer("muon_v2", model, lr=0.02))
+    assert got == {name: "muon" if kind[name] == "hidden" else "fallback" for name in kind}
+    without_plan = _rules(model, hf_optim.create_optimizer("muon_v2", model, lr=0.02, mup=False))
+    gates = [name for name in kind if name.endswith("mlp.gate.weight")]
+    assert bool(gates) == (arch in ("mixtral", "qwen3_moe"))
+    for name in kind:  # the two agree on everything but the gates
+        expected = "muon" if name in gates else got[name]
+        assert without_plan[name] == expected, name
+    if gates:
+        rules = [{"match": r"mlp\.gate\.", "optimizer": "muon"}]
+        ruled = _rules(model, hf_optim.create_optimizer("muon_v2", model, lr=0.02, groups=rules))
+        assert all(ruled[name] == "muon" for name in gates) and ruled["lm_head.weight"] == "fallback"
+
+
 def _train(model, opt, steps, seed=0):
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):

@@ -7,6 +7,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from mup_integration.vocabulary import HIDDEN
+
 from ... import _validation as v
 from ... import precision
 from ..._base import BaseOptimizer, ParamOverrides, group_defaults
@@ -363,10 +365,16 @@ def from_torch_state_dicts(muon: Mapping[str, Any], adamw: Mapping[str, Any] | N
     return {"state": state, "param_groups": groups}
 
 
-def route(model: torch.nn.Module) -> dict[torch.Tensor, dict[str, Any]]:
-    """``{param: {"rule": "muon" | "fallback"}}`` for a model: Muon for the hidden matrices, the fallback for the
-    input embeddings (every ``nn.Embedding``), the output layer (``get_output_embeddings()``, tied or not) and every
-    tensor with fewer than 2 dimensions. For a muP model these are exactly the plan's ``hidden`` kind and the rest.
+def route(
+    model: torch.nn.Module, kinds: Mapping[torch.Tensor, str] | None = None
+) -> dict[torch.Tensor, dict[str, Any]]:
+    """``{param: {"rule": "muon" | "fallback"}}`` for a model: Muon for the hidden matrices, the fallback for the rest.
+
+    With ``kinds`` (the muP plan's, passed by the factory when muP applies) the plan decides: its ``hidden`` kind
+    goes to Muon, embeddings, readouts (the output layer, an MoE router's gate) and vectors to the fallback. Without
+    a plan: the input embeddings (every ``nn.Embedding``), the output layer (``get_output_embeddings()``, tied or
+    not) and every tensor with fewer than 2 dimensions go to the fallback, every other matrix to Muon (so an MoE
+    gate, a readout to muP, is Muon's unless a rule routes it: ``{match: mlp\\.gate\\., optimizer: fallback}``).
 
     HF's GPT-2 ``Conv1D`` stores its weight as (in, out), the transpose of ``nn.Linear``: Muon's direction is the same
     either way, but ``adjust="original"``/``"spectral"`` read (rows, columns) as (fan_out, fan_in).
@@ -376,8 +384,11 @@ def route(model: torch.nn.Module) -> dict[torch.Tensor, dict[str, Any]]:
     head = get_output() if callable(get_output) else None
     if head is not None and getattr(head, "weight", None) is not None:
         outside.add(id(head.weight))
-    return {
-        p: {"rule": FALLBACK if p.dim() < 2 or id(p) in outside else MUON}
-        for p in model.parameters()
-        if p.requires_grad
-    }
+    kinds = kinds or {}
+
+    def to_muon(p: torch.Tensor) -> bool:
+        if p in kinds:  # the plan knows what the tensor is
+            return kinds[p] == HIDDEN
+        return p.dim() >= 2 and id(p) not in outside
+
+    return {p: {"rule": MUON if to_muon(p) else FALLBACK} for p in model.parameters() if p.requires_grad}
