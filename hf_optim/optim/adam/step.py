@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ... import _validation as v
 from ... import precision
 from .kernels import KERNELS, Rule
 
@@ -45,12 +44,8 @@ def step_group(opt: Any, group: dict[str, Any]) -> None:
     works: list[Tensor] = []
     work_states: list[dict[str, Any]] = []
     mode = precision.param_update_mode(group)
-    for p in group["params"]:
+    for p in opt._params_with_grad(group):
         grad = p.grad
-        if grad is None:
-            continue
-        if grad.is_sparse:
-            v.check_dense_grad(grad, type(opt).__name__)
         state = opt.state[p]
         if not state:
             # step on the host like torch's non-fused paths
