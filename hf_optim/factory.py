@@ -1,8 +1,8 @@
 r"""The one door: ``name + model (or params) + settings → optimizer``, for every entry point.
 
-:func:`create_optimizer` is what a plain PyTorch loop calls; the Trainer plugin (:mod:`hf_optim.integrations.transformers.trainer`), ``hf-optim
-train`` and ``hf-optim sweep`` call it too, or its lower half :func:`resolve_optimizer` where the Trainer builds the
-parameter groups itself. Nothing else decides knob defaults, presets, the decay / no-decay split, muP multipliers or
+:func:`create_optimizer` is what a plain PyTorch loop calls; the Trainer plugin
+(:mod:`hf_optim.integrations.transformers.trainer`), ``hf-optim train`` and ``hf-optim sweep`` call it too, or its
+lower half :func:`resolve_optimizer` where the Trainer builds the parameter groups itself. Nothing else decides knob defaults, presets, the decay / no-decay split, muP multipliers or
 the checks between them, so the same settings give the same optimizer whichever door they enter by.
 
 What happens, in order (in the spirit of timm's ``create_optimizer_v2`` and nanoGPT's ``configure_optimizers``):
@@ -12,8 +12,8 @@ What happens, in order (in the spirit of timm's ``create_optimizer_v2`` and nano
    where the class takes them) < the caller's ``knobs`` and ``optim_args`` (typed and checked: an unknown key is a
    ``ValueError`` naming the closest valid one; one key given twice with two values is an error);
 3. muP: if the model carries a plan (``mup=None``) or ``mup=True``, the one muP policy
-   (:func:`mup_integration.policy.mup_param_overrides`, imported only here and only then) checks the settings and
-   returns per-parameter multipliers, passed as ``param_overrides``;
+   (:func:`mup_integration.policy.mup_settings`, imported only here and only then) checks the settings and
+   returns per-parameter multipliers, passed as ``param_overrides``, and the plan's kinds for a spec's router;
 4. groups (:func:`create_optimizer` only): decay / no-decay by parameter name, the Trainer's split by default.
 """
 
@@ -181,10 +181,11 @@ def resolve_optimizer(
     use_mup = _option("mup", mup, optim_args, options)
     wd_rule = _option("mup_wd_rule", mup_wd_rule, optim_args, options)
     check_choice("mup_wd_rule", wd_rule, MUP_WD_RULES)
-    overrides = _mup_overrides(spec, cls, model, kwargs, set(user), use_mup, wd_rule, where)
+    settings = _mup_settings(spec, cls, model, kwargs, set(user), use_mup, wd_rule, where)
+    overrides = None if settings is None else settings.overrides
     # which update rule steps each parameter (Muon / fallback): by the plan's kinds when muP applies, else by
     # module type and shape; muP's multipliers apply on top
-    routes = spec.routes(model, _plan_kinds(model) if overrides is not None else None) if model is not None else {}
+    routes = spec.routes(model, None if settings is None else settings.kinds) if model is not None else {}
     if routes:
         overrides = param_rules.merge(routes, overrides or {})
     rules = param_rules.parse_rules(_option("groups", groups, optim_args, options))
@@ -203,7 +204,7 @@ def resolve_optimizer(
     return cls, kwargs
 
 
-def _mup_overrides(
+def _mup_settings(
     spec: OptimizerSpec,
     cls: type,
     model: nn.Module | None,
@@ -222,18 +223,12 @@ def _mup_overrides(
         )
     if use_mup is False:
         return None
-    from mup_integration.policy import mup_param_overrides  # muP is entered here only, and only for a model
+    from mup_integration.policy import mup_settings  # muP is entered here only, and only for a model
 
     knobs = {**spec.knobs(kwargs.get("preset")), **kwargs}
-    return mup_param_overrides(
+    return mup_settings(
         model, spec=spec, cls=cls, knobs=knobs, explicit=explicit, wd_rule=wd_rule, where=where, required=bool(use_mup)
     )
-
-
-def _plan_kinds(model: nn.Module) -> dict[torch.Tensor, str]:
-    from mup_integration.policy import parameter_kinds  # only with a plan that applies, as _mup_overrides
-
-    return parameter_kinds(model)
 
 
 def create_optimizer(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -66,7 +66,15 @@ def check_wd_rule(wd_rule: str, knobs: Mapping[str, Any], explicit: set[str]) ->
         )
 
 
-def mup_param_overrides(
+class MuPSettings(NamedTuple):
+    """What the policy hands the factory: the ``param_overrides`` and, for a spec with a ``router``, each
+    parameter's kind (:data:`mup_integration.vocabulary.KINDS`), both read from one parse of the plan."""
+
+    overrides: dict[torch.Tensor, dict[str, Any]]
+    kinds: dict[torch.Tensor, str]
+
+
+def mup_settings(
     model: nn.Module,
     *,
     spec: Any,
@@ -76,9 +84,9 @@ def mup_param_overrides(
     wd_rule: str,
     where: str,
     required: bool = False,
-) -> dict[torch.Tensor, dict[str, Any]] | None:
-    """``param_overrides`` for ``model``'s plan under optimizer ``spec`` with resolved ``knobs``; ``None`` when the
-    model has no plan and ``required`` is false.
+) -> MuPSettings | None:
+    """``param_overrides`` (and the kinds a router needs) for ``model``'s plan under optimizer ``spec`` with resolved
+    ``knobs``; ``None`` when the model has no plan and ``required`` is false.
 
     ``explicit`` holds the knob names the user set (a default may be overridden by the muP rule, an explicit
     choice may not). ``where`` names the entry point in errors (e.g. ``--optim adamw_v2``).
@@ -111,12 +119,7 @@ def mup_param_overrides(
     # replaces the group value, so the policy hands over the resolved eps of optimizers that have one.
     eps = knobs.get("eps")
     eps = eps if family != "sgd" and isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0 else None
-    return param_overrides(inner, family=family, wd_rule=wd_rule, eps=eps)
-
-
-def parameter_kinds(model: nn.Module) -> dict[torch.Tensor, str]:
-    """``{param: kind}`` (:data:`mup_integration.vocabulary.KINDS`) from ``model``'s plan, for an optimizer whose
-    update rule follows the kind (the spec's ``router``: Muon steps the ``hidden`` matrices). A plan that does not
-    match the model raises the plan's ValueError."""
-    inner = look_through(model)
-    return {p: info.kind for _, p, info in get_plan(inner).match(inner.named_parameters())}
+    plan = get_plan(inner)
+    overrides = param_overrides(inner, family=family, wd_rule=wd_rule, eps=eps, plan=plan)
+    kinds = {p: info.kind for _, p, info in plan.match(inner.named_parameters())} if spec.router is not None else {}
+    return MuPSettings(overrides, kinds)

@@ -240,6 +240,7 @@ def test_mup_plan_adds_param_overrides(tmp_path, monkeypatch):
 
     monkeypatch.setattr(policy, "param_overrides", fake_param_overrides)
     monkeypatch.setattr(policy, "is_mup_applied", lambda m: True)  # the fake plan has no surgery
+    monkeypatch.setattr(policy, "get_plan", lambda m: None)  # nor parameters: only the faked multipliers read it
     args = _args(tmp_path, optim="sgdw_v2", learning_rate=0.1, optim_args="mup_wd_rule=mup")
     _cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     assert calls == [(model, "sgd", "mup")] and kwargs["param_overrides"] == {hidden: {"lr_mult": 0.25}}
