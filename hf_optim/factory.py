@@ -169,19 +169,20 @@ def resolve_optimizer(
         optim_args = split_optim_args(optim_args)
     preset = optim_args.get("preset", knobs.get("preset", spec.defaults.get("preset")))
     preset = preset if isinstance(preset, str) else None
-    _check_knobs(spec, cls, knobs, spec.knobs(preset))
+    class_knobs = spec.knobs(preset)  # read once per build: the checks, the fallbacks and the muP policy share it
+    _check_knobs(spec, cls, knobs, class_knobs)
     from_args, options = parse_optim_args(optim_args, cls, optim_name=name, preset=preset)
     user = _merge(knobs, from_args)
     kwargs: dict[str, Any] = {**spec.defaults, "lr": lr, "weight_decay": weight_decay}
     for key, value in (fallback_knobs or {}).items():
-        takes = {"betas": spec.takes_betas, "eps": spec.takes_eps}.get(key, key in spec.knobs(preset))
+        takes = {"betas": spec.takes_betas, "eps": spec.takes_eps}.get(key, key in class_knobs)
         if takes and key not in user:
             kwargs[key] = value
     kwargs.update(user)
     use_mup = _option("mup", mup, optim_args, options)
     wd_rule = _option("mup_wd_rule", mup_wd_rule, optim_args, options)
     check_choice("mup_wd_rule", wd_rule, MUP_WD_RULES)
-    settings = _mup_settings(spec, cls, model, kwargs, set(user), use_mup, wd_rule, where)
+    settings = _mup_settings(spec, cls, model, {**class_knobs, **kwargs}, set(user), use_mup, wd_rule, where)
     overrides = None if settings is None else settings.overrides
     # which update rule steps each parameter (Muon / fallback): by the plan's kinds when muP applies, else by
     # module type and shape; muP's multipliers apply on top
@@ -208,12 +209,13 @@ def _mup_settings(
     spec: OptimizerSpec,
     cls: type,
     model: nn.Module | None,
-    kwargs: dict[str, Any],
+    knobs: dict[str, Any],
     explicit: set[str],
     use_mup: bool | None,
     wd_rule: str,
     where: str,
 ) -> Any:
+    """The muP policy's settings for the resolved ``knobs`` (class defaults under the build's), or None."""
     if model is None and not use_mup:
         return None
     if model is None:
@@ -225,7 +227,6 @@ def _mup_settings(
         return None
     from mup_integration.policy import mup_settings  # muP is entered here only, and only for a model
 
-    knobs = {**spec.knobs(kwargs.get("preset")), **kwargs}
     return mup_settings(
         model, spec=spec, cls=cls, knobs=knobs, explicit=explicit, wd_rule=wd_rule, where=where, required=bool(use_mup)
     )
