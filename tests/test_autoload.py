@@ -105,6 +105,28 @@ def test_fresh_interpreter_startup_imports_nothing_heavy(tmp_path):
     assert out[0] == "[]" and "HfOptimAutoloadTrampoline" in out[1]
 
 
+@pytest.mark.parametrize("target", ["hf_optim.integrations.transformers.autoload", "hf_optim._autoload"])
+def test_the_pth_line_of_this_and_of_an_earlier_release_registers_the_names(tmp_path, target):
+    """The .pth installed by an earlier release imports ``hf_optim._autoload`` (the module's name before the
+    sub-packages); it stays a working name, so an upgrade that leaves the old file behind still registers."""
+    line = PTH.read_text().splitlines()[-1]
+    now = '__import__("hf_optim.integrations.transformers.autoload", fromlist=("autoload",))'
+    assert now in line
+    if target == "hf_optim._autoload":
+        line = line.replace(now, '__import__("hf_optim._autoload")._autoload')
+    sitedir = tmp_path / "sitedir"
+    sitedir.mkdir()
+    (sitedir / PTH.name).write_text(line + "\n")
+    code = (
+        # -S: no site-packages .pth runs (an installed hook would otherwise answer first); paths added by hand
+        f"import sys; sys.path[:0] = {[str(ROOT), *site.getsitepackages()]!r}; import site; "
+        f"site.addsitedir({str(sitedir)!r}); "
+        "from transformers.training_args import OptimizerNames; print(OptimizerNames('adafactor_v2').value)"
+    )
+    done = subprocess.run([sys.executable, "-S", "-c", code], env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "adafactor_v2", done.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_unmodified_script_runs_adafactor_v2(tmp_path):
     out = tmp_path / "run"
