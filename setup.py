@@ -1,8 +1,8 @@
 """Build hook: install ``hf_optim_autoload.pth`` at the top of site-packages (metadata lives in pyproject.toml).
 
 Python runs ``*.pth`` files found directly in a site directory at start-up; the one line in ours puts a lazy import
-hook on ``sys.meta_path`` (see ``hf_optim/integrations/transformers/autoload.py``), so unmodified Trainer scripts accept ``--optim adafactor_v2``.
-A wheel places files at its root into site-packages, so:
+hook on ``sys.meta_path`` (see ``hf_optim/integrations/transformers/autoload.py``), so unmodified Trainer scripts accept
+``--optim adafactor_v2``. A wheel places files at its root into site-packages, so:
 
 * regular wheels (``pip install .``, ``python -m build``): ``build_py`` copies the file to the root of ``build_lib``;
 * editable wheels (``pip install -e .``): setuptools' ``editable_wheel`` does not ship ``build_lib``, so the file is

@@ -56,8 +56,8 @@ def __getattr__(name: str) -> Any:
 
 def _install_trainer_hook() -> None:
     # Registers the --optim names with transformers now if it is loaded, else as soon as
-    # transformers.training_args is imported (hf_optim.integrations.transformers.autoload). Never raises: the optimizer classes must stay
-    # usable (Trainer(optimizer_cls_and_kwargs=...)) even when the transformers internals changed.
+    # transformers.training_args is imported (hf_optim.integrations.transformers.autoload). Never raises: the optimizer
+    # classes must stay usable (Trainer(optimizer_cls_and_kwargs=...)) even when the transformers internals changed.
     from .integrations.transformers import autoload as _autoload
 
     _autoload.install()

@@ -61,8 +61,8 @@ def _adafactor_one(
     dims: tuple[int, int] | None,
     k: dict[str, Any],
 ) -> None:
-    r"""One parameter's Adafactor update (the algorithm box of :class:`hf_optim.optim.adafactor.optimizer.Adafactor`), written back
-    in place.
+    r"""One parameter's Adafactor update (the algorithm box of :class:`hf_optim.optim.adafactor.optimizer.Adafactor`),
+    written back in place.
 
     .. math::
         G_2 = g^2 + \epsilon_1,\quad R \leftarrow \mathrm{lerp}(R, \mathrm{mean}_{c} G_2, 1-\beta_{2,t}),\quad

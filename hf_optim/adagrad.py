@@ -1,5 +1,5 @@
-"""Compatibility name: AdaGrad lives in :mod:`hf_optim.optim.adagrad`; ``hf_optim.adagrad`` is that same module object, so
-imports, attributes and patches through either name agree."""
+"""Compatibility name: AdaGrad lives in :mod:`hf_optim.optim.adagrad`; ``hf_optim.adagrad`` is that same module object,
+so imports, attributes and patches through either name agree."""
 
 import sys
 

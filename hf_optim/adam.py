@@ -1,5 +1,5 @@
-"""Compatibility name: the Adam family lives in :mod:`hf_optim.optim.adam.optimizers`; ``hf_optim.adam`` is that same module object, so
-imports, attributes and patches through either name agree."""
+"""Compatibility name: the Adam family lives in :mod:`hf_optim.optim.adam.optimizers`; ``hf_optim.adam`` is that same
+module object, so imports, attributes and patches through either name agree."""
 
 import sys
 

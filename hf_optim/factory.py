@@ -2,8 +2,9 @@ r"""The one door: ``name + model (or params) + settings → optimizer``, for eve
 
 :func:`create_optimizer` is what a plain PyTorch loop calls; the Trainer plugin
 (:mod:`hf_optim.integrations.transformers.trainer`), ``hf-optim train`` and ``hf-optim sweep`` call it too, or its
-lower half :func:`resolve_optimizer` where the Trainer builds the parameter groups itself. Nothing else decides knob defaults, presets, the decay / no-decay split, muP multipliers or
-the checks between them, so the same settings give the same optimizer whichever door they enter by.
+lower half :func:`resolve_optimizer` where the Trainer builds the parameter groups itself. Nothing else decides knob
+defaults, presets, the decay / no-decay split, muP multipliers or the checks between them, so the same settings give
+the same optimizer whichever door they enter by.
 
 What happens, in order (in the spirit of timm's ``create_optimizer_v2`` and nanoGPT's ``configure_optimizers``):
 

@@ -1,5 +1,5 @@
-"""Compatibility name: Muon lives in :mod:`hf_optim.optim.muon.optimizer`; ``hf_optim.muon`` is that same module object, so
-imports, attributes and patches through either name agree."""
+"""Compatibility name: Muon lives in :mod:`hf_optim.optim.muon.optimizer`; ``hf_optim.muon`` is that same module object,
+so imports, attributes and patches through either name agree."""
 
 import sys
 

@@ -1,5 +1,5 @@
-"""Compatibility name: QK-clip lives in :mod:`hf_optim.optim.muon.qk_clip`; ``hf_optim.qk_clip`` is that same module object, so
-imports, attributes and patches through either name agree."""
+"""Compatibility name: QK-clip lives in :mod:`hf_optim.optim.muon.qk_clip`; ``hf_optim.qk_clip`` is that same module
+object, so imports, attributes and patches through either name agree."""
 
 import sys
 

@@ -1,5 +1,5 @@
-"""Compatibility name: the Trainer plugin lives in :mod:`hf_optim.integrations.transformers.trainer`; ``hf_optim.trainer`` is that same module object, so
-imports, attributes and patches through either name agree."""
+"""Compatibility name: the Trainer plugin lives in :mod:`hf_optim.integrations.transformers.trainer`;
+``hf_optim.trainer`` is that same module object, so imports, attributes and patches through either name agree."""
 
 import sys
 

@@ -1,4 +1,6 @@
-"""``hf-optim bench``: optimizer step time, state bytes and effective bandwidth against ``torch.optim.AdamW(fused=True)``.
+"""``hf-optim bench``: optimizer step time, state bytes and effective bandwidth against fused AdamW.
+
+The reference is ``torch.optim.AdamW(fused=True)``.
 
 Method (details and results in ``docs/benchmarks.md``):
 

@@ -5,8 +5,8 @@ expanded stored state, kernel scratch). On CUDA it is measured in-process with t
 (``torch.cuda.max_memory_allocated``, reset after the parameters exist). On the CPU there is no allocator counter, so
 each case runs in a fresh process that materialises the parameters and gradients, resets the kernel's peak-RSS counter
 (Linux ``/proc/self/clear_refs``), runs the first step and reads the peak against the resident set before it: the
-step's peak (page-granular; the allocator may keep freed memory, so an upper bound of the live peak). One step of the same case on the
-``tiny`` set runs first, so that loading code and libraries is not counted.
+step's peak (page-granular; the allocator may keep freed memory, so an upper bound of the live peak). One step of the
+same case on the ``tiny`` set runs first, so that loading code and libraries is not counted.
 """
 
 from __future__ import annotations

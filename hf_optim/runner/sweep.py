@@ -13,8 +13,9 @@ Runs, on a CPU in minutes, the two experiments behind muP and decoupled weight d
   width-only muP with depth-µP and CompleteP (``parametrization: depth_mup / completep``, ``model.base_depth``).
 
 Each cell trains a small ``LlamaForCausalLM`` (or ``Olmo2ForCausalLM``) built from a config (no download) on the
-bundled character-level tiny Shakespeare with a registered optimizer (default :class:`hf_optim.optim.adam.optimizers.AdamW`) and, for
-muP, the overrides of :mod:`mup_integration.groups` for that optimizer's muP family.
+bundled character-level tiny Shakespeare with a registered optimizer (default
+:class:`hf_optim.optim.adam.optimizers.AdamW`) and, for muP, the overrides of :mod:`mup_integration.groups` for that
+optimizer's muP family.
 
 Outputs in ``--out``: ``results.jsonl`` (append-only log; re-running skips every cell whose key is in it),
 ``results.csv``, ``results.json``, ``summary.json`` (best lr per width and its shift, best λ per lr) and PNG plots.

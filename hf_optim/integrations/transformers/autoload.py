@@ -13,8 +13,8 @@ Two entry points install the same finder:
 * ``hf_optim_autoload.pth`` (installed next to the package in site-packages) runs at interpreter start. It only
   checks the switch-off variable and puts a tiny trampoline on ``sys.meta_path``; this module (and ``hf_optim``) is
   imported only when the first of :data:`TARGETS` is imported (the trampoline must see all of them: importing
-  ``transformers.trainer`` starts before ``training_args`` and would otherwise be missed). Set ``HF_OPTIM_DISABLE_AUTOLOAD=1`` to switch
-  the ``.pth`` off.
+  ``transformers.trainer`` starts before ``training_args`` and would otherwise be missed). Set
+  ``HF_OPTIM_DISABLE_AUTOLOAD=1`` to switch the ``.pth`` off.
 * ``import hf_optim`` calls :func:`install` (explicit opt-in, not affected by the variable).
 
 Nothing here may raise into transformers' own import: a failed registration becomes a warning (the explicit
@@ -30,7 +30,7 @@ from typing import Any
 
 ENV_DISABLE = "HF_OPTIM_DISABLE_AUTOLOAD"
 
-#: Modules whose completed execution triggers a registration step (see hf_optim.integrations.transformers.trainer.on_module_loaded).
+#: Modules whose completed execution triggers a registration step (see ``trainer.on_module_loaded``).
 TARGETS: frozenset[str] = frozenset(
     {"transformers.training_args", "transformers.trainer_optimizer", "transformers.trainer"}
 )
@@ -67,7 +67,8 @@ class _CallbackLoader:
 
 
 def _on_loaded(module: ModuleType) -> None:
-    # Imported here: hf_optim.integrations.transformers.trainer is only needed once transformers is being imported anyway.
+    # Imported here: hf_optim.integrations.transformers.trainer is only needed once transformers is being imported
+    # anyway.
     from .trainer import on_module_loaded
 
     on_module_loaded(module)

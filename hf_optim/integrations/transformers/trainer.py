@@ -7,10 +7,12 @@ transformers has no public optimizer registry, so registration touches three int
   ``HfArgumentParser`` choices, ``to_dict()`` and unpickling ``training_args.bin`` all work;
 * ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS``: one handler per name, returning ``(OptimizerClass,
   kwargs)``, so ``Trainer.create_optimizer`` keeps its decay / no-decay groups;
-* ``transformers.trainer.DEFAULT_CALLBACKS``: :class:`~hf_optim.integrations.transformers.group_logging.GroupLoggingCallback`, which adds
-  ``lr/group_i``, ``wd/group_i`` and ``decay/group_i`` to the logs when the optimizer is an hf-optim one.
+* ``transformers.trainer.DEFAULT_CALLBACKS``:
+  :class:`~hf_optim.integrations.transformers.group_logging.GroupLoggingCallback`, which adds ``lr/group_i``,
+  ``wd/group_i`` and ``decay/group_i`` to the logs when the optimizer is an hf-optim one.
 
-Each step runs as soon as its module has executed (see :mod:`hf_optim.integrations.transformers.autoload`); all steps are idempotent.
+Each step runs as soon as its module has executed (see :mod:`hf_optim.integrations.transformers.autoload`); all steps
+are idempotent.
 
 Fallback for a transformers version the guard rejects (or for full control)::
 

@@ -28,8 +28,8 @@ def resolve(impl: str, params: list[torch.Tensor]) -> str:
 
 
 def step_group(opt: Any, params: list[torch.Tensor], group: dict[str, Any], impl: str) -> None:
-    """One step of the :class:`~hf_optim.optim.adafactor.optimizer.Adafactor` ``opt`` for the parameters of ``group`` that have
-    gradients."""
+    """One step of the :class:`~hf_optim.optim.adafactor.optimizer.Adafactor` ``opt`` for the parameters of ``group``
+    that have gradients."""
     items = []
     for p in params:
         x, g = local(p), local(p.grad)

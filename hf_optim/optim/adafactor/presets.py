@@ -1,4 +1,5 @@
-r"""Adafactor presets as plain data: every knob of :class:`hf_optim.optim.adafactor.optimizer.Adafactor`, per known variant.
+r"""Adafactor presets as plain data: every knob of :class:`hf_optim.optim.adafactor.optimizer.Adafactor`, per known
+variant.
 
 A preset is a complete dict of knob values; a knob passed to the constructor overrides the preset, and the resolved
 values are stored in each parameter group (plain Python values, so ``state_dict()`` round-trips).

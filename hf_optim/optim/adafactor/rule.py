@@ -1,5 +1,6 @@
-r"""Adafactor's update rule (the algorithm box of :class:`hf_optim.optim.adafactor.optimizer.Adafactor`), as functions over lists of
-local tensors: the eager ``for-loop`` and ``foreach`` paths. One function per stage, each implemented once:
+r"""Adafactor's update rule (the algorithm box of :class:`hf_optim.optim.adafactor.optimizer.Adafactor`), as functions
+over lists of local tensors: the eager ``for-loop`` and ``foreach`` paths. One function per stage, each implemented
+once:
 
 * :func:`step_scalars`: the per-step scalars :math:`\beta_{2,t}`, :math:`\rho_t` and the decay rate's coefficient
   (:class:`StepScalars`), computed once per step and used by every implementation (eager, compiled, C);

@@ -1,7 +1,7 @@
-"""One step of the Adam family (:mod:`hf_optim.optim.adam.optimizers`) over a parameter group: the group's tensors and state gathered
-(state created on first use, float32 work copies of bf16/fp16 parameters, complex as real), the kernels'
-:class:`~hf_optim.optim.adam.kernels.Rule` built from the group, the chosen kernel run, low-precision results written back.
-The kernels themselves are :mod:`hf_optim.optim.adam.kernels`."""
+"""One step of the Adam family (:mod:`hf_optim.optim.adam.optimizers`) over a parameter group: the group's tensors and
+state gathered (state created on first use, float32 work copies of bf16/fp16 parameters, complex as real), the kernels'
+:class:`~hf_optim.optim.adam.kernels.Rule` built from the group, the chosen kernel run, low-precision results written
+back. The kernels themselves are :mod:`hf_optim.optim.adam.kernels`."""
 
 from __future__ import annotations
 
@@ -33,8 +33,9 @@ def make_rule(group: dict[str, Any], *, rectify: bool, atan2: bool) -> Rule:
 
 
 def step_group(opt: Any, group: dict[str, Any]) -> None:
-    """One step of the Adam-family optimizer ``opt`` (:mod:`hf_optim.optim.adam.optimizers`) over the parameters of ``group`` that have
-    gradients: state created on first use, float32 work copies of low-precision parameters, then the kernel."""
+    """One step of the Adam-family optimizer ``opt`` (:mod:`hf_optim.optim.adam.optimizers`) over the parameters of
+    ``group`` that have gradients: state created on first use, float32 work copies of low-precision parameters, then the
+    kernel."""
     params: list[Tensor] = []
     grads: list[Tensor] = []
     exp_avgs: list[Tensor] = []

@@ -38,9 +38,10 @@ class Muon(BaseOptimizer):
 
     with :math:`r_t` the decay of ``weight_decay_mode`` at the *unscaled* lr (``coupled``: :math:`\alpha_t\lambda`,
     torch.optim.Muon's decay) and :math:`s(A, B)` the ``adjust`` factor of an :math:`A\times B` matrix
-    (:func:`hf_optim.optim.muon.orthogonalize.lr_scale`: ``original``, ``rms`` = Moonlight's 0.2·sqrt(max(A, B)), ``spectral``
-    = sqrt(fan_out/fan_in)). The momentum is the exponential average torch.optim.Muon keeps (``lerp``), so with
-    ``adjust="original"`` / ``"rms"`` this is torch's ``Muon`` with ``adjust_lr_fn=None`` / ``"match_rms_adamw"``.
+    (:func:`hf_optim.optim.muon.orthogonalize.lr_scale`: ``original``, ``rms`` = Moonlight's 0.2·sqrt(max(A, B)),
+    ``spectral`` = sqrt(fan_out/fan_in)). The momentum is the exponential average torch.optim.Muon keeps
+    (``lerp``), so with ``adjust="original"`` / ``"rms"`` this is torch's ``Muon`` with ``adjust_lr_fn=None`` /
+    ``"match_rms_adamw"``.
     3-D parameters (stacked experts) are orthogonalised per matrix along dim 0; 4-D and up as ``(out, in·kernel)``.
 
     Parameters of groups with ``rule="fallback"`` (and 0-/1-D ones under ``rule="auto"``) are stepped by the
@@ -66,7 +67,7 @@ class Muon(BaseOptimizer):
         fallback: registered name of the optimizer of the fallback groups; ``fallback_lr``, ``fallback_betas``,
             ``fallback_eps``: its lr and, where it takes them, its betas and epsilon.
         rule: the default ``rule`` of groups that set none.
-        qk_clip: τ > 0 of MuonClip (:mod:`hf_optim.optim.muon.qk_clip`): after each step, the query/key weights of every
+        qk_clip: τ > 0 of MuonClip (:mod:`hf_optim.qk_clip`): after each step, the query/key weights of every
             attention head whose logit exceeded τ are scaled back to τ. Needs the model's recorder
             (``hf_optim.optim.muon.qk_clip.attach(model)`` before construction; the factory does it). None: off.
         state_dtype, state_block_size, state_min_numel, param_update: how the momentum (and the fallback's state) is
@@ -334,7 +335,8 @@ class Muon(BaseOptimizer):
 
 
 def _orthogonalize_whole(update: torch.Tensor, **options: Any) -> torch.Tensor:
-    """:func:`hf_optim.optim.muon.orthogonalize.orthogonalize` of the whole matrix, also when ``update`` is an FSDP2 shard.
+    """:func:`hf_optim.optim.muon.orthogonalize.orthogonalize` of the whole matrix, also when ``update`` is an FSDP2
+    shard.
 
     A DTensor (FSDP2's sharded parameter) is all-gathered (``full_tensor``), every rank orthogonalises the whole
     matrix (the same numbers everywhere, since the gathered input is the same), and each keeps its own shard
