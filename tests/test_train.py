@@ -60,6 +60,34 @@ def test_train_demo_tiny_then_resume(tmp_path, capsys):
     assert f"{summary['initial_eval_loss']:.3f} at step 0 -> " in printed
 
 
+def test_a_launched_rank_keeps_its_trainer_until_it_exits(tmp_path, monkeypatch):
+    """Under a launcher the Trainer (which holds the gloo process group through DDP's Reducer) must still be alive
+    when the rank ends with os._exit: freed earlier, ~ProcessGroupGloo can deadlock with gloo's runLoop thread over
+    the GIL (hf_optim/runner/_shutdown.py). An in-process call (no exit) releases it."""
+    import gc
+    import weakref
+
+    from transformers import Trainer
+
+    from hf_optim.runner import _shutdown
+
+    seen = []
+
+    def fake_end(code):  # what a launched rank holds at the moment it would call os._exit
+        gc.collect()
+        seen.append([(isinstance(obj, Trainer), weakref.ref(obj)) for obj in _shutdown._KEPT])
+
+    monkeypatch.setattr(_shutdown, "_world_size", lambda: 2)
+    monkeypatch.setattr(_shutdown, "end_launched_process", fake_end)
+    out = tmp_path / "run"
+    argv = ["demo", *TINY, "run.max_steps=2", "--output-dir", str(out), "--threads", "1"]
+    assert train.main(argv, exit_process=True) == 0
+    (kept,) = seen
+    assert [is_trainer for is_trainer, _ in kept] == [True]
+    gc.collect()
+    assert _shutdown._KEPT == [] and kept[0][1]() is None  # released once main returns
+
+
 def _refused(capsys, tmp_path, *argv: str) -> str:
     """Run ``hf-optim train`` with a bad recipe: exit status 2, one clean line on stderr, nothing written."""
     out = tmp_path / "out"

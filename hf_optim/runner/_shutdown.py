@@ -36,6 +36,38 @@ def stop_progress_monitors() -> int:
     return stopped
 
 
+#: What a launched rank holds until :func:`end_launched_process` (see :func:`keep_until_exit`).
+_KEPT: list[object] = []
+
+
+def _world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def keep_until_exit(*objects: object) -> None:
+    """Under a multi-process launcher, hold ``objects`` (the Trainer, which references the gloo process group through
+    DDP's ``Reducer``) until this rank ends with :func:`end_launched_process`, so that the group is never torn down
+    in-process.
+
+    Freeing the last reference runs ``~ProcessGroupGloo`` with the GIL held, and that destructor joins gloo's
+    ``runLoop`` thread; if the thread is still releasing a finished collective (``~AsyncAllgatherWork`` decrefs its
+    tensors' Python objects) it waits for the GIL: a deadlock. Measured: a rank of the 2-process DDP resume test
+    beside a CPU burner hung there in 2 of 27 runs of the slow suite, when ``_train`` returned and its frame freed the Trainer (main
+    thread in ``~ProcessGroupGloo`` -> ``thread::join``, ``pt_gloo_runloop`` in ``take_gil``), after
+    ``destroy_process_group`` had already unregistered the group. ``os._exit`` never runs the destructor.
+    """
+    if _world_size() > 1:
+        _KEPT.extend(objects)
+
+
+def release_kept() -> None:
+    """Drop what :func:`keep_until_exit` holds (an in-process caller that does not end the process)."""
+    _KEPT.clear()
+
+
 def end_launched_process(code: int) -> None:
     """Under a multi-process launcher (``WORLD_SIZE`` > 1) end this rank now, with ``code``; otherwise return.
 
@@ -47,11 +79,7 @@ def end_launched_process(code: int) -> None:
     ``~AsyncAllgatherWork``), the pattern of pytorch/pytorch#190489; the launcher then waits for it forever.
     Single-process runs keep Python's normal exit.
     """
-    try:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        world_size = 1
-    if world_size <= 1:
+    if _world_size() <= 1:
         return
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

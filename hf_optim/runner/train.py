@@ -88,6 +88,7 @@ def main(argv: Sequence[str] | None = None, *, exit_process: bool = False) -> in
     _shutdown.stop_progress_monitors()  # no daemon thread may meet the interpreter's finalization: see the module
     if exit_process:
         _shutdown.end_launched_process(code)
+    _shutdown.release_kept()
     return code
 
 
@@ -345,6 +346,7 @@ def _train(args: argparse.Namespace, t_launch: float) -> int:
     with _config_errors("model"):
         model = _train_model.build_model(s["model"], corpus.vocab_size, data_cfg["block_size"])
     trainer = _make_trainer(s, model, corpus)
+    _shutdown.keep_until_exit(trainer)  # its process group must not be torn down in-process: see there
     main_process = trainer.is_world_process_zero()
     if main_process:
         print(_header(s, model, corpus, trainer.args.world_size), flush=True)
