@@ -54,9 +54,9 @@ def keep_until_exit(*objects: object) -> None:
 
     Freeing the last reference runs ``~ProcessGroupGloo`` with the GIL held, and that destructor joins gloo's
     ``runLoop`` thread; if the thread is still releasing a finished collective (``~AsyncAllgatherWork`` decrefs its
-    tensors' Python objects) it waits for the GIL: a deadlock. Measured: a rank of the 2-process DDP resume test
-    beside a CPU burner hung there in 2 of 27 runs of the slow suite, when ``_train`` returned and its frame freed the Trainer (main
-    thread in ``~ProcessGroupGloo`` -> ``thread::join``, ``pt_gloo_runloop`` in ``take_gil``), after
+    tensors' Python objects) it waits for the GIL: a deadlock. Seen (gdb stacks): a rank of the 2-process DDP resume
+    test beside a CPU burner, about one slow-suite run in twenty, hung as ``_train`` returned and its frame freed the
+    Trainer (main thread in ``~ProcessGroupGloo`` -> ``thread::join``, ``pt_gloo_runloop`` in ``take_gil``), after
     ``destroy_process_group`` had already unregistered the group. ``os._exit`` never runs the destructor.
     """
     if _world_size() > 1:
