@@ -89,8 +89,10 @@ def _check_clean_exit(result: _launch.Launch) -> None:
 
 @contextlib.contextmanager
 def _cpu_burner():
-    """A process spinning on one core beside the launch, as on a loaded CI machine; killed afterwards."""
-    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+    """A process spinning on one core beside the launch, as on a loaded CI machine; killed afterwards, and it stops
+    by itself when this process dies (a pytest killed from outside runs no ``finally``)."""
+    spin = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    for _ in range(100000): pass"
+    burner = subprocess.Popen([sys.executable, "-c", spin], start_new_session=True)
     try:
         yield
     finally:
